@@ -1,0 +1,1 @@
+"""jax-spec: MTP transformers, speculative decoding and RLE regression in JAX."""

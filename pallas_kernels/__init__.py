@@ -1,0 +1,1 @@
+"""Pallas attention kernels (importable without jax_spec)."""
