@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import jax
 
+import jax.numpy as jnp
+
 from pallas_kernels.reference import reference_attention
 
 IMPLEMENTATIONS = ('pallas', 'xla', 'reference')
@@ -31,3 +33,23 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
                 return_lse=return_lse)
   # TODO(attention helper): 'pallas' -> flash_attention, 'xla' -> blockwise implementation.
   return reference_attention(q, k, v, **kwargs)
+
+
+def cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree_mask_BTT,
+                    sm_scale=None, implementation=None):
+  """T new queries against a KV cache whose slots `[len_b, len_b + T)` hold the new tokens' K/V.
+
+  Query t of row b sees cache slots `j < len_b` and slot `len_b + t'` iff `tree_mask_BTT[b, t, t']`.
+  """
+  # TODO(attention helper): 'pallas' -> pallas_kernels.decode_attention, 'xla' blockwise.
+  batch, num_new = q_BTHD.shape[:2]
+  cache_len = k_cache_BSKD.shape[1]
+  slot_S = jnp.arange(cache_len)
+  rel_BS = slot_S[None, :] - cache_lengths_B[:, None]
+  in_prefix_BS = rel_BS < 0
+  is_new_BS = (rel_BS >= 0) & (rel_BS < num_new)
+  tree_BTS = jnp.take_along_axis(
+      tree_mask_BTT, jnp.clip(rel_BS, 0, num_new - 1)[:, None, :].repeat(num_new, 1), axis=2)
+  visible_BTS = in_prefix_BS[:, None, :] | (is_new_BS[:, None, :] & tree_BTS)
+  return reference_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, sm_scale=sm_scale,
+                             mask=visible_BTS[:, None])
