@@ -1,0 +1,174 @@
+"""Acceptance rules: which candidate path of a verified tree to keep, and the next token.
+
+All rules take a static `Tree` and batched arrays over rows b:
+  tokens_BT:       token of every tree node (node 0 = root, already emitted);
+  target p:        the target model's next-token distribution at every node (`target_probs` of the
+                   verify logits; node t's distribution is over the children of t);
+and return `Accepted(num_accepted_B, path_BP, next_token_B)`: how many draft tokens were accepted,
+the accepted node path (root first, `[B, max_depth + 1]`, entries past `num_accepted` are -1) and
+the token that follows them (the correction token, or the bonus token when a whole root-to-leaf
+path was accepted). The row then emits `tokens[path[1:num_accepted + 1]]` followed by `next_token`.
+
+- `accept_greedy`: the longest root-to-leaf prefix whose every token equals the target argmax at
+  its parent. Identical to greedy autoregressive decoding, token for token.
+- `accept_rejection`: speculative sampling (Leviathan et al. 2023; Chen et al. 2023), and for trees
+  the recursive rejection over siblings of SpecInfer (Miao et al. 2024). At a node with target
+  distribution p, children are tried in rank order; child x drawn from q is accepted with
+  probability min(1, p(x) / q(x)); after a rejection p <- norm(max(0, p - q)) and the next sibling
+  is tried against that residual. The first accepted child becomes the current node; if every
+  child is rejected (or the node is a leaf) the next token is drawn from the current residual.
+  Which q: with `draft_probs_BTV` given, the children of node t must be independent samples from
+  `draft_probs_BTV[:, t]` (sampled drafts: a draft model or MTP chain at temperature > 0). With
+  `draft_probs_BTV=None` the children are deterministic (top-k ranks of the draft heads, or greedy
+  drafts), and the correct q for a deterministic proposal x is the one-hot of x: x is accepted with
+  probability p(x), and a rejection zeroes p(x) and renormalizes. Both make the emitted tokens
+  distributed exactly as p (tests/test_acceptance.py checks it empirically).
+- `accept_typical`: Medusa's typical acceptance: child x of node t is acceptable if
+  p_t(x) > min(eps, delta * exp(-H(p_t))); the longest acceptable path wins (ties: the larger sum
+  of log p), and the next token is drawn from p at its last node. Not lossless: it trades
+  faithfulness to p for longer accepted paths.
+
+All functions are jittable with fixed shapes; the tree is static.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_spec.decoding import sampling
+from jax_spec.decoding.trees import Tree
+
+
+class Accepted(NamedTuple):
+  num_accepted_B: jax.Array   # int32 [B], in [0, max_depth]
+  path_BP: jax.Array          # int32 [B, max_depth + 1], node indices, -1 past num_accepted
+  next_token_B: jax.Array     # int32 [B]
+
+
+def _check(tree, tokens_BT, dist_BTV, name):
+  if not isinstance(tree, Tree):
+    raise ValueError(f'tree must be a Tree, got {type(tree).__name__}')
+  if tokens_BT.ndim != 2 or tokens_BT.shape[1] != tree.num_nodes:
+    raise ValueError(f'tokens_BT must be [batch, {tree.num_nodes}], got shape {tokens_BT.shape}')
+  if dist_BTV.ndim != 3 or dist_BTV.shape[:2] != tokens_BT.shape:
+    raise ValueError(f'{name} must be [batch, {tree.num_nodes}, vocab], got shape {dist_BTV.shape}')
+
+
+def _best_path(tree, edge_ok_BT, score_BT=None):
+  """Longest root-to-leaf prefix whose edges are all ok. edge_ok_BT[b, t]: node t may follow its parent."""
+  paths_LP = jnp.asarray(tree.paths_LP)
+  valid_LP = paths_LP >= 0
+  ok_BLP = edge_ok_BT[:, jnp.maximum(paths_LP, 0)] & valid_LP[None]
+  run_BLP = jnp.cumprod(ok_BLP[:, :, 1:].astype(jnp.int32), axis=-1)   # edges along each path
+  len_BL = jnp.sum(run_BLP, axis=-1)
+  if score_BT is None:
+    best_B = jnp.argmax(len_BL, axis=-1)
+  else:   # among the longest, the largest summed score of the accepted prefix
+    prefix_score_BL = jnp.sum(score_BT[:, jnp.maximum(paths_LP, 0)][:, :, 1:] * run_BLP, axis=-1)
+    longest_BL = len_BL == jnp.max(len_BL, axis=-1, keepdims=True)
+    best_B = jnp.argmax(jnp.where(longest_BL, prefix_score_BL, -jnp.inf), axis=-1)
+  num_B = jnp.take_along_axis(len_BL, best_B[:, None], axis=1)[:, 0].astype(jnp.int32)
+  path_BP = paths_LP[best_B]
+  path_BP = jnp.where(jnp.arange(tree.max_depth + 1)[None] <= num_B[:, None], path_BP, -1)
+  return num_B, path_BP
+
+
+def _last_node(path_BP, num_B):
+  return jnp.take_along_axis(path_BP, num_B[:, None], axis=1)[:, 0]
+
+
+def accept_greedy(tree: Tree, tokens_BT, target_logits_BTV) -> Accepted:
+  """Greedy verification against the argmax of the target logits (or of any monotone transform)."""
+  _check(tree, tokens_BT, target_logits_BTV, 'target_logits_BTV')
+  argmax_BT = jnp.argmax(target_logits_BTV, axis=-1).astype(jnp.int32)
+  parent_T = jnp.asarray(tree.parent_T)
+  edge_ok_BT = tokens_BT == argmax_BT[:, jnp.maximum(parent_T, 0)]
+  num_B, path_BP = _best_path(tree, edge_ok_BT)
+  next_B = jnp.take_along_axis(argmax_BT, _last_node(path_BP, num_B)[:, None], axis=1)[:, 0]
+  return Accepted(num_B, path_BP, next_B)
+
+
+def accept_typical(tree: Tree, rng, tokens_BT, target_probs_BTV, *, eps: float = 0.09,
+                   delta: float = 0.3) -> Accepted:
+  """Medusa's typical acceptance (not lossless; see the module docstring)."""
+  _check(tree, tokens_BT, target_probs_BTV, 'target_probs_BTV')
+  p_BTV = target_probs_BTV.astype(jnp.float32)
+  entropy_BT = -jnp.sum(jnp.where(p_BTV > 0, p_BTV * jnp.log(jnp.maximum(p_BTV, 1e-38)), 0.0), -1)
+  threshold_BT = jnp.minimum(eps, delta * jnp.exp(-entropy_BT))
+  parent_T = jnp.maximum(jnp.asarray(tree.parent_T), 0)
+  p_tok_BT = jnp.take_along_axis(p_BTV[:, parent_T], tokens_BT[:, :, None], axis=-1)[..., 0]
+  edge_ok_BT = p_tok_BT > threshold_BT[:, parent_T]
+  num_B, path_BP = _best_path(tree, edge_ok_BT, jnp.log(jnp.maximum(p_tok_BT, 1e-38)))
+  last_B = _last_node(path_BP, num_B)
+  p_last_BV = jnp.take_along_axis(p_BTV, last_B[:, None, None], axis=1)[:, 0]
+  return Accepted(num_B, path_BP, sampling.sample_probs(rng, p_last_BV))
+
+
+def _normalize_or(residual_V, fallback_V):
+  total = jnp.sum(residual_V)
+  return jnp.where(total > 0, residual_V / jnp.where(total > 0, total, 1.0), fallback_V)
+
+
+def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_probs_BTV=None):
+  """The deterministic part of `accept_rejection` given its uniforms `[B, max(depth, 1), width]`.
+
+  Returns `(num_accepted_B, path_BP, next_probs_BV)`: the distribution the next token is drawn
+  from (the residual after the last rejection, or p at the last accepted node). Exposed for tests.
+  """
+  depth, width = tree.max_depth, tree.children_TC.shape[1]
+  children_TC = jnp.asarray(tree.children_TC)
+
+  def row(tokens_T, p_TV, q_TV, uniform_DC):
+    p_TV = p_TV.astype(jnp.float32)
+
+    def level(d, carry):
+      node, alive, num, path_P, residual_V = carry
+      q_V = None if q_TV is None else q_TV[node].astype(jnp.float32)
+
+      def sibling(c, inner):
+        chosen, p_V = inner
+        child = children_TC[node, c]
+        trying = alive & (child >= 0) & (chosen < 0)
+        x = tokens_T[jnp.maximum(child, 0)]
+        if q_V is None:
+          accept_prob = p_V[x]
+          rejected_V = p_V.at[x].set(0.0)
+        else:
+          accept_prob = jnp.minimum(1.0, p_V[x] / jnp.maximum(q_V[x], 1e-30))
+          rejected_V = jnp.maximum(p_V - q_V, 0.0)
+        accepted = trying & (uniform_DC[d, c] < accept_prob)
+        chosen = jnp.where(accepted, child, chosen)
+        p_V = jnp.where(trying & ~accepted, _normalize_or(rejected_V, p_V), p_V)
+        return chosen, p_V
+
+      chosen, p_V = jax.lax.fori_loop(0, width, sibling, (jnp.int32(-1), p_TV[node]))
+      descend = alive & (chosen >= 0)
+      residual_V = jnp.where(alive & ~descend, p_V, residual_V)
+      node = jnp.where(descend, chosen, node)
+      path_P = path_P.at[d + 1].set(jnp.where(descend, chosen, -1))
+      return node, descend, num + descend.astype(jnp.int32), path_P, residual_V
+
+    init = (jnp.int32(0), jnp.bool_(True), jnp.int32(0),
+            jnp.full((depth + 1,), -1, jnp.int32).at[0].set(0), p_TV[0])
+    node, alive, num, path_P, residual_V = jax.lax.fori_loop(0, depth, level, init)
+    residual_V = jnp.where(alive, p_TV[node], residual_V)   # whole path accepted: bonus from p
+    return num, path_P, residual_V
+
+  in_axes = (0, 0, None if draft_probs_BTV is None else 0, 0)
+  return jax.vmap(row, in_axes=in_axes)(tokens_BT, target_probs_BTV, draft_probs_BTV, uniform_BDC)
+
+
+def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_BTV=None) -> Accepted:
+  """Recursive rejection sampling over the tree; lossless (see the module docstring for q)."""
+  _check(tree, tokens_BT, target_probs_BTV, 'target_probs_BTV')
+  if draft_probs_BTV is not None and draft_probs_BTV.shape != target_probs_BTV.shape:
+    raise ValueError(f'draft_probs_BTV must have the shape of target_probs_BTV '
+                     f'{target_probs_BTV.shape}, got {draft_probs_BTV.shape}')
+  batch = tokens_BT.shape[0]
+  u_key, s_key = jax.random.split(rng)
+  uniform_BDC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), tree.children_TC.shape[1]))
+  num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BDC, tokens_BT, target_probs_BTV,
+                                                 draft_probs_BTV)
+  return Accepted(num_B, path_BP, sampling.sample_probs(s_key, next_probs_BV))

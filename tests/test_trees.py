@@ -1,0 +1,129 @@
+"""Static candidate trees: layout, masks, paths, validation, defaults, greedy construction."""
+import itertools
+
+import numpy as np
+import pytest
+
+from jax_spec.decoding import trees
+
+
+def test_layout_of_a_small_tree():
+  tree = trees.Tree.from_choices([[1], [0, 0], [0], [0, 1], [1, 0], [0, 0, 0]])
+  # Breadth first, siblings by rank: root, [0], [1], [0,0], [0,1], [1,0], [0,0,0].
+  assert tree.choices == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+  np.testing.assert_array_equal(tree.parent_T, [-1, 0, 0, 1, 1, 2, 3])
+  np.testing.assert_array_equal(tree.depth_T, [0, 1, 1, 2, 2, 2, 3])
+  np.testing.assert_array_equal(tree.rank_T, [-1, 0, 1, 0, 1, 0, 0])
+  assert tree.num_nodes == 7 and tree.max_depth == 3 and tree.topk_per_depth == (2, 2, 1)
+  np.testing.assert_array_equal(tree.children_TC, [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1],
+                                                   [-1, -1], [-1, -1]])
+  np.testing.assert_array_equal(tree.paths_LP, [[0, 1, 4, -1], [0, 2, 5, -1], [0, 1, 3, 6]])
+  expected = np.zeros((7, 7), bool)
+  for t in range(7):
+    s = t
+    while s >= 0:
+      expected[t, s] = True
+      s = tree.parent_T[s]
+  np.testing.assert_array_equal(tree.ancestor_mask_TT, expected)
+  assert not tree.is_chain
+
+
+def test_chain():
+  tree = trees.chain(3)
+  assert tree.is_chain and tree.num_nodes == 4
+  np.testing.assert_array_equal(tree.ancestor_mask_TT, np.tril(np.ones((4, 4), bool)))
+  np.testing.assert_array_equal(tree.paths_LP, [[0, 1, 2, 3]])
+  assert trees.chain(0).num_nodes == 1
+
+
+@pytest.mark.parametrize('choices, match', [
+    ([[0], [0, 0], [0]], 'duplicate'),
+    ([[0], [1, 0]], 'no parent path'),
+    ([[0], [0, 0], [0, 0, 0]], 'depth 3'),
+    ([[]], 'non-empty'),
+    ([[0], [-1]], 'ints >= 0'),
+    ('chain', 'list of rank paths'),
+])
+def test_validation(choices, match):
+  with pytest.raises(ValueError, match=match):
+    trees.Tree.from_choices(choices, num_heads=2)
+
+
+def test_default_trees_fit_the_heads_and_are_prefix_closed():
+  for heads in range(1, 5):
+    tree = trees.default_tree(heads)
+    assert tree.max_depth <= heads
+    assert tree.num_nodes == trees.DEFAULT_TREE_NODES[heads] + 1
+    # Every prefix of mc_sim_7b_63 restricted to the depth is a valid (prefix-closed) tree.
+    paths = [p for p in trees.MC_SIM_7B_63 if len(p) <= heads]
+    for n in range(1, len(paths) + 1):
+      trees.Tree.from_choices(paths[:n], num_heads=heads)
+  assert trees.Tree.from_choices(trees.MC_SIM_7B_63).num_nodes == 64
+  with pytest.raises(ValueError, match='num_nodes'):
+    trees.default_tree(1, 11)
+
+
+def test_get_tree():
+  assert trees.get_tree('chain', 3) == trees.chain(3)
+  assert trees.get_tree('chain2', 3) == trees.chain(2)
+  assert trees.get_tree('default:5', 2).num_nodes == 6
+  with pytest.raises(ValueError, match='depth 3'):
+    trees.get_tree(trees.chain(3), 2)
+  with pytest.raises(ValueError, match='tree must be'):
+    trees.get_tree('bushy', 2)
+
+
+def _brute_force_greedy(acc, num_nodes):
+  """Same rule by exhaustive scan of the frontier each step."""
+  k = acc.shape[1]
+  chosen = []
+  prob = {(): 1.0}
+  for _ in range(num_nodes):
+    frontier = [p + (r,) for p in [()] + chosen for r in range(k)
+                if len(p) < acc.shape[0] and p + (r,) not in prob]
+    best = max(frontier, key=lambda p: (prob[p[:-1]] * acc[len(p) - 1, p[-1]], -len(p),
+                                        tuple(-r for r in p)))
+    prob[best] = prob[best[:-1]] * acc[len(best) - 1, best[-1]]
+    chosen.append(best)
+  return set(chosen)
+
+
+def test_tree_from_accuracies_is_medusas_greedy_construction():
+  rng = np.random.default_rng(0)
+  acc = np.sort(rng.uniform(0, 1, (3, 4)), axis=1)[:, ::-1] * np.array([[0.5], [0.3], [0.2]])
+  for n in (1, 5, 12, 30):
+    tree = trees.tree_from_accuracies(acc, n)
+    assert set(tree.choices) == _brute_force_greedy(acc, n)
+    assert tree.num_nodes == n + 1
+  # The greedy tree maximizes the expected accepted length among all prefix-closed trees of size 4.
+  all_paths = [p for d in (1, 2, 3) for p in itertools.product(range(4), repeat=d)]
+  best = 0.0
+  for subset in itertools.combinations([p for p in all_paths if len(p) <= 2], 4):
+    try:
+      t = trees.Tree.from_choices(subset)
+    except ValueError:
+      continue
+    best = max(best, trees.expected_accepted_length(t, acc))
+  greedy = trees.expected_accepted_length(trees.tree_from_accuracies(acc, 4), acc)
+  assert greedy >= best - 1e-12
+
+
+def test_tree_from_cumulative_accuracies():
+  cum = np.array([[0.5, 0.7, 0.8], [0.3, 0.45, 0.5]])
+  per_rank = np.array([[0.5, 0.2, 0.1], [0.3, 0.15, 0.05]])
+  assert (trees.tree_from_accuracies(cum, 6, cumulative=True)
+          == trees.tree_from_accuracies(per_rank, 6))
+  assert trees.tree_from_accuracies(per_rank, 3).choices == ((0,), (1,), (0, 0))
+  with pytest.raises(ValueError, match='topk_acc_Kk'):
+    trees.tree_from_accuracies(np.ones(3), 2)
+  with pytest.raises(ValueError, match='num_nodes'):
+    trees.tree_from_accuracies(per_rank, 100)
+
+
+def test_measure_topk_accuracies():
+  logits_KNV = np.array([[[3., 2., 1.], [1., 2., 3.], [0., 5., 1.]]])
+  targets_KN = np.array([[0, 1, 0]])           # ranks 0, 1, 2
+  acc = trees.measure_topk_accuracies(logits_KNV, targets_KN, np.ones((1, 3), bool), 2)
+  np.testing.assert_allclose(acc, [[1 / 3, 1 / 3]])
+  acc = trees.measure_topk_accuracies(logits_KNV, targets_KN, np.array([[True, True, False]]), 3)
+  np.testing.assert_allclose(acc, [[0.5, 0.5, 0.0]])
