@@ -1,0 +1,190 @@
+"""Flash attention in Pallas: public entry (validation, padding, backend choice, custom_vjp).
+
+The FlashAttention algorithm: each program owns a block of queries and streams blocks of K/V
+through an online softmax (running max m, running sum l, rescaled fp32 accumulator), so the
+`[q_len, kv_len]` score matrix never exists in memory. The backward recomputes the probabilities
+from the saved fp32 log-sum-exp (FlashAttention-2): p = exp(s - lse), dV = p^T dO,
+dS = p * (dO V^T - delta) with delta = rowsum(dO * O), dQ = dS K, dK = dS^T Q.
+
+Backends (one kernel family per file, forward and backward side by side):
+- 'gpu': `flash_attention_gpu` (Pallas -> Triton), any NVIDIA GPU from Ampere on.
+- 'tpu': `flash_attention_tpu` (Pallas -> Mosaic TPU).
+`backend=None` picks 'gpu' on a GPU and 'tpu' on a TPU; on CPU it runs the GPU (Triton-style)
+kernels with `interpret=True`. Either kernel runs in interpret mode on CPU (`interpret=True`).
+
+Lengths that are not block multiples are padded here (zeros; padded keys are masked, padded query
+rows are sliced away and get no gradient), so any `q_len, kv_len >= 1` works.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import flash_attention_common as common
+from pallas_kernels import flash_attention_gpu
+from pallas_kernels import flash_attention_tpu
+
+AttentionConfig = common.AttentionConfig
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_BACKENDS = {'gpu': flash_attention_gpu, 'tpu': flash_attention_tpu}
+
+
+def _backend_module(backend: str):
+  return _BACKENDS[backend]
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                    sliding_window=None, logit_soft_cap=None, sm_scale=None, block_q=None,
+                    block_k=None, interpret=None, return_lse=False, backend=None):
+  """Fused softmax attention, `softmax(mask(cap(q k^T * sm_scale))) v`, with a Pallas backward.
+
+  Args:
+    q: `[batch, q_len, num_heads, head_dim]`, fp32/bf16/fp16.
+    k, v: `[batch, kv_len, num_kv_heads, head_dim]`, same dtype; `num_heads % num_kv_heads == 0`
+      (MHA, GQA, MQA; K/V are never repeated).
+    causal: bottom-right aligned (query i sits at key position `kv_len - q_len + i`).
+    q_segment_ids, kv_segment_ids: integer `[batch, q_len]` / `[batch, kv_len]` (both or
+      neither); a query sees only keys with the same id.
+    sliding_window: int w > 0; key j visible to query i only if `0 <= pos_i - pos_j < w`.
+    logit_soft_cap: float c > 0; scores become `c * tanh(s / c)` (gradient goes through it).
+    sm_scale: softmax scale, default `head_dim ** -0.5`.
+    block_q, block_k: tile sizes; default per backend (GPU: powers of two >= 16; TPU: multiples
+      of 128, or any multiple of 8 that covers the whole sequence). Clamped to short sequences.
+    interpret: run the Pallas kernels in interpret mode; default True unless the default device
+      is the backend's own platform.
+    return_lse: also return the fp32 log-sum-exp `[batch, num_heads, q_len]` (-inf on rows that
+      see no key); its cotangent is honoured by the backward.
+    backend: None | 'gpu' | 'tpu'.
+
+  Returns:
+    `[batch, q_len, num_heads, head_dim]` in q's dtype (rows with no visible key are zeros), and
+    the lse if `return_lse`. Differentiable once (grad-of-grad raises NotImplementedError).
+  """
+  for name, x in (('q', q), ('k', k), ('v', v)):
+    if getattr(x, 'ndim', None) != 4:
+      raise ValueError(f'{name} must have rank 4 [batch, seq, heads, head_dim], got shape '
+                       f'{getattr(x, "shape", None)}.')
+  batch, q_len, num_heads, head_dim = q.shape
+  _, kv_len, num_kv_heads, _ = k.shape
+  if k.shape != v.shape:
+    raise ValueError(f'k and v must have the same shape, got k {k.shape} and v {v.shape}.')
+  if k.shape[0] != batch:
+    raise ValueError(f'k/v batch {k.shape[0]} does not match q batch {batch}.')
+  if k.shape[-1] != head_dim:
+    raise ValueError(f'head_dim mismatch: q has {head_dim}, k/v have {k.shape[-1]}.')
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(f'num_heads ({num_heads}) of q must be divisible by num_kv_heads '
+                     f'({num_kv_heads}) of k/v.')
+  if min(q_len, kv_len, head_dim, batch) < 1:
+    raise ValueError(f'q, k, v must be non-empty, got q {q.shape}, k {k.shape}.')
+  if q.dtype not in _DTYPES:
+    raise ValueError(f'q dtype must be float32, bfloat16 or float16, got {q.dtype}.')
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.')
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    missing = 'kv_segment_ids' if kv_segment_ids is None else 'q_segment_ids'
+    raise ValueError(f'q_segment_ids and kv_segment_ids go together; {missing} is missing.')
+  if q_segment_ids is not None:
+    for name, ids, length in (('q_segment_ids', q_segment_ids, q_len),
+                              ('kv_segment_ids', kv_segment_ids, kv_len)):
+      if getattr(ids, 'shape', None) != (batch, length):
+        raise ValueError(f'{name} must have shape {(batch, length)}, got '
+                         f'{getattr(ids, "shape", None)}.')
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f'{name} must be an integer array (int32), got {ids.dtype}.')
+    q_segment_ids = q_segment_ids.astype(jnp.int32)
+    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+  if sliding_window is not None and (isinstance(sliding_window, bool) or
+                                     not isinstance(sliding_window, int) or sliding_window < 1):
+    raise ValueError(f'sliding_window must be a positive int, got {sliding_window!r}.')
+  if logit_soft_cap is not None:
+    if not isinstance(logit_soft_cap, (int, float)) or not logit_soft_cap > 0:
+      raise ValueError(f'logit_soft_cap must be a positive float, got {logit_soft_cap!r}.')
+    logit_soft_cap = float(logit_soft_cap)
+  if sm_scale is None:
+    sm_scale = head_dim ** -0.5
+  elif not isinstance(sm_scale, (int, float)):
+    raise ValueError(f'sm_scale must be a Python float, got {sm_scale!r}.')
+  if backend is None:
+    backend = 'tpu' if _platform() == 'tpu' else 'gpu'
+  if backend not in _BACKENDS:
+    raise ValueError(f"backend must be None, 'gpu' or 'tpu', got {backend!r}.")
+  if interpret is None:
+    interpret = _platform() != backend
+  module = _backend_module(backend)
+  block_q, block_k = module.block_sizes(q_len, kv_len, head_dim, block_q, block_k)
+  cfg = common.AttentionConfig(
+      q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, causal=bool(causal),
+      sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, sm_scale=float(sm_scale),
+      has_segments=q_segment_ids is not None, interpret=bool(interpret), backend=backend)
+  o, lse = _flash_attention(q, k, v, q_segment_ids, kv_segment_ids, cfg)
+  return (o, lse) if return_lse else o
+
+
+def _pad_seq(x, length, value=0):
+  """Pads axis 1 of x up to `length` (ids are padded by repeating the last one)."""
+  pad = length - x.shape[1]
+  if pad == 0:
+    return x
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return jnp.pad(x, [(0, 0), (0, pad)], mode='edge')
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def _pad_inputs(q, k, v, q_ids, kv_ids, cfg):
+  q = _pad_seq(q, cfg.q_len_padded)
+  k, v = _pad_seq(k, cfg.kv_len_padded), _pad_seq(v, cfg.kv_len_padded)
+  if q_ids is not None:
+    q_ids, kv_ids = _pad_seq(q_ids, cfg.q_len_padded), _pad_seq(kv_ids, cfg.kv_len_padded)
+  return q, k, v, q_ids, kv_ids
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_attention(q, k, v, q_ids, kv_ids, cfg):
+  return _fwd(q, k, v, q_ids, kv_ids, cfg)[0]
+
+
+def _fwd(q, k, v, q_ids, kv_ids, cfg):
+  module = _backend_module(cfg.backend)
+  o, lse = module.forward(*_pad_inputs(q, k, v, q_ids, kv_ids, cfg), cfg)
+  o, lse = o[:, :cfg.q_len], lse[:, :, :cfg.q_len]
+  return (o, lse), (q, k, v, q_ids, kv_ids, o, lse)
+
+
+def _bwd(cfg, res, cotangents):
+  return _backward(cfg, res, cotangents)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _backward(cfg, res, cotangents):
+  q, k, v, q_ids, kv_ids, o, lse = res
+  do, dlse = cotangents
+  # delta = rowsum(dO * O) (fp32); an lse cotangent adds dlse * p to dS, i.e. delta -= dlse.
+  delta = jnp.einsum('bthd,bthd->bht', do.astype(jnp.float32), o.astype(jnp.float32))
+  delta = delta - dlse
+  # Rows that see no key have lse = -inf; +inf makes p = exp(s - lse) exactly 0 there.
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+  pad_q = cfg.q_len_padded - cfg.q_len
+  lse = jnp.pad(lse, [(0, 0), (0, 0), (0, pad_q)], constant_values=jnp.inf)
+  delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
+  do = _pad_seq(do.astype(q.dtype), cfg.q_len_padded)
+  q, k, v, q_ids, kv_ids = _pad_inputs(q, k, v, q_ids, kv_ids, cfg)
+  dq, dk, dv = _backend_module(cfg.backend).backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg)
+  return (dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], None, None)
+
+
+@_backward.defjvp
+def _backward_jvp(cfg, primals, tangents):
+  del cfg, primals, tangents
+  raise NotImplementedError(
+      'pallas_kernels.flash_attention supports first-order gradients only (its backward is a '
+      'Pallas kernel without a derivative); use a plain-JAX attention for higher orders.')
+
+
+_flash_attention.defvjp(_fwd, _bwd)
