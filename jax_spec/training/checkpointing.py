@@ -66,10 +66,11 @@ class Checkpointer:
     max_to_keep: keep the newest K checkpoints (older ones are deleted after a save).
     save_interval_steps: `save(step)` without `force` only writes when `step % N == 0`.
     async_save: let saves overlap training (call `wait()` or `close()` before exiting).
+    read_only: only restore (never writes or deletes anything).
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = False):
+               async_save: bool = False, read_only: bool = False):
     if not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f'max_to_keep must be an int >= 1, got {max_to_keep!r}')
     if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
@@ -79,8 +80,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         save_interval_steps=1,  # the interval is applied in save() so force/non-force is explicit
-        create=True,
-        cleanup_tmp_directories=True,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options,

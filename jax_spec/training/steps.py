@@ -1,0 +1,208 @@
+"""Optimizer, train state and the jitted train / eval steps.
+
+The train state is a plain dict pytree, which is exactly what the checkpoint stores:
+
+  params        nnx.State of the model's `nnx.Param`s (fp32 master weights)
+  opt_state     optax state (AdamW moments, fp32)
+  loss_scale    {'scale': f32[], 'fin_steps': i32[]} (dynamic loss scaling; constant 1 otherwise)
+  step          i32[]: number of steps taken (skipped ones included)
+  skipped_steps i32[]: steps whose update was skipped because of a non-finite gradient
+  rng           u32[2]: the run's base key data (per-step keys are `fold_in(rng, step)`)
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of its inputs (the model graph
+and hyper-parameters are closed over), so resuming from a checkpoint and replaying the same
+step-indexed batches reproduces an uninterrupted run bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jax_spec import precision as precision_lib
+
+State = dict[str, Any]
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name != 'value':
+        parts.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def medusa_only(path: str) -> bool:
+  """Trainable filter of the Medusa-1 (`frozen_trunk`) mode: only Medusa head parameters."""
+  return re.search(r'medusa', path) is not None
+
+
+def _labels(params, trainable: Callable[[str], bool] | None):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: 'train' if trainable is None or trainable(_path_str(p)) else 'frozen', params)
+
+
+def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
+                  min_lr_ratio: float = 0.1) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_lr_ratio * lr`."""
+  if not learning_rate > 0:
+    raise ValueError(f'learning_rate must be > 0, got {learning_rate!r}')
+  if warmup_steps < 0:
+    raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps!r}')
+  if total_steps < 1:
+    raise ValueError(f'steps must be >= 1, got {total_steps!r}')
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=learning_rate * min_lr_ratio)
+
+
+def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8, grad_clip: float = 1.0,
+                   trainable: Callable[[str], bool] | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) after global-norm clipping; frozen params get zero updates."""
+  if grad_clip is not None and not grad_clip > 0:
+    raise ValueError(f'grad_clip must be > 0 or None, got {grad_clip!r}')
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  parts = []
+  if grad_clip is not None:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask))
+  tx = optax.chain(*parts)
+  if trainable is None:
+    return tx
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               lambda params: _labels(params, trainable))
+
+
+def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> State:
+  return {
+      'params': params,
+      'opt_state': tx.init(params),
+      'loss_scale': {'scale': jnp.ones((), jnp.float32), 'fin_steps': jnp.zeros((), jnp.int32)},
+      'step': jnp.zeros((), jnp.int32),
+      'skipped_steps': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+  }
+
+
+def set_loss_scale(state: State, scale: float) -> State:
+  state = dict(state)
+  state['loss_scale'] = {'scale': jnp.asarray(scale, jnp.float32),
+                         'fin_steps': jnp.zeros((), jnp.int32)}
+  return state
+
+
+def _forward_losses(graphdef, rest, params, batch, model_config, mtp_lambda, medusa_weight):
+  from jax_spec.models import compute_losses  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, params, rest)
+  outputs = model(batch['tokens'], positions_BT=batch['positions'],
+                  segment_ids_BT=batch['segment_ids'])
+  loss, metrics = compute_losses(outputs, batch['tokens'], batch['segment_ids'], model_config,
+                                 mtp_lambda=mtp_lambda, medusa_weight=medusa_weight)
+  return loss, metrics, outputs
+
+
+def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, loss_scale: str = 'none',
+                    growth_interval: int = precision_lib.DEFAULT_GROWTH_INTERVAL,
+                    mtp_lambda: float = 0.3, medusa_weight: float = 0.8,
+                    trainable: Callable[[str], bool] | None = None):
+  """Returns `train_step(state, batch) -> (state, metrics)` (not jitted; see `jit_train_step`).
+
+  loss_scale='dynamic': the loss is multiplied by the current scale before the backward pass,
+  gradients are unscaled in fp32, and a non-finite gradient skips the update (params and optimizer
+  state keep their old values), halves the scale and increments `skipped_steps`.
+  loss_scale='none': plain gradients, every update applied (what fp16 underflow looks like).
+  """
+  if loss_scale not in precision_lib.LOSS_SCALE_MODES:
+    raise ValueError(f'loss_scale must be one of {precision_lib.LOSS_SCALE_MODES}, '
+                     f'got {loss_scale!r}')
+  dynamic = loss_scale == 'dynamic'
+  proto_scale = precision_lib.make_dynamic_scale(growth_interval=growth_interval)
+
+  def train_step(state: State, batch: dict[str, jax.Array]):
+    params = state['params']
+
+    def loss_fn(p):
+      if trainable is not None:  # Medusa-1: no gradient (and no backward pass) into the trunk
+        p = jax.tree_util.tree_map_with_path(
+            lambda path, x: x if trainable(_path_str(path)) else jax.lax.stop_gradient(x), p)
+      loss, metrics, _ = _forward_losses(graphdef, rest, p, batch, model_config, mtp_lambda,
+                                         medusa_weight)
+      return loss, metrics
+
+    if dynamic:
+      scaler = proto_scale.replace(scale=state['loss_scale']['scale'],
+                                   fin_steps=state['loss_scale']['fin_steps'])
+      new_scaler, finite, (loss, metrics), grads = scaler.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      new_loss_scale = {'scale': new_scaler.scale.astype(jnp.float32),
+                        'fin_steps': new_scaler.fin_steps.astype(jnp.int32)}
+    else:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      finite = precision_lib.all_finite(grads)
+      new_loss_scale = state['loss_scale']
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    if dynamic:
+      new_params = precision_lib.select_tree(finite, new_params, params)
+      new_opt_state = precision_lib.select_tree(finite, new_opt_state, state['opt_state'])
+      skipped = jnp.logical_not(finite)
+    else:
+      skipped = jnp.zeros((), bool)
+    # Learning rate used by this update: optax's count only advances on applied updates.
+    lr = schedule(state['step'] - state['skipped_steps'])
+    new_state = {
+        'params': new_params,
+        'opt_state': new_opt_state,
+        'loss_scale': new_loss_scale,
+        'step': state['step'] + 1,
+        'skipped_steps': state['skipped_steps'] + skipped.astype(jnp.int32),
+        'rng': state['rng'],
+    }
+    out = dict(metrics)
+    out.update(loss=loss, grad_norm=grad_norm, learning_rate=lr,
+               loss_scale=state['loss_scale']['scale'], grads_finite=finite,
+               skipped_steps=new_state['skipped_steps'])
+    return new_state, out
+
+  return train_step
+
+
+def make_eval_step(graphdef, rest, model_config, *, mtp_lambda: float = 0.3,
+                   medusa_weight: float = 0.8):
+  """Returns `eval_step(params, batch) -> sums` for bits-per-token validation.
+
+  `nll_sum` / `count` are over the main head's predicted tokens: a target counts iff it is in the
+  same (non-padding) document as its context token. Head metrics are batch means.
+  """
+
+  def eval_step(params, batch):
+    loss, metrics, outputs = _forward_losses(graphdef, rest, params, batch, model_config,
+                                             mtp_lambda, medusa_weight)
+    tokens, seg = batch['tokens'], batch['segment_ids']
+    logp_BTV = jax.nn.log_softmax(outputs.logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask_BT = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    sums = {'nll_sum': jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)),
+            'count': jnp.sum(mask_BT.astype(jnp.int32))}
+    means = dict(metrics)
+    means['loss'] = loss
+    return sums, means
+
+  return eval_step
