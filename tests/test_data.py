@@ -76,7 +76,8 @@ def test_bpe_train_save_load_identical(tmp_path):
   # make_tokenizer again loads the saved one (no retraining) with identical ids.
   again = data.make_tokenizer('bpe', str(tmp_path), corpus, vocab_size=300)
   loaded = data.load_tokenizer(str(tmp_path / 'tokenizer'))
-  assert again.encode(text) == ids == loaded.encode(text)
+  reloaded = data.make_tokenizer('bpe', str(tmp_path))  # Resume without repeating vocab_size.
+  assert again.encode(text) == ids == loaded.encode(text) == reloaded.encode(text)
   assert again.fingerprint == tok.fingerprint
   with pytest.raises(ValueError, match='workdir'):
     data.make_tokenizer('bpe', str(tmp_path), corpus, vocab_size=400)
@@ -86,6 +87,8 @@ def test_bpe_train_save_load_identical(tmp_path):
     data.make_tokenizer('wordpiece', str(tmp_path), corpus)
   with pytest.raises(ValueError, match='vocab_size'):
     data.BpeTokenizer.train(['abc'], 100)
+  with pytest.raises(ValueError, match='vocab_size is required'):
+    data.make_tokenizer('bpe', str(tmp_path / 'other'), corpus)
   with pytest.raises(ValueError, match='smaller vocab_size'):
     data.make_tokenizer('bpe', str(tmp_path / 'other'), corpus, vocab_size=5000)
 

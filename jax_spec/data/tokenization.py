@@ -184,8 +184,6 @@ def make_tokenizer(kind: str, workdir: str | None, corpus=None,
   """
   if kind not in KINDS:
     raise ValueError(f'tokenizer kind must be one of {KINDS}, got {kind!r}')
-  if kind == 'bpe' and vocab_size is None:
-    raise ValueError('vocab_size is required for the bpe tokenizer')
   if kind == 'byte' and vocab_size not in (None, ByteTokenizer.vocab_size):
     raise ValueError(f'vocab_size of the byte tokenizer is fixed at {ByteTokenizer.vocab_size}, '
                      f'got {vocab_size}')
@@ -200,6 +198,8 @@ def make_tokenizer(kind: str, workdir: str | None, corpus=None,
   if kind == 'byte':
     tok = ByteTokenizer()
   else:
+    if vocab_size is None:
+      raise ValueError('vocab_size is required to train the bpe tokenizer')
     if corpus is None:
       raise ValueError('corpus is required to train the bpe tokenizer')
     tok = BpeTokenizer.train((d.text for d in corpus.train), vocab_size)
