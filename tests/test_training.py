@@ -1,0 +1,262 @@
+"""Training loop: precision parity, kill-and-resume equality, sharded run, flags, Medusa-1.
+
+The subprocess tests share one tiny configuration and a persistent compilation cache, so only the
+first run compiles; they are kept to a handful of steps on a tiny generated corpus.
+"""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_spec import data as data_lib
+from jax_spec import precision
+from jax_spec.models import get_config
+from jax_spec.training import loop, steps
+from jax_spec.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ('def return import class self for in if else while x y z ( ) : = + - 1 2 3 print '
+         'None True False').split()
+
+
+def _write_corpus(root, num_files=12, lines=40):
+  rng = np.random.default_rng(0)
+  os.makedirs(root, exist_ok=True)
+  for i in range(num_files):
+    text = '\n'.join(' '.join(rng.choice(WORDS, 8)) for _ in range(lines))
+    with open(os.path.join(root, f'f{i:02d}.py'), 'w') as f:
+      f.write(text + '\n')
+  return root
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  return _write_corpus(str(tmp_path_factory.mktemp('corpus')))
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags / config validation
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('override, match', [
+    ({'config': 'huge'}, 'config must be one of'),
+    ({'steps': 0}, 'steps'),
+    ({'batch_size': -1}, 'batch_size'),
+    ({'seq_len': 1}, 'seq_len'),
+    ({'learning_rate': 0.0}, 'learning_rate'),
+    ({'precision': 'fp8'}, 'precision'),
+    ({'loss_scale': 'static'}, 'loss_scale'),
+    ({'medusa_mode': 'both'}, 'medusa_mode'),
+    ({'tokenizer': 'chars'}, 'tokenizer'),
+    ({'tokenizer': 'bpe'}, 'vocab_size'),
+    ({'mtp_depth': -1}, 'mtp_depth'),
+    ({'mesh_data': 0}, 'mesh_data'),
+    ({'num_processes': 2}, 'coordinator_address'),
+    ({'process_id': 3}, 'process_id'),
+    ({'minutes': -1.0}, 'minutes'),
+    ({'data_path': '/no/such/path'}, 'data_path'),
+])
+def test_train_config_validation(tmp_path, override, match):
+  with pytest.raises(ValueError, match=match):
+    loop.TrainConfig(workdir=str(tmp_path), **override)
+
+
+def test_cli_rejects_bad_flag_before_training(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', f'--workdir={tmp_path}/w', '--precision=fp8'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "precision must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'" in proc.stderr
+  assert not os.path.exists(tmp_path / 'w')
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process steps: precision parity and Medusa-1
+# ------------------------------------------------------------------------------------------------
+
+def _setup(precision_name, model_config, cfg):
+  policy = precision.get_policy(precision_name)
+  mode = precision.validate_loss_scale(cfg.loss_scale, policy)
+  tx, schedule = loop.build_optimizer(cfg)
+  init = functools.partial(loop._init_train_state, cfg, model_config, policy, tx, mode)
+  state, rest = loop._compile_fast(jax.jit(init))()
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: loop.build_model(model_config, policy, 0)))
+  step = jax.jit(steps.make_train_step(graphdef, rest, model_config, tx, schedule,
+                                       loss_scale=mode, trainable=loop._trainable_filter(cfg)))
+  return state, step
+
+
+def test_bf16_and_fp16_match_fp32_loss(corpus, tmp_path):
+  n_steps, batch_size, seq_len = 40, 8, 32
+  data = data_lib.load_data('byte', str(tmp_path), corpus)
+  cfg = loop.TrainConfig(workdir=str(tmp_path), config='tiny', steps=n_steps, warmup_steps=5,
+                         learning_rate=3e-3, precision='fp32')
+  mc = get_config('tiny', num_layers=1, mtp_depth=0, medusa_heads=0)
+  batches = [data.get_batch(0, s, batch_size, seq_len) for s in range(n_steps)]
+  final = {}
+  for name in ('fp32', 'bf16', 'fp16'):
+    state, step = _setup(name, mc, cfg)
+    losses = []
+    for b in batches:
+      state, m = step(state, b)
+      losses.append(float(m['loss']))
+    assert int(state['skipped_steps']) == 0, name
+    final[name] = float(np.mean(losses[-5:]))
+    first = losses[0]
+  assert final['fp32'] < 0.8 * first  # it actually learned something
+  for name in ('bf16', 'fp16'):
+    assert abs(final[name] - final['fp32']) <= 0.02 * final['fp32'], final
+
+
+def test_frozen_trunk_trains_only_medusa_heads(tmp_path):
+  cfg = loop.TrainConfig(workdir=str(tmp_path), config='tiny', steps=10, warmup_steps=0,
+                         medusa_mode='frozen_trunk')
+  mc = loop.make_model_config(cfg, 259).replace(num_layers=1, mtp_depth=0, medusa_heads=1)
+  assert mc.medusa_frozen_trunk
+  state, step = _setup('fp32', mc, cfg)
+  tokens = np.random.default_rng(0).integers(0, 259, (2, 16)).astype(np.int32)
+  batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
+           'positions': np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)).copy()}
+  new, _ = step(state, batch)
+  new, _ = step(new, batch)
+  flat_old = dict(jax.tree_util.tree_flatten_with_path(state['params'])[0])
+  changed = {steps._path_str(p): not np.array_equal(x, flat_old[p])
+             for p, x in jax.tree_util.tree_flatten_with_path(new['params'])[0]}
+  assert any(changed[k] for k in changed if k.startswith('medusa/'))
+  assert not any(changed[k] for k in changed if not k.startswith('medusa/')), changed
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocess runs: kill-and-resume, sharded
+# ------------------------------------------------------------------------------------------------
+
+def _command(workdir, corpus, extra=()):
+  return [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}', '--config=tiny',
+          '--mtp_depth=1', '--medusa_heads=1', '--steps=24', '--batch_size=8', '--seq_len=32',
+          '--warmup_steps=4', '--learning_rate=3e-3', '--log_every=1', '--eval_every=12',
+          '--eval_batches=1', '--checkpoint_every=4', f'--data_path={corpus}', '--noprogress',
+          *extra]
+
+
+def _env(cache_dir, devices=None):
+  env = dict(os.environ)
+  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['JAX_PLATFORMS'] = 'cpu'
+  if devices:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={devices}').strip()
+  return env
+
+
+def _deterministic(records):
+  return [{k: v for k, v in r.items() if k not in loop.TIMING_KEYS} for r in records]
+
+
+@pytest.fixture(scope='module')
+def reference_run(corpus, tmp_path_factory):
+  """An uninterrupted single-device run (also the baseline of the sharded test)."""
+  root = tmp_path_factory.mktemp('runs')
+  cache = str(root / 'jax_cache')
+  workdir = str(root / 'reference')
+  proc = subprocess.run(_command(workdir, corpus), cwd=REPO, env=_env(cache),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {'workdir': workdir, 'cache': cache, 'root': root,
+          'summary': json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def test_reference_run_outputs(reference_run):
+  workdir = reference_run['workdir']
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, 25))
+  last = records[-1]
+  for key in ('loss', 'main_loss', 'main_acc', 'mtp_loss_1', 'mtp_acc_1', 'medusa_loss_1',
+              'medusa_acc_1', 'grad_norm', 'learning_rate', 'loss_scale', 'skipped_steps',
+              'tokens_per_sec', 'val_bits_per_token', 'val_bits_per_byte'):
+    assert key in last, key
+  assert records[-1]['loss'] < records[0]['loss']
+  assert 'val_bits_per_token' in records[11] and 'val_bits_per_token' not in records[10]
+  for name in ('training_curves.png', 'results.json', 'train_config.json'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert reference_run['summary']['step'] == 24
+
+
+def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
+  workdir = reference_run['workdir']
+  model, tokenizer, config = loop.load_model_from_workdir(workdir)
+  assert tokenizer.kind == 'byte' and config.vocab_size == tokenizer.vocab_size
+  assert config.mtp_depth == 1 and config.medusa_heads == 1
+  data = data_lib.load_data('byte', workdir, corpus)
+  batch = data.validation_batches(8, 32, num_batches=1)[0]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  eval_step = jax.jit(steps.make_eval_step(graphdef, rest, config))
+  sums, means = eval_step(params, batch)
+  bits = float(sums['nll_sum']) / int(sums['count']) / np.log(2)
+  last = read_metrics(workdir)[-1]
+  np.testing.assert_allclose(bits, last['val_bits_per_token'], rtol=1e-6)
+  np.testing.assert_allclose(float(means['main_loss']), last['val_main_loss'], rtol=1e-6)
+
+
+def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
+  workdir = str(reference_run['root'] / 'killed')
+  env = _env(reference_run['cache'])
+  cmd = _command(workdir, corpus)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  first_ckpt = os.path.join(workdir, 'checkpoints', '4', 'commit_success.txt')
+  deadline = time.time() + 300
+  while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  _, stderr = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+  steps_saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                       if s.isdigit())
+  assert steps_saved and steps_saved[-1] < 24, steps_saved  # killed mid-run
+
+  resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+  assert summary['start_step'] > 0 and summary['step'] == 24
+  assert 'Resumed from the checkpoint at step' in resumed.stderr
+
+  ref = read_metrics(reference_run['workdir'])
+  got = read_metrics(workdir)
+  assert _deterministic(got) == _deterministic(ref)  # exact float equality, every key
+  assert all(set(r) - set(loop.TIMING_KEYS) for r in got)
+
+
+def test_resume_with_different_config_is_refused(reference_run, corpus):
+  cmd = _command(reference_run['workdir'], corpus, ['--learning_rate=1e-2'])
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(reference_run['cache']), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'different configuration' in proc.stderr and 'learning_rate' in proc.stderr
+
+
+def test_sharded_run_matches_single_device(reference_run, corpus):
+  workdir = str(reference_run['root'] / 'sharded')
+  cmd = _command(workdir, corpus, ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2',
+                                   '--checkpoint_every=24'])
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(reference_run['cache'], devices=8),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ref = read_metrics(reference_run['workdir'])
+  got = read_metrics(workdir)
+  assert [r['step'] for r in got] == [r['step'] for r in ref]
+  for key in ('loss', 'main_loss', 'mtp_loss_1', 'medusa_loss_1', 'grad_norm'):
+    np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=2e-4,
+                               err_msg=key)
+  np.testing.assert_allclose(got[-1]['val_bits_per_token'], ref[-1]['val_bits_per_token'],
+                             rtol=2e-4)
