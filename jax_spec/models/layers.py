@@ -1,0 +1,151 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU, a block.
+
+Every module takes `dtype` (compute) and `param_dtype` (storage). Norm statistics and rotary
+embeddings are computed in fp32 and cast back to the compute dtype for the next matmul.
+Attention has two entry points: `__call__` for training/prefill (whole sequences through
+`jax_spec.attention.dot_product_attention`) and `decode` for new tokens against a KV cache
+(through `jax_spec.attention.cache_attention`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_spec import attention as attention_lib
+from jax_spec.models.config import TransformerConfig
+
+
+class Dense(nnx.Module):
+  """A kernel of any shape applied with one einsum (no bias): `out = einsum(eqn, x, kernel)`."""
+
+  def __init__(self, kernel_shape, eqn: str, *, init, dtype, param_dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(init(rngs.params(), tuple(kernel_shape), param_dtype))
+    self.eqn = eqn
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with fp32 statistics; returns the compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x_BTHD, positions_BT, theta: float):
+  """Rotary embedding (rotate-half form), computed in fp32."""
+  head_dim = x_BTHD.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
+  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+def positions_from_segments(segment_ids_BT):
+  """Positions that restart at 0 at every document start (a change of segment id)."""
+  _, seq_len = segment_ids_BT.shape
+  idx_T = jnp.arange(seq_len, dtype=jnp.int32)
+  is_start_BT = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+       segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  start_BT = jax.lax.cummax(jnp.where(is_start_BT, idx_T, 0), axis=1)
+  return idx_T - start_BT
+
+
+def write_cache(cache_LBSKD, layer: int, new_BTKD, slots_BT):
+  """Scatters `new_BTKD` into `cache[layer, b, slots[b, t]]`; out-of-range slots are dropped."""
+  rows_BT = jnp.broadcast_to(jnp.arange(new_BTKD.shape[0])[:, None], slots_BT.shape)
+  return cache_LBSKD.at[layer, rows_BT, slots_BT].set(new_BTKD.astype(cache_LBSKD.dtype),
+                                                      mode='drop')
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with rotary embeddings (K/V heads are never repeated)."""
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    c = config
+    init = nnx.initializers.normal(c.init_std)
+    out_init = nnx.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = Dense((c.d_model, c.num_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
+    self.k = Dense((c.d_model, c.num_kv_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
+    self.v = Dense((c.d_model, c.num_kv_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
+    self.out = Dense((c.num_heads, c.head_dim, c.d_model), 'bthk,hkd->btd', init=out_init, **kw)
+    self.rope_theta = c.rope_theta
+    self.impl = c.attention_impl
+
+  def qkv(self, x_BTD, positions_BT):
+    q_BTHD = apply_rope(self.q(x_BTD), positions_BT, self.rope_theta)
+    k_BTKD = apply_rope(self.k(x_BTD), positions_BT, self.rope_theta)
+    return q_BTHD, k_BTKD, self.v(x_BTD)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+    """Causal self-attention over the sequence; also returns this layer's K and V."""
+    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+    o_BTHD = attention_lib.dot_product_attention(
+        q_BTHD, k_BTKD, v_BTKD, causal=True, q_segment_ids=segment_ids_BT,
+        kv_segment_ids=segment_ids_BT, implementation=self.impl)
+    return self.out(o_BTHD), k_BTKD, v_BTKD
+
+  def decode(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, lengths_B, tree_mask_BTT):
+    """New tokens against the cache: writes K/V at slots `[len, len + T)`, then attends."""
+    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+    slots_BT = lengths_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
+    k_cache = write_cache(k_cache, layer, k_BTKD, slots_BT)
+    v_cache = write_cache(v_cache, layer, v_BTKD, slots_BT)
+    o_BTHD = attention_lib.cache_attention(
+        q_BTHD, k_cache[layer], v_cache[layer], cache_lengths_B=lengths_B,
+        tree_mask_BTT=tree_mask_BTT, implementation=self.impl)
+    return self.out(o_BTHD.astype(x_BTD.dtype)), k_cache, v_cache
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    c = config
+    init = nnx.initializers.normal(c.init_std)
+    out_init = nnx.initializers.normal(c.init_std / math.sqrt(2 * c.num_layers))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)
+    self.up = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)
+    self.down = Dense((c.d_ff, c.d_model), 'btf,fd->btd', init=out_init, **kw)
+
+  def __call__(self, x_BTD):
+    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + Attn(norm(x)), then x + MLP(norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.attn = Attention(config, rngs=rngs, **kw)
+    self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
+    self.mlp = SwiGLU(config, rngs=rngs, **kw)
+
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+    """Returns (x, k, v); k/v are what prefill writes into the cache."""
+    a_BTD, k_BTKD, v_BTKD = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    x_BTD = x_BTD + a_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BTKD, v_BTKD
+
+  def decode(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, lengths_B, tree_mask_BTT):
+    a_BTD, k_cache, v_cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, k_cache,
+                                               v_cache, layer, lengths_B, tree_mask_BTT)
+    x_BTD = x_BTD + a_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_cache, v_cache

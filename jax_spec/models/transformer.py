@@ -1,0 +1,166 @@
+"""Decoder-only transformer with DeepSeek-V3 MTP modules and Medusa heads (Flax NNX)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from jax_spec.models.config import TransformerConfig
+from jax_spec.models.layers import Block, Dense, RMSNorm, positions_from_segments
+from jax_spec.precision import Policy, get_policy
+
+
+@struct.dataclass
+class ModelOutputs:
+  """Full-sequence outputs. Logits are fp32; `hidden_BTD` is the final-normed trunk state."""
+  logits_BTV: jax.Array
+  hidden_BTD: jax.Array
+  mtp_logits_DBTV: jax.Array | None = None
+  medusa_logits_KBTV: jax.Array | None = None
+
+
+class MTPModule(nnx.Module):
+  """DeepSeek-V3 MTP module: Block(W [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))])."""
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d = config.d_model
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.hidden_norm = RMSNorm(d, eps=config.norm_eps, **kw)
+    self.embed_norm = RMSNorm(d, eps=config.norm_eps, **kw)
+    self.proj = Dense((2 * d, d), 'btc,cd->btd', init=nnx.initializers.normal(config.init_std),
+                      rngs=rngs, **kw)
+    self.block = Block(config, rngs=rngs, **kw)
+
+  def combine(self, h_BTD, e_BTD):
+    return self.proj(jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1))
+
+  def __call__(self, h_BTD, e_BTD, positions_BT, segment_ids_BT=None):
+    return self.block(self.combine(h_BTD, e_BTD), positions_BT, segment_ids_BT)[0]
+
+  def decode(self, h_BTD, e_BTD, positions_BT, k_cache, v_cache, layer, lengths_B, tree_mask_BTT):
+    return self.block.decode(self.combine(h_BTD, e_BTD), positions_BT, k_cache, v_cache, layer,
+                             lengths_B, tree_mask_BTT)
+
+
+class ResBlock(nnx.Module):
+  """Medusa residual block `x + SiLU(W x + b)`, zero-initialised so a new head starts as identity."""
+
+  def __init__(self, d: int, *, dtype, param_dtype):
+    self.kernel = nnx.Param(jnp.zeros((d, d), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((d,), param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x_BTD):
+    y = jnp.einsum('btd,de->bte', x_BTD.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return x_BTD + jax.nn.silu(y + self.bias[...].astype(self.dtype))
+
+
+class MedusaHead(nnx.Module):
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs,
+               head_init_VD=None):
+    d = config.d_model
+    self.res = nnx.List([ResBlock(d, dtype=dtype, param_dtype=param_dtype)
+                         for _ in range(config.medusa_num_layers)])
+    self.lm_head = None
+    if not config.medusa_shared_head:
+      # Own output projection, initialised as a copy of the trunk's (the Medusa recipe).
+      self.lm_head = nnx.Param(jnp.asarray(head_init_VD.T, param_dtype))
+
+  def __call__(self, x_BTD):
+    for res in self.res:
+      x_BTD = res(x_BTD)
+    return x_BTD
+
+
+class Transformer(nnx.Module):
+  """Trunk (RMSNorm, RoPE, GQA, SwiGLU) plus optional MTP modules and Medusa heads."""
+
+  def __init__(self, config: TransformerConfig, *, policy: str | Policy = 'fp32', rngs: nnx.Rngs):
+    if not isinstance(config, TransformerConfig):
+      raise ValueError(f'config must be a TransformerConfig, got {type(config).__name__}')
+    self.config = config
+    self.policy = get_policy(policy)
+    c, p = config, self.policy
+    kw = dict(dtype=p.compute_dtype, param_dtype=p.param_dtype)
+    self.embed = nnx.Embed(c.vocab_size, c.d_model,
+                           embedding_init=nnx.initializers.normal(c.init_std), rngs=rngs, **kw)
+    self.layers = nnx.List([Block(c, rngs=rngs, **kw) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
+    self.lm_head = None
+    if not c.tie_embeddings:
+      self.lm_head = Dense((c.d_model, c.vocab_size), 'btd,dv->btv',
+                           init=nnx.initializers.normal(c.init_std), rngs=rngs, **kw)
+    self.mtp = nnx.List([MTPModule(c, rngs=rngs, **kw) for _ in range(c.mtp_depth)])
+    head_VD = self.embed.embedding[...] if c.tie_embeddings else self.lm_head.kernel[...].T
+    self.medusa = nnx.List([MedusaHead(c, rngs=rngs, head_init_VD=head_VD, **kw)
+                            for _ in range(c.medusa_heads)])
+
+  @property
+  def dtype(self):
+    return self.policy.compute_dtype
+
+  def embed_tokens(self, tokens_BT):
+    return self.embed(tokens_BT).astype(self.dtype)
+
+  def project(self, x_BTD, head_DV=None):
+    """Output projection (shared LM head unless `head_DV` is given), fp32 logits."""
+    if head_DV is None:
+      if self.lm_head is None:
+        head_DV = self.embed.embedding[...].T
+      else:
+        head_DV = self.lm_head.kernel[...]
+    return jnp.einsum('...d,dv->...v', x_BTD.astype(self.dtype), head_DV.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def logits(self, h_BTD):
+    """LM head on an already final-normed hidden state."""
+    return self.project(h_BTD)
+
+  def medusa_logits(self, hidden_BTD):
+    """[K, B, T, V] fp32; head k (from 1) at position i predicts t_{i+k+1}."""
+    if not self.config.medusa_heads:
+      raise ValueError('medusa_logits: the model has no Medusa heads (config.medusa_heads == 0)')
+    x_BTD = hidden_BTD
+    if self.config.medusa_frozen_trunk:
+      x_BTD = jax.lax.stop_gradient(x_BTD)
+    out = []
+    for head in self.medusa:
+      own = None if head.lm_head is None else head.lm_head[...]
+      out.append(self.project(head(x_BTD), own))
+    return jnp.stack(out)
+
+  def _check_tokens(self, tokens_BT, name='tokens_BT'):
+    if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+      raise ValueError(f'{name} must be an integer [batch, seq] array, got {tokens_BT.dtype} '
+                       f'{tokens_BT.shape}')
+
+  def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None) -> ModelOutputs:
+    self._check_tokens(tokens_BT)
+    batch, seq_len = tokens_BT.shape
+    for name, arr in (('positions_BT', positions_BT), ('segment_ids_BT', segment_ids_BT)):
+      if arr is not None and arr.shape != tokens_BT.shape:
+        raise ValueError(f'{name} must have the shape of tokens_BT {tokens_BT.shape}, got {arr.shape}')
+    if positions_BT is None:
+      if segment_ids_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+      else:
+        positions_BT = positions_from_segments(segment_ids_BT)
+    x_BTD = self.embed_tokens(tokens_BT)
+    for layer in self.layers:
+      x_BTD = layer(x_BTD, positions_BT, segment_ids_BT)[0]
+    hidden_BTD = self.final_norm(x_BTD)
+    logits_BTV = self.logits(hidden_BTD)
+
+    mtp_logits = None
+    if self.config.mtp_depth:
+      h_BTD, out = hidden_BTD, []
+      for k, module in enumerate(self.mtp, start=1):
+        # Module k at position i reads t_{i+k}; inputs past the row end are padded (targets masked).
+        shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, min(k, seq_len))))[:, :seq_len]
+        h_BTD = module(h_BTD, self.embed_tokens(shifted_BT), positions_BT, segment_ids_BT)
+        out.append(self.logits(self.final_norm(h_BTD)))
+      mtp_logits = jnp.stack(out)
+    medusa = self.medusa_logits(hidden_BTD) if self.config.medusa_heads else None
+    return ModelOutputs(logits_BTV, hidden_BTD, mtp_logits, medusa)

@@ -1,0 +1,257 @@
+"""KV cache decoding == full causal forward (trunk, MTP modules, Medusa heads); tree commit."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_spec import models as M
+
+ATOL = RTOL = 2e-4
+SEQ = 20  # full-sequence length used for the reference forward
+MAX_LEN = 28
+
+
+@pytest.fixture(scope='module')
+def setup():
+  # GQA (4 heads over 2 KV heads), 2 MTP modules, 2 Medusa heads; random non-zero Medusa weights.
+  cfg = M.get_config('tiny', mtp_depth=3, medusa_heads=2, d_model=32, d_ff=64, vocab_size=61)
+  model = M.Transformer(cfg, rngs=nnx.Rngs(0))
+  for head in model.medusa:
+    for res in head.res:
+      res.kernel[...] = 0.2 * jax.random.normal(jax.random.key(1), res.kernel.shape)
+  graphdef, state = nnx.split(model)
+  return cfg, graphdef, state
+
+
+def _merge(fn):
+  """Turns fn(model, ...) into a jitted fn((graphdef, state), ...)."""
+  @functools.partial(jax.jit, static_argnums=0)
+  def wrapped(graphdef, state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+  return wrapped
+
+
+full_forward = _merge(lambda m, toks: m(toks))
+prefill = _merge(M.prefill)
+extend = _merge(M.extend)
+commit = jax.jit(M.commit)
+mtp_draft = _merge(M.mtp_draft)
+
+
+def _chain(batch, num):
+  depths = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), (batch, num))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((num, num), bool)), (batch, num, num))
+  return depths, mask
+
+
+def _check_drafts(graphdef, state, seq, n_new, next_tok, draft):
+  """Draft k must equal the full forward's MTP logits at n'-1 on committed ++ next ++ drafts."""
+  seq = np.array(seq)
+  toks = np.array(seq)
+  for b in range(seq.shape[0]):
+    n = int(n_new[b])
+    toks[b, n] = int(next_tok[b])
+    d = np.array(draft.tokens_BD[b])
+    toks[b, n + 1:n + len(d)] = d[:-1]
+  ref = full_forward(graphdef, state, jnp.asarray(toks))
+  for b in range(seq.shape[0]):
+    n = int(n_new[b])
+    np.testing.assert_allclose(draft.logits_BDV[b], ref.mtp_logits_DBTV[:, b, n - 1],
+                               atol=ATOL, rtol=RTOL)
+    np.testing.assert_array_equal(draft.tokens_BD[b], np.argmax(draft.logits_BDV[b], -1))
+
+
+def test_prefill_then_decode_matches_full_forward(setup):
+  cfg, graphdef, state = setup
+  batch = 3
+  seq = jax.random.randint(jax.random.key(2), (batch, SEQ), 0, cfg.vocab_size)
+  ref = full_forward(graphdef, state, seq)
+  prompt_lengths = jnp.array([5, 1, 3], jnp.int32)
+  # Right-padded prompts: garbage after each prompt must not leak into anything.
+  prompt_T = 6
+  pad = jax.random.randint(jax.random.key(3), (batch, prompt_T), 0, cfg.vocab_size)
+  prompts = jnp.where(jnp.arange(prompt_T) < prompt_lengths[:, None], seq[:, :prompt_T], pad)
+  model = nnx.merge(graphdef, state)
+  cache = M.init_cache(model, batch, MAX_LEN)
+  mcache = M.init_mtp_cache(model, batch, MAX_LEN)
+  out, cache = prefill(graphdef, state, prompts, prompt_lengths, cache)
+  for b, p in enumerate(np.array(prompt_lengths)):
+    np.testing.assert_allclose(out.logits_BTV[b, :p], ref.logits_BTV[b, :p], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(out.medusa_logits_KBTV[:, b, :p], ref.medusa_logits_KBTV[:, b, :p],
+                               atol=ATOL, rtol=RTOL)
+  np.testing.assert_array_equal(cache.lengths, prompt_lengths)
+  next_tok = seq[jnp.arange(batch), prompt_lengths]
+  draft, mcache = mtp_draft(graphdef, state, mcache, out.hidden_BTD, prompts, prompt_lengths,
+                            next_tok)
+  _check_drafts(graphdef, state, seq, prompt_lengths, next_tok, draft)
+
+  # Then decode: chains of 3 candidates (the true tokens) with a different acceptance per row,
+  # including 0 (a frozen row) and single tokens.
+  accept_schedule = [[1, 1, 1], [3, 2, 0], [2, 3, 1], [1, 0, 3], [3, 3, 2]]
+  depths, mask = _chain(batch, 3)
+  rows = jnp.arange(batch)
+  for accepted in accept_schedule:
+    accepted = jnp.array(accepted, jnp.int32)
+    n = cache.lengths
+    cand = seq[rows[:, None], n[:, None] + jnp.arange(3)]
+    out, cache = extend(graphdef, state, cand, depths, mask, cache)
+    for b in range(batch):
+      nb = int(n[b])
+      np.testing.assert_allclose(out.logits_BTV[b], ref.logits_BTV[b, nb:nb + 3], atol=ATOL,
+                                 rtol=RTOL)
+      np.testing.assert_allclose(out.hidden_BTD[b], ref.hidden_BTD[b, nb:nb + 3], atol=ATOL,
+                                 rtol=RTOL)
+      np.testing.assert_allclose(out.medusa_logits_KBTV[:, b], ref.medusa_logits_KBTV[:, b, nb:nb + 3],
+                                 atol=ATOL, rtol=RTOL)
+    path = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (batch, 3))
+    cache = commit(cache, path, accepted)
+    np.testing.assert_array_equal(cache.lengths, n + accepted)
+    next_tok = seq[rows, cache.lengths]
+    draft, mcache = mtp_draft(graphdef, state, mcache, out.hidden_BTD, cand, accepted, next_tok)
+    np.testing.assert_array_equal(mcache.lengths, cache.lengths)
+    _check_drafts(graphdef, state, seq, cache.lengths, next_tok, draft)
+  assert int(cache.lengths.max()) <= SEQ - 4
+
+
+def test_tree_extend_commit_equals_direct_path(setup):
+  cfg, graphdef, state = setup
+  batch = 2
+  seq = jax.random.randint(jax.random.key(5), (batch, SEQ), 0, cfg.vocab_size)
+  model = nnx.merge(graphdef, state)
+  prompt_lengths = jnp.array([4, 7], jnp.int32)
+  _, cache0 = prefill(graphdef, state, seq[:, :8], prompt_lengths, M.init_cache(model, batch, MAX_LEN))
+  # Tree: 0 root; 1, 2 children of 0; 3 child of 1; 4 child of 2; 5 child of 4.
+  parents = [-1, 0, 0, 1, 2, 4]
+  num = len(parents)
+  anc = np.zeros((num, num), bool)
+  depth = np.zeros(num, np.int32)
+  for t, p in enumerate(parents):
+    anc[t, t] = True
+    if p >= 0:
+      anc[t] |= anc[p]
+      depth[t] = depth[p] + 1
+  tree_tokens = jax.random.randint(jax.random.key(6), (batch, num), 0, cfg.vocab_size)
+  depths = jnp.broadcast_to(jnp.asarray(depth), (batch, num))
+  mask = jnp.broadcast_to(jnp.asarray(anc), (batch, num, num))
+  out_tree, cache_tree = extend(graphdef, state, tree_tokens, depths, mask, cache0)
+  path = jnp.array([[0, 2, 4, 5], [0, 1, 3, 0]], jnp.int32)
+  accepted = jnp.array([4, 3], jnp.int32)
+  cache_tree = commit(cache_tree, path, accepted)
+
+  path_tokens = jnp.take_along_axis(tree_tokens, path, axis=1)
+  cdepths, cmask = _chain(batch, 4)
+  out_path, cache_path = extend(graphdef, state, path_tokens, cdepths, cmask, cache0)
+  cache_path = commit(cache_path, jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (batch, 4)),
+                      accepted)
+  np.testing.assert_array_equal(cache_tree.lengths, cache_path.lengths)
+  for b in range(batch):
+    a, length = int(accepted[b]), int(cache_tree.lengths[b])
+    np.testing.assert_allclose(cache_tree.k[:, b, :length], cache_path.k[:, b, :length], atol=ATOL)
+    np.testing.assert_allclose(cache_tree.v[:, b, :length], cache_path.v[:, b, :length], atol=ATOL)
+    np.testing.assert_allclose(out_tree.logits_BTV[b, path[b, :a]], out_path.logits_BTV[b, :a],
+                               atol=ATOL, rtol=RTOL)
+  # The continued decode sees the same state.
+  nxt = seq[:, 10:12]
+  d2, m2 = _chain(batch, 2)
+  o1, _ = extend(graphdef, state, nxt, d2, m2, cache_tree)
+  o2, _ = extend(graphdef, state, nxt, d2, m2, cache_path)
+  np.testing.assert_allclose(o1.logits_BTV, o2.logits_BTV, atol=ATOL, rtol=RTOL)
+  # A non-path sibling must not influence anything after commit: rerun with other tree tokens.
+  other = tree_tokens.at[0, 1].set((tree_tokens[0, 1] + 1) % cfg.vocab_size)
+  _, cache_other = extend(graphdef, state, other, depths, mask, cache0)
+  cache_other = commit(cache_other, path, accepted)
+  np.testing.assert_allclose(cache_other.k[:, 0, :8], cache_tree.k[:, 0, :8], atol=ATOL)
+
+
+def test_decode_step_compiles_once(setup):
+  cfg, graphdef, state = setup
+  batch = 2
+  traces = []
+
+  @jax.jit
+  def step(state, cache, mcache, tokens_BT, next_B):
+    traces.append(1)
+    model = nnx.merge(graphdef, state)
+    depths, mask = _chain(batch, 2)
+    out, cache = M.extend(model, tokens_BT, depths, mask, cache)
+    accepted = jnp.array([2, 1], jnp.int32)
+    cache = M.commit(cache, jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (batch, 2)), accepted)
+    draft, mcache = M.mtp_draft(model, mcache, out.hidden_BTD, tokens_BT, accepted, next_B)
+    return cache, mcache, draft.tokens_BD
+
+  model = nnx.merge(graphdef, state)
+  cache = M.init_cache(model, batch, MAX_LEN)
+  mcache = M.init_mtp_cache(model, batch, MAX_LEN)
+  tok = jnp.array([1, 2], jnp.int32)
+  for _ in range(4):
+    cand = jnp.stack([tok, (tok + 1) % cfg.vocab_size], axis=1)
+    cache, mcache, drafts = step(state, cache, mcache, cand, drafts_or(tok))
+    tok = drafts[:, 0]
+  assert len(traces) == 1
+  np.testing.assert_array_equal(cache.lengths, [8, 4])
+
+  # The same step as the body of one lax.while_loop under jit.
+  def body(carry):
+    i, cache, mcache, tok = carry
+    cand = jnp.stack([tok, (tok + 1) % cfg.vocab_size], axis=1)
+    cache, mcache, drafts = step(state, cache, mcache, cand, drafts_or(tok))
+    return i + 1, cache, mcache, drafts[:, 0]
+
+  run = jax.jit(lambda carry: jax.lax.while_loop(lambda c: c[0] < 3, body, carry))
+  out = run((0, M.init_cache(model, batch, MAX_LEN), M.init_mtp_cache(model, batch, MAX_LEN), tok))
+  assert int(out[0]) == 3
+  np.testing.assert_array_equal(out[1].lengths, [6, 3])
+  np.testing.assert_array_equal(out[2].lengths, [6, 3])
+
+
+def drafts_or(tok):
+  return (tok + 3) % 61
+
+
+@pytest.mark.parametrize('policy', ['bf16', 'fp16'])
+def test_low_precision_decode_is_finite(setup, policy):
+  cfg, _, _ = setup
+  model = M.Transformer(cfg, policy=policy, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state))
+
+  @jax.jit
+  def run(state, tokens):
+    model = nnx.merge(graphdef, state)
+    full = model(tokens)
+    cache = M.init_cache(model, 2, MAX_LEN)
+    out, cache = M.prefill(model, tokens[:, :4], jnp.array([4, 2], jnp.int32), cache)
+    d, m = _chain(2, 2)
+    out2, cache = M.extend(model, tokens[:, 4:6], d, m, cache)
+    mcache = M.init_mtp_cache(model, 2, MAX_LEN)
+    draft, _ = M.mtp_draft(model, mcache, out.hidden_BTD, tokens[:, :4], cache.lengths, tokens[:, 4])
+    return full, out2, cache, draft
+
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
+  full, out2, cache, draft = run(state, tokens)
+  assert cache.k.dtype == model.policy.compute_dtype
+  assert full.logits_BTV.dtype == jnp.float32 and out2.logits_BTV.dtype == jnp.float32
+  for x in (full.logits_BTV, full.mtp_logits_DBTV, full.medusa_logits_KBTV, out2.logits_BTV,
+            draft.logits_BDV):
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_bad_decode_inputs_raise(setup):
+  cfg, graphdef, state = setup
+  model = nnx.merge(graphdef, state)
+  cache = M.init_cache(model, 2, 8)
+  with pytest.raises(ValueError, match='max_len'):
+    M.prefill(model, jnp.zeros((2, 9), jnp.int32), jnp.array([1, 1]), cache)
+  with pytest.raises(ValueError, match='tree_mask_BTT'):
+    M.extend(model, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32),
+             jnp.ones((2, 3, 2), bool), cache)
+  with pytest.raises(ValueError, match='batch_size'):
+    M.init_cache(model, 0, 8)
+  plain = M.Transformer(cfg.replace(mtp_depth=0, medusa_heads=0), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='mtp_depth'):
+    M.init_mtp_cache(plain, 2, 8)
+  with pytest.raises(ValueError, match='Medusa'):
+    M.medusa_logits(plain, jnp.zeros((1, 1, cfg.d_model)))
