@@ -150,10 +150,30 @@ def _flash_attention(q, k, v, q_ids, kv_ids, cfg):
   return _fwd(q, k, v, q_ids, kv_ids, cfg)[0]
 
 
+def _first_order_only(fn):
+  """Kernel calls have no derivative of their own: differentiating them (grad-of-grad, or jvp
+  through the custom_vjp forward) raises a clear error instead of a Pallas linearization error."""
+  fn = jax.custom_jvp(fn, nondiff_argnums=(0,))
+
+  @fn.defjvp
+  def _jvp(cfg, primals, tangents):
+    del cfg, primals, tangents
+    raise NotImplementedError(
+        'pallas_kernels.flash_attention supports first-order reverse-mode gradients only (its '
+        'forward and backward are Pallas kernels without derivatives); use a plain-JAX '
+        'attention (jax_spec.attention implementation="xla") for jvp or grad-of-grad.')
+
+  return fn
+
+
+@_first_order_only
+def _forward(cfg, q, k, v, q_ids, kv_ids):
+  o, lse = _backend_module(cfg.backend).forward(*_pad_inputs(q, k, v, q_ids, kv_ids, cfg), cfg)
+  return o[:, :cfg.q_len], lse[:, :, :cfg.q_len]
+
+
 def _fwd(q, k, v, q_ids, kv_ids, cfg):
-  module = _backend_module(cfg.backend)
-  o, lse = module.forward(*_pad_inputs(q, k, v, q_ids, kv_ids, cfg), cfg)
-  o, lse = o[:, :cfg.q_len], lse[:, :, :cfg.q_len]
+  o, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
   return (o, lse), (q, k, v, q_ids, kv_ids, o, lse)
 
 
@@ -161,7 +181,7 @@ def _bwd(cfg, res, cotangents):
   return _backward(cfg, res, cotangents)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+@_first_order_only
 def _backward(cfg, res, cotangents):
   q, k, v, q_ids, kv_ids, o, lse = res
   do, dlse = cotangents
@@ -177,14 +197,6 @@ def _backward(cfg, res, cotangents):
   q, k, v, q_ids, kv_ids = _pad_inputs(q, k, v, q_ids, kv_ids, cfg)
   dq, dk, dv = _backend_module(cfg.backend).backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg)
   return (dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], None, None)
-
-
-@_backward.defjvp
-def _backward_jvp(cfg, primals, tangents):
-  del cfg, primals, tangents
-  raise NotImplementedError(
-      'pallas_kernels.flash_attention supports first-order gradients only (its backward is a '
-      'Pallas kernel without a derivative); use a plain-JAX attention for higher orders.')
 
 
 _flash_attention.defvjp(_fwd, _bwd)
