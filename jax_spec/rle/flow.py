@@ -40,34 +40,25 @@ class _MLP(nnx.Module):
 class Coupling(nnx.Module):
   """One affine coupling: coordinates where mask == 1 pass through and condition the others."""
 
-  def __init__(self, mask: np.ndarray, hidden: int, *, zero_init: bool, rngs: nnx.Rngs):
-    dim = mask.shape[0]
-    self.mask_values = tuple(float(v) for v in mask)  # static: part of the graph, not trained
+  def __init__(self, dim: int, hidden: int, *, zero_init: bool, rngs: nnx.Rngs):
     self.scale = _MLP(dim, hidden, final_tanh=True, zero_init=zero_init, rngs=rngs)
     self.shift = _MLP(dim, hidden, final_tanh=False, zero_init=zero_init, rngs=rngs)
 
-  @property
-  def mask(self):
-    return jnp.asarray(self.mask_values, jnp.float32)
+  def _st(self, x_kept, mask):
+    return self.scale(x_kept) * (1.0 - mask), self.shift(x_kept) * (1.0 - mask)
 
-  def _st(self, x_kept):
-    inv = 1.0 - self.mask
-    return self.scale(x_kept) * inv, self.shift(x_kept) * inv
-
-  def forward(self, z):
+  def forward(self, z, mask):
     """z -> x, log|det dx/dz| per row."""
-    m = self.mask
-    z_kept = z * m
-    s, t = self._st(z_kept)
-    x = z_kept + (1.0 - m) * (z * jnp.exp(s) + t)
+    z_kept = z * mask
+    s, t = self._st(z_kept, mask)
+    x = z_kept + (1.0 - mask) * (z * jnp.exp(s) + t)
     return x, jnp.sum(s, axis=-1)
 
-  def inverse(self, x):
+  def inverse(self, x, mask):
     """x -> z, log|det dz/dx| per row."""
-    m = self.mask
-    x_kept = x * m
-    s, t = self._st(x_kept)
-    z = x_kept + (1.0 - m) * (x - t) * jnp.exp(-s)
+    x_kept = x * mask
+    s, t = self._st(x_kept, mask)
+    z = x_kept + (1.0 - mask) * (x - t) * jnp.exp(-s)
     return z, -jnp.sum(s, axis=-1)
 
 
@@ -92,8 +83,32 @@ class RealNVP(nnx.Module):
     if hidden < 1:
       raise ValueError(f'hidden must be >= 1, got {hidden}')
     self.dim = dim
-    masks = alternating_masks(num_layers, dim)
-    self.layers = nnx.List([Coupling(m, hidden, zero_init=zero_init, rngs=rngs) for m in masks])
+    self.masks = tuple(tuple(float(v) for v in m) for m in alternating_masks(num_layers, dim))
+
+    # One stacked set of coupling weights [num_layers, ...], applied with lax.scan: compiles one
+    # coupling instead of num_layers (XLA compile time dominates small CPU runs).
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Coupling(dim, hidden, zero_init=zero_init, rngs=rngs)
+
+    self.couplings = make(rngs)
+    self.num_layers = num_layers
+
+  def _scan(self, x, inverse: bool):
+    graphdef, state = nnx.split(self.couplings)
+    masks = jnp.asarray(self.masks, jnp.float32)
+
+    def body(carry, layer_in):
+      h, log_det = carry
+      layer_state, mask = layer_in
+      layer = nnx.merge(graphdef, layer_state)
+      h, ld = layer.inverse(h, mask) if inverse else layer.forward(h, mask)
+      return (h, log_det + ld), None
+
+    init = (x, jnp.zeros(x.shape[:-1], jnp.float32))
+    (out, log_det), _ = jax.lax.scan(body, init, (state, masks), reverse=inverse)
+    return out, log_det
 
   def _check(self, x, name):
     if x.shape[-1:] != (self.dim,):
@@ -102,21 +117,11 @@ class RealNVP(nnx.Module):
 
   def forward(self, z):
     """Generative direction z -> x. Returns (x, log|det dx/dz|)."""
-    x = self._check(z, 'z')
-    log_det = jnp.zeros(x.shape[:-1], jnp.float32)
-    for layer in self.layers:
-      x, ld = layer.forward(x)
-      log_det = log_det + ld
-    return x, log_det
+    return self._scan(self._check(z, 'z'), inverse=False)
 
   def inverse(self, x):
     """Normalizing direction x -> z. Returns (z, log|det dz/dx|)."""
-    z = self._check(x, 'x')
-    log_det = jnp.zeros(z.shape[:-1], jnp.float32)
-    for layer in reversed(self.layers):
-      z, ld = layer.inverse(z)
-      log_det = log_det + ld
-    return z, log_det
+    return self._scan(self._check(x, 'x'), inverse=True)
 
   def log_prob(self, x):
     """log density of x under the flow: log N(f^-1(x); 0, I) + log|det d f^-1 / dx|."""
