@@ -1,0 +1,140 @@
+"""Autoregressive baseline: prefill, then one token per step inside one jitted `lax.while_loop`.
+
+This is what the speculative sampler is measured against and must match (greedy: token for token).
+The model is split outside (`nnx.split`) and merged inside the jitted function, so the weights are
+arguments, not baked-in constants, and one compiled program serves every call with the same shapes
+and settings.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_spec import models
+from jax_spec.decoding import sampling
+
+# Incremented at trace time (tests assert the loops compile once and are not retraced per step).
+TRACE_COUNTS = collections.Counter()
+
+
+class GenerateOutput(NamedTuple):
+  tokens_BN: jax.Array    # int32 [B, max_new_tokens]; pad_id after each row's length
+  lengths_B: jax.Array    # int32 [B]; number of generated tokens (EOS included)
+
+
+def validate_prompts(model, prompts_BT, prompt_lengths_B, max_new_tokens, eos_id, pad_id):
+  """Shared input checks of `generate` and `speculative_generate`."""
+  if not isinstance(model, models.Transformer):
+    raise ValueError(f'model must be a jax_spec.models.Transformer, got {type(model).__name__}')
+  prompts_BT = jnp.asarray(prompts_BT)
+  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  if prompts_BT.ndim != 2 or not jnp.issubdtype(prompts_BT.dtype, jnp.integer):
+    raise ValueError(f'prompts_BT must be an int [batch, prompt_len] array, got '
+                     f'{prompts_BT.dtype} {prompts_BT.shape}')
+  if prompt_lengths_B.shape != prompts_BT.shape[:1] or not jnp.issubdtype(prompt_lengths_B.dtype,
+                                                                           jnp.integer):
+    raise ValueError(f'prompt_lengths_B must be int [{prompts_BT.shape[0]}], got '
+                     f'{prompt_lengths_B.dtype} {prompt_lengths_B.shape}')
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be an int >= 1, got {max_new_tokens!r}')
+  vocab = model.config.vocab_size
+  if eos_id is not None and (not isinstance(eos_id, int) or not 0 <= eos_id < vocab):
+    raise ValueError(f'eos_id must be None or an int in [0, {vocab}), got {eos_id!r}')
+  if not isinstance(pad_id, int) or not 0 <= pad_id < vocab:
+    raise ValueError(f'pad_id must be an int in [0, {vocab}), got {pad_id!r}')
+  if not isinstance(prompt_lengths_B, jax.core.Tracer):
+    lengths = jax.device_get(prompt_lengths_B)
+    if lengths.min() < 1 or lengths.max() > prompts_BT.shape[1]:
+      raise ValueError(f'prompt_lengths_B must be in [1, {prompts_BT.shape[1]}] (the padded prompt '
+                       f'length), got {lengths.tolist()}')
+  return prompts_BT.astype(jnp.int32), prompt_lengths_B.astype(jnp.int32)
+
+
+def check_cache_len(cache_len, needed, what):
+  if cache_len is None:
+    return needed
+  if not isinstance(cache_len, int) or cache_len < needed:
+    raise ValueError(f'cache_len={cache_len!r} is too small: {what} needs {needed} slots')
+  return cache_len
+
+
+def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             rng=None, cache_len: int | None = None) -> GenerateOutput:
+  """Samples up to `max_new_tokens` tokens after each right-padded prompt.
+
+  A row stops after emitting `eos_id` (it is included in the row's length); positions after the
+  length hold `pad_id`. Temperature 0 is greedy (no `rng` needed). `cache_len` defaults to
+  `prompt_len + max_new_tokens` (the padded prompt length).
+  """
+  prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
+                                                  max_new_tokens, eos_id, pad_id)
+  config = sampling.SamplingConfig(temperature, top_k, top_p)
+  if rng is None:
+    if not config.greedy:
+      raise ValueError('rng must be a jax.random key when temperature > 0')
+    rng = jax.random.key(0)
+  cache_len = check_cache_len(cache_len, prompts_BT.shape[1] + max_new_tokens,
+                              f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens')
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_array(eos_id),
+                   max_new_tokens=max_new_tokens, sampling_config=config, pad_id=pad_id,
+                   cache_len=cache_len)
+
+
+def eos_array(eos_id):
+  """EOS as a traced int32 (-1 = none), so changing it never recompiles."""
+  return jnp.int32(-1 if eos_id is None else eos_id)
+
+
+def emit_first_token(logits_BTV, prompt_lengths_B, rng, sampling_config):
+  """The token after each prompt, from the prefill logits at position `prompt_len - 1`."""
+  last_BV = jnp.take_along_axis(logits_BTV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return sampling.sample_logits(rng, last_BV, temperature=sampling_config.temperature,
+                                top_k=sampling_config.top_k, top_p=sampling_config.top_p)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling_config',
+                                             'pad_id', 'cache_len'))
+def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max_new_tokens,
+              sampling_config, pad_id, cache_len):
+  TRACE_COUNTS['generate'] += 1
+  model = nnx.merge(graphdef, state)
+  batch = prompts_BT.shape[0]
+  sc = sampling_config
+  cache = models.init_cache(model, batch, cache_len)
+  outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
+  first_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, jax.random.fold_in(rng, 0), sc)
+  tokens_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+  done_B = first_B == eos_id
+  lengths_B = jnp.ones((batch,), jnp.int32)
+  rows_B = jnp.arange(batch)
+  depths_B1 = jnp.zeros((batch, 1), jnp.int32)
+  mask_B11 = jnp.ones((batch, 1, 1), bool)
+  path_B1 = jnp.zeros((batch, 1), jnp.int32)
+
+  def cond(carry):
+    step, _, _, _, done_B, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    TRACE_COUNTS['generate_step'] += 1
+    step, cache, last_B, tokens_BN, done_B, lengths_B = carry
+    outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
+    cache = models.commit(cache, path_B1, (~done_B).astype(jnp.int32))
+    next_B = sampling.sample_logits(jax.random.fold_in(rng, step), outs.logits_BTV[:, 0],
+                                    temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
+    next_B = jnp.where(done_B, pad_id, next_B)
+    tokens_BN = tokens_BN.at[rows_B, step].set(next_B)
+    lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | (next_B == eos_id)
+    return step + 1, cache, next_B, tokens_BN, done_B, lengths_B
+
+  carry = (jnp.int32(1), cache, first_B, tokens_BN, done_B, lengths_B)
+  _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
+  return GenerateOutput(tokens_BN, lengths_B)
