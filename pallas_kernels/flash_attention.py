@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import flash_attention_common as common
 from pallas_kernels import flash_attention_gpu
@@ -28,6 +29,8 @@ from pallas_kernels import flash_attention_tpu
 
 AttentionConfig = common.AttentionConfig
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_INTS = (int, np.integer)
+_REALS = (int, float, np.integer, np.floating)
 _BACKENDS = {'gpu': flash_attention_gpu, 'tpu': flash_attention_tpu}
 
 
@@ -100,17 +103,19 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
         raise ValueError(f'{name} must be an integer array (int32), got {ids.dtype}.')
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
-  if sliding_window is not None and (isinstance(sliding_window, bool) or
-                                     not isinstance(sliding_window, int) or sliding_window < 1):
-    raise ValueError(f'sliding_window must be a positive int, got {sliding_window!r}.')
+  if sliding_window is not None:
+    if (isinstance(sliding_window, bool) or not isinstance(sliding_window, _INTS) or
+        sliding_window < 1):
+      raise ValueError(f'sliding_window must be a positive int, got {sliding_window!r}.')
+    sliding_window = int(sliding_window)
   if logit_soft_cap is not None:
-    if not isinstance(logit_soft_cap, (int, float)) or not logit_soft_cap > 0:
+    if not isinstance(logit_soft_cap, _REALS) or not logit_soft_cap > 0:
       raise ValueError(f'logit_soft_cap must be a positive float, got {logit_soft_cap!r}.')
     logit_soft_cap = float(logit_soft_cap)
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
-  elif not isinstance(sm_scale, (int, float)):
-    raise ValueError(f'sm_scale must be a Python float, got {sm_scale!r}.')
+  elif not isinstance(sm_scale, _REALS):
+    raise ValueError(f'sm_scale must be a static Python/NumPy float, got {sm_scale!r}.')
   if backend is None:
     backend = 'tpu' if _platform() == 'tpu' else 'gpu'
   if backend not in _BACKENDS:

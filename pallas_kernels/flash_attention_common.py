@@ -57,16 +57,24 @@ class AttentionConfig:
 
 def _cdiv(a, b: int):
   """Ceil division for non-negative `a` (int or int32 scalar)."""
-  return lax.div(a + (b - 1), b) if not isinstance(a, int) else -(-a // b)
+  return -(-a // b) if isinstance(a, int) else lax.div(a + (b - 1), b)
 
 
 def _div(a, b: int):
   """Floor division for non-negative `a`."""
-  return lax.div(a, b) if not isinstance(a, int) else a // b
+  return a // b if isinstance(a, int) else lax.div(a, b)
+
+
+def _max(a, b):
+  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
+
+
+def _min(a, b):
+  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
 
 
 def _clamp(x, lo, hi):
-  return jnp.minimum(jnp.maximum(x, lo), hi)
+  return _min(_max(x, lo), hi)
 
 
 def kv_block_range(cfg: AttentionConfig, q_start, block_q: int, block_k: int):
@@ -74,31 +82,29 @@ def kv_block_range(cfg: AttentionConfig, q_start, block_q: int, block_k: int):
 
   Returns `(lo, full_lo, full_hi, hi)`: blocks in `[lo, hi)` may hold visible keys (all others
   are skipped), and blocks in `[full_lo, full_hi)` are visible to every row of the query block,
-  so they need no mask. `lo <= full_lo <= full_hi <= hi`.
+  so they need no mask. `lo <= full_lo <= full_hi <= hi`. Python ints in, Python ints out.
   """
-  n_kv = cfg.kv_len_padded // block_k
   off = cfg.offset
   w = cfg.sliding_window
   if cfg.banded:
     # The last row sees keys up to its own position.
-    hi = _cdiv(jnp.maximum(jnp.minimum(q_start + block_q + off, cfg.kv_len), 0), block_k)
+    hi = _cdiv(_max(_min(q_start + block_q + off, cfg.kv_len), 0), block_k)
   else:
-    hi = jnp.asarray(_cdiv(cfg.kv_len, block_k), jnp.int32)
-  lo = jnp.zeros_like(hi)
+    hi = _cdiv(cfg.kv_len, block_k)
+  lo = 0
   if w is not None:
     # The first row sees keys from position (pos - w + 1) on.
-    lo = jnp.minimum(_div(jnp.maximum(q_start + off - w + 1, 0), block_k), hi)
+    lo = _min(_div(_max(q_start + off - w + 1, 0), block_k), hi)
   if cfg.has_segments:
     return lo, hi, hi, hi
-  full_hi = jnp.asarray(cfg.kv_len // block_k, jnp.int32)
+  full_hi = cfg.kv_len // block_k   # a partially padded last block always needs the mask
   if cfg.banded:
-    full_hi = jnp.minimum(full_hi, _div(jnp.maximum(q_start + off + 1, 0), block_k))
+    full_hi = _min(full_hi, _div(_max(q_start + off + 1, 0), block_k))
   full_lo = lo
   if w is not None:
-    full_lo = _cdiv(jnp.maximum(q_start + block_q + off - w, 0), block_k)
+    full_lo = _cdiv(_max(q_start + block_q + off - w, 0), block_k)
   full_lo = _clamp(full_lo, lo, hi)
   full_hi = _clamp(full_hi, full_lo, hi)
-  del n_kv
   return lo, full_lo, full_hi, hi
 
 
@@ -107,28 +113,28 @@ def q_block_range(cfg: AttentionConfig, k_start, block_k: int, block_q: int):
   n_q = cfg.q_len_padded // block_q
   off = cfg.offset
   w = cfg.sliding_window
-  lo = jnp.asarray(0, jnp.int32)
-  hi = jnp.asarray(n_q, jnp.int32)
+  lo, hi = 0, n_q
   if cfg.banded:
     # Row r sees key k_start only if r + off >= k_start.
-    lo = jnp.minimum(_div(jnp.maximum(k_start - off, 0), block_q), n_q)
+    lo = _min(_div(_max(k_start - off, 0), block_q), n_q)
   if w is not None:
     # Row r sees some key of the block only if r + off - w < k_start + block_k - 1.
-    hi = jnp.minimum(_cdiv(jnp.maximum(k_start + block_k - 1 - off + w, 0), block_q), n_q)
-  hi = jnp.maximum(hi, lo)
+    hi = _min(_cdiv(_max(k_start + block_k - 1 - off + w, 0), block_q), n_q)
+  hi = _max(hi, lo)
   if cfg.has_segments:
     return lo, hi, hi, hi
-  full_lo = lo
-  full_hi = hi
+  full_lo, full_hi = lo, hi
   if cfg.banded:
-    full_lo = _cdiv(jnp.maximum(k_start + block_k - 1 - off, 0), block_q)
+    full_lo = _cdiv(_max(k_start + block_k - 1 - off, 0), block_q)
   if w is not None:
-    full_hi = _div(jnp.maximum(k_start + w - off, 0), block_q)
+    full_hi = _div(_max(k_start + w - off, 0), block_q)
   full_lo = _clamp(full_lo, lo, hi)
   full_hi = _clamp(full_hi, full_lo, hi)
   if cfg.kv_len_padded != cfg.kv_len:
     # The last key block holds padding: it must always be masked.
-    full_hi = jnp.where(k_start + block_k > cfg.kv_len, full_lo, full_hi)
+    # (Integer arithmetic, not jnp.where: a traced bool here trips the Triton lowering.)
+    fully_valid = _clamp(cfg.kv_len - k_start - block_k + 1, 0, 1)   # 1 iff no padded key
+    full_hi = full_lo + (full_hi - full_lo) * fully_valid
   return lo, full_lo, full_hi, hi
 
 
