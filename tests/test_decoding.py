@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from jax_spec import models
-from jax_spec.decoding import generate as generate_lib
+from jax_spec.decoding import autoregressive as generate_lib
 from jax_spec.decoding import sampling
 
 

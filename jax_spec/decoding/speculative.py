@@ -41,7 +41,7 @@ from flax import nnx
 from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
-from jax_spec.decoding.generate import (TRACE_COUNTS, check_cache_len, emit_first_token, eos_array,
+from jax_spec.decoding.autoregressive import (TRACE_COUNTS, check_cache_len, emit_first_token, eos_array,
                                         validate_prompts)
 from jax_spec.decoding.trees import Tree, get_tree
 

@@ -1,4 +1,4 @@
-"""Autoregressive baseline: prefill, then one token per step inside one jitted `lax.while_loop`.
+"""Autoregressive baseline `generate`: prefill, then one token per step inside one jitted `lax.while_loop`.
 
 This is what the speculative sampler is measured against and must match (greedy: token for token).
 The model is split outside (`nnx.split`) and merged inside the jitted function, so the weights are
