@@ -7,7 +7,7 @@ from flax import nnx
 from flax import struct
 
 from jax_spec.models.config import TransformerConfig
-from jax_spec.models.layers import Block, Dense, RMSNorm, positions_from_segments
+from jax_spec.models.layers import Block, Dense, RMSNorm, normal_init, positions_from_segments
 from jax_spec.precision import Policy, get_policy
 
 
@@ -28,7 +28,7 @@ class MTPModule(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.hidden_norm = RMSNorm(d, eps=config.norm_eps, **kw)
     self.embed_norm = RMSNorm(d, eps=config.norm_eps, **kw)
-    self.proj = Dense((2 * d, d), 'btc,cd->btd', init=nnx.initializers.normal(config.init_std),
+    self.proj = Dense((2 * d, d), 'btc,cd->btd', init=normal_init(config.init_std),
                       rngs=rngs, **kw)
     self.block = Block(config, rngs=rngs, **kw)
 
@@ -63,10 +63,9 @@ class MedusaHead(nnx.Module):
     d = config.d_model
     self.res = nnx.List([ResBlock(d, dtype=dtype, param_dtype=param_dtype)
                          for _ in range(config.medusa_num_layers)])
-    self.lm_head = None
-    if not config.medusa_shared_head:
-      # Own output projection, initialised as a copy of the trunk's (the Medusa recipe).
-      self.lm_head = nnx.Param(jnp.asarray(head_init_VD.T, param_dtype))
+    # Own output projection, initialised as a copy of the trunk's (the Medusa recipe).
+    self.lm_head = None if config.medusa_shared_head else nnx.Param(
+        jnp.asarray(head_init_VD.T, param_dtype))
 
   def __call__(self, x_BTD):
     for res in self.res:
@@ -85,13 +84,12 @@ class Transformer(nnx.Module):
     c, p = config, self.policy
     kw = dict(dtype=p.compute_dtype, param_dtype=p.param_dtype)
     self.embed = nnx.Embed(c.vocab_size, c.d_model,
-                           embedding_init=nnx.initializers.normal(c.init_std), rngs=rngs, **kw)
+                           embedding_init=normal_init(c.init_std), rngs=rngs, **kw)
     self.layers = nnx.List([Block(c, rngs=rngs, **kw) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, **kw)
-    self.lm_head = None
-    if not c.tie_embeddings:
-      self.lm_head = Dense((c.d_model, c.vocab_size), 'btd,dv->btv',
-                           init=nnx.initializers.normal(c.init_std), rngs=rngs, **kw)
+    self.lm_head = None if c.tie_embeddings else Dense(
+        (c.d_model, c.vocab_size), 'btd,dv->btv', init=normal_init(c.init_std),
+        rngs=rngs, **kw)
     self.mtp = nnx.List([MTPModule(c, rngs=rngs, **kw) for _ in range(c.mtp_depth)])
     head_VD = self.embed.embedding[...] if c.tie_embeddings else self.lm_head.kernel[...].T
     self.medusa = nnx.List([MedusaHead(c, rngs=rngs, head_init_VD=head_VD, **kw)
