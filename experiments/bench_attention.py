@@ -119,10 +119,12 @@ def attention_fn(name: str, causal: bool, num_heads: int, head_dim: int):
   raise ValueError(f'unknown implementation {name!r}')
 
 
-def benchmark_fn(attn, mode: str, do):
+def benchmark_fn(attn, mode: str):
+  """`f(q, k, v, do)`: the output (fwd), or the gradients of `sum(o * do)` w.r.t. q, k, v."""
   if mode == 'fwd':
-    return jax.jit(attn)
-  loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * do)
+    return jax.jit(lambda q, k, v, do: attn(q, k, v))
+  # do is an argument, not a closed-over constant (XLA would constant-fold it at compile time).
+  loss = lambda q, k, v, do: jnp.sum(attn(q, k, v).astype(jnp.float32) * do)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -177,9 +179,9 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
       results.append(row)
       progress.set_postfix_str(f'S={seq_len} {name}: compile')
       try:
-        fn = benchmark_fn(attention_fn(name, causal, num_heads, head_dim), mode, do)
+        fn = benchmark_fn(attention_fn(name, causal, num_heads, head_dim), mode)
         t0 = time.perf_counter()
-        compiled = fn.lower(q, k, v).compile()
+        compiled = fn.lower(q, k, v, do).compile()
         row['compile_s'] = time.perf_counter() - t0
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('S=%d %s: compile failed: %s', seq_len, name, e)
@@ -194,14 +196,14 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
                      seq_len, name, peak / 2**30)
         progress.update(repeats + 1)
         continue
-      jax.block_until_ready(compiled(q, k, v))  # warm-up
+      jax.block_until_ready(compiled(q, k, v, do))  # warm-up
       progress.update(1)
       runnable[name] = (compiled, row, [])
     for _ in range(repeats):  # Interleaved, so background load hits every implementation alike.
       for name, (compiled, row, times) in runnable.items():
         progress.set_postfix_str(f'S={seq_len} {name}: run')
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
+        jax.block_until_ready(compiled(q, k, v, do))
         times.append(time.perf_counter() - t0)
         progress.update(1)
     for name, (compiled, row, times) in runnable.items():

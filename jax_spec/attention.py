@@ -98,7 +98,8 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
   j is in the sliding window of query i iff `0 <= pos_i - pos_j < sliding_window`, segments attend
   within equal ids, rows with no visible key give zeros (and zero gradients). `kernel_kwargs`:
   `block_q`, `block_k` for 'pallas' and 'xla'; `interpret` (and whatever else the kernel takes)
-  for 'pallas' only.
+  for 'pallas' only. 'pallas' and 'xla' are differentiable once (custom_vjp; grad-of-grad
+  raises), 'reference' any number of times.
   """
   if implementation is None:
     implementation = default_implementation()
@@ -141,7 +142,7 @@ def _block_size(requested, length: int, name: str) -> int:
     return min(_DEFAULT_BLOCK, _round_up(length, 8))
   if not _is_positive_int(requested):
     raise ValueError(f'{name} must be a positive int, got {requested!r}')
-  return int(requested)
+  return min(int(requested), _round_up(length, 8))  # No block larger than the padded length.
 
 
 def xla_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,

@@ -218,3 +218,17 @@ def test_pallas_route_matches_xla():
   pallas = _vjp('pallas', q, k, v, do, dlse, ids, dict(opts, block_q=16, block_k=16))
   xla = _vjp('xla', q, k, v, do, dlse, ids, dict(opts, block_q=16, block_k=16))
   _check(pallas, xla, TOL[jnp.float32])
+
+
+def test_benchmark_smoke(tmp_path):
+  from experiments import bench_attention  # pylint: disable=g-import-not-at-top
+  results = bench_attention.run_benchmark(
+      [48], ['xla', 'reference', 'cudnn'], batch=1, num_heads=2, num_kv_heads=1, head_dim=16,
+      dtype=jnp.float32, causal=True, mode='fwd_bwd', repeats=2, max_memory_bytes=2**30)
+  assert [r['implementation'] for r in results] == ['xla', 'reference']  # cudnn: no GPU here
+  for r in results:
+    assert r['executed'] and len(r['times_s']) == 2 and r['tflops'] > 0
+    assert r['memory']['peak_estimate'] >= r['memory']['arguments'] > 0
+  assert bench_attention.attention_flops(1, 2, 48, 48, 16, True, 'fwd_bwd') == 3.5 * 2 * 48 * 48 * 16
+  bench_attention.plot_results(results, tmp_path / 'plot.png', 'smoke')
+  assert (tmp_path / 'plot.png').stat().st_size > 0
