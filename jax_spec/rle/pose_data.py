@@ -165,7 +165,9 @@ def render_stick_figures(num: int, seed: int, config: StickFigureConfig = StickF
     img = _paint(img, f32(inside & occluded[sl, None]), f32(np.repeat(occ_gray[sl, None], 3, -1)))
     img = np.clip(img.reshape(m, 3, s, s).transpose(0, 2, 3, 1) + noise[sl], 0.0, 1.0)
     images[sl] = np.round(img * 255).astype(np.uint8)
-  hidden = np.all((kp >= occ_lo[:, None]) & (kp < occ_hi[:, None]), -1) & occluded[:, None]
+  # occluded iff the pixel containing the keypoint is painted by the occluder
+  centre = np.floor(kp) + 0.5
+  hidden = np.all((centre >= occ_lo[:, None]) & (centre < occ_hi[:, None]), -1) & occluded[:, None]
   lo_px = kp.min(1) - half_w[:, None]
   hi_px = kp.max(1) + half_w[:, None]
   return {
