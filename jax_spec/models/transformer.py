@@ -102,13 +102,13 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens_BT):
     return self.embed(tokens_BT).astype(self.dtype)
 
+  def shared_head_DV(self):
+    return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
   def project(self, x_BTD, head_DV=None):
     """Output projection (shared LM head unless `head_DV` is given), fp32 logits."""
     if head_DV is None:
-      if self.lm_head is None:
-        head_DV = self.embed.embedding[...].T
-      else:
-        head_DV = self.lm_head.kernel[...]
+      head_DV = self.shared_head_DV()
     return jnp.einsum('...d,dv->...v', x_BTD.astype(self.dtype), head_DV.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -120,12 +120,13 @@ class Transformer(nnx.Module):
     """[K, B, T, V] fp32; head k (from 1) at position i predicts t_{i+k+1}."""
     if not self.config.medusa_heads:
       raise ValueError('medusa_logits: the model has no Medusa heads (config.medusa_heads == 0)')
-    x_BTD = hidden_BTD
+    x_BTD, shared_DV = hidden_BTD, self.shared_head_DV()
     if self.config.medusa_frozen_trunk:
-      x_BTD = jax.lax.stop_gradient(x_BTD)
+      # Medusa-1: neither the trunk's hidden state nor a shared LM head learn from the heads.
+      x_BTD, shared_DV = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(shared_DV)
     out = []
     for head in self.medusa:
-      own = None if head.lm_head is None else head.lm_head[...]
+      own = shared_DV if head.lm_head is None else head.lm_head[...]
       out.append(self.project(head(x_BTD), own))
     return jnp.stack(out)
 
