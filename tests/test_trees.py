@@ -127,3 +127,12 @@ def test_measure_topk_accuracies():
   np.testing.assert_allclose(acc, [[1 / 3, 1 / 3]])
   acc = trees.measure_topk_accuracies(logits_KNV, targets_KN, np.array([[True, True, False]]), 3)
   np.testing.assert_allclose(acc, [[0.5, 0.5, 0.0]])
+
+
+def test_tree_from_accuracies_branching_off_the_chain_only():
+  acc = np.array([[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.3, 0.1]])
+  tree = trees.tree_from_accuracies(acc, 7, branch_from_chain_only=True)
+  assert all(not any(p[:-1]) for p in tree.choices)           # MTP-drawable
+  assert set(tree.choices) == {(0,), (1,), (2,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 1)}
+  with pytest.raises(ValueError, match='num_nodes'):
+    trees.tree_from_accuracies(acc, 10, branch_from_chain_only=True)

@@ -199,7 +199,8 @@ def get_tree(spec, num_heads: int) -> Tree:
   return tree
 
 
-def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = False) -> Tree:
+def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = False,
+                         branch_from_chain_only: bool = False) -> Tree:
   """Medusa's greedy tree construction from per-head top-k accuracies.
 
   topk_acc_Kk[j, r]: probability that head j's rank-r token is the correct one (or, with
@@ -208,6 +209,8 @@ def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = Fals
   independent, as in Medusa). Starting from the root, repeatedly add the node with the largest path
   probability among the children of the current tree (ties: shallower, then smaller ranks first),
   until the tree has `num_nodes` non-root nodes. The result is prefix closed by construction.
+  `branch_from_chain_only=True` only grows children under all-rank-0 paths (what the MTP drafter
+  can produce: one chained draft, with top-k alternatives at each depth).
   """
   acc = np.asarray(topk_acc_Kk, np.float64)
   if acc.ndim != 2 or acc.shape[0] < 1 or acc.shape[1] < 1:
@@ -220,7 +223,10 @@ def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = Fals
       raise ValueError('topk_acc_Kk with cumulative=True must be non-decreasing along k')
     acc = np.maximum(acc, 0)
   num_heads, k = acc.shape
-  max_nodes = sum(k ** d for d in range(1, num_heads + 1))
+  if branch_from_chain_only:
+    max_nodes = num_heads * k
+  else:
+    max_nodes = sum(k ** d for d in range(1, num_heads + 1))
   if not isinstance(num_nodes, int) or not 1 <= num_nodes <= max_nodes:
     raise ValueError(f'num_nodes must be an int in [1, {max_nodes}], got {num_nodes!r}')
   heap = [(-acc[0, r], 1, (r,)) for r in range(k)]
@@ -229,7 +235,7 @@ def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = Fals
   while len(chosen) < num_nodes:
     neg_prob, _, path = heapq.heappop(heap)
     chosen.append(path)
-    if len(path) < num_heads:
+    if len(path) < num_heads and not (branch_from_chain_only and any(path)):
       for r in range(k):
         heapq.heappush(heap, (neg_prob * acc[len(path), r], len(path) + 1, path + (r,)))
   return Tree.from_choices(chosen, num_heads=num_heads)
