@@ -183,6 +183,10 @@ def test_tree_extend_commit_equals_direct_path(setup):
   np.testing.assert_allclose(np.asarray(cache_other.k)[:, 0, :7], ct.k[:, 0, :7], atol=1e-6)
 
 
+def _fake_next(tok):
+  return (tok + 3) % 31
+
+
 def test_decode_step_compiles_once(setup):
   cfg = setup[0].replace(num_layers=1, mtp_depth=1, medusa_heads=0)
   graphdef, state = nnx.split(M.Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -206,14 +210,10 @@ def test_decode_step_compiles_once(setup):
   tok = jnp.array([1, 2], jnp.int32)
   for _ in range(4):
     cand = jnp.stack([tok, (tok + 1) % cfg.vocab_size], axis=1)
-    cache, mcache, drafts = step(state, cache, mcache, cand, drafts_or(tok))
+    cache, mcache, drafts = step(state, cache, mcache, cand, _fake_next(tok))
     tok = drafts[:, 0]
   assert len(traces) == 1
   np.testing.assert_array_equal(cache.lengths, [8, 4])
-
-
-def drafts_or(tok):
-  return (tok + 3) % 31
 
 
 @pytest.mark.parametrize('policy', ['bf16', 'fp16'])
