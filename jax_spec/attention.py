@@ -249,11 +249,13 @@ def _q_range(cfg: _Config, kj):
 
 
 def _three_loops(ranges, body, carry):
-  """Runs `body(i, carry, masked)` over `[lo, full_lo)`, `[full_lo, full_hi)`, `[full_hi, hi)`."""
+  """Runs `body(i, carry, masked)` over `[lo, full_lo)` and `[full_hi, hi)` masked (one loop,
+  so the masked body is compiled once) and `[full_lo, full_hi)` unmasked."""
   lo, full_lo, full_hi, hi = ranges
-  carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+  num_left = full_lo - lo
+  edge = lambda i, c: body(jnp.where(i < num_left, lo + i, full_hi + i - num_left), c, masked=True)
+  return lax.fori_loop(0, num_left + hi - full_hi, edge, carry)
 
 
 def _block_mask(cfg: _Config, qi, kj, qseg_Bq, kseg_Bk):

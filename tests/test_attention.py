@@ -81,7 +81,7 @@ def test_xla_matches_reference_float64(case):
   _check(out, ref, TOL[jnp.float64])
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])  # fp32: the other tests
 def test_xla_low_precision(dtype):
   """fp32 statistics with bf16/fp16 matmuls stay within the dtype's tolerance of float64."""
   opts = dict(causal=True, sliding_window=50)
@@ -229,6 +229,7 @@ def test_benchmark_smoke(tmp_path):
   for r in results:
     assert r['executed'] and len(r['times_s']) == 2 and r['tflops'] > 0
     assert r['memory']['peak_estimate'] >= r['memory']['arguments'] > 0
-  assert bench_attention.attention_flops(1, 2, 48, 48, 16, True, 'fwd_bwd') == 3.5 * 2 * 48 * 48 * 16
+  assert bench_attention.attention_flops(1, 2, 48, 48, 16, True, 'fwd_bwd') == (
+      3.5 * 0.5 * 4 * 2 * 48 * 48 * 16)
   bench_attention.plot_results(results, tmp_path / 'plot.png', 'smoke')
   assert (tmp_path / 'plot.png').stat().st_size > 0
