@@ -16,6 +16,7 @@ import os
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from jax_spec.training import loop
 
@@ -97,7 +98,9 @@ def main(argv):
     cfg = config_from_flags()
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  logging.getLogger().setLevel(logging.INFO)
+  # Our progress messages at INFO; library chatter (orbax logs every save at INFO) at WARNING.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('jax_spec').setLevel(logging.INFO)
   summary = run(cfg)
   print(json.dumps(summary, sort_keys=True))
 

@@ -423,7 +423,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=cfg.steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
   t_start = time.perf_counter()
-  t_window, window_steps = time.perf_counter(), 0
+  # tokens/s covers the train steps only: evaluation and checkpoint time is subtracted.
+  t_window, window_steps, paused = time.perf_counter(), 0, 0.0
   step = start_step
   try:
     with checkpointing.PreemptionHandler() as preempt:
@@ -436,19 +437,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
           m = jax.device_get(step_metrics)
-          dt = time.perf_counter() - t_window
+          dt = time.perf_counter() - t_window - paused
           record.update({k: m[k] for k in sorted(m) if k != 'grads_finite'})
           record['tokens_per_sec'] = window_steps * tokens_per_step / max(dt, 1e-9)
           record['step_time_ms'] = 1000 * dt / window_steps
-          t_window, window_steps = time.perf_counter(), 0
+          t_window, window_steps, paused = time.perf_counter(), 0, 0.0
           if bar is not None:
             bar.set_postfix(loss=f'{float(m["loss"]):.4f}', refresh=False)
         if step % cfg.eval_every == 0 or last:
+          jax.block_until_ready(state)
+          t_eval = time.perf_counter()
           record.update(evaluate(state['params']))
-          t_window = time.perf_counter()  # keep eval time out of tokens/s
+          paused += time.perf_counter() - t_eval
         if record:
           last_record = writer.write(step, record)
-        save(step, force=last)
+        if last or step % cfg.checkpoint_every == 0:
+          jax.block_until_ready(state)  # the step's own compute stays in the window
+          t_save = time.perf_counter()
+          save(step, force=last)
+          paused += time.perf_counter() - t_save
         if bar is not None:
           bar.update(1)
         stop = None
