@@ -63,7 +63,7 @@ def _numpy_reference(q, k, v, lengths, mask, sm_scale=None):
 CASES = [
     (2, 5, 64, 4, 2, 32, [10, 40], 'chain', dict(block_k=16, num_splits=2)),       # GQA
     (3, 7, 48, 3, 1, 16, [17, 0, 41], 'tree', dict(block_k=16, num_splits=3)),     # MQA, len 0
-    (2, 9, 80, 2, 2, 64, [71, 33], 'tree', dict(block_k=16, block_m=16)),          # MHA, cache full
+    (2, 9, 80, 2, 2, 64, [74, 33], 'tree', dict(block_k=16, block_m=16)),  # MHA, past the end
     (1, 1, 40, 8, 2, 24, [39], 'chain', dict()),                                   # decode, S%16, D
 ]
 
