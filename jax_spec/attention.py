@@ -521,7 +521,8 @@ def cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree
   Query t of row b sees cache slots `j < len_b` and slot `len_b + t'` iff `tree_mask_BTT[b, t, t']`
   (slots past the end of the cache do not exist). Returns `[B, T, H, D]` in q's dtype; a query
   that sees nothing gets zeros. 'xla' and 'pallas' are forward-only (decoding); 'reference' is
-  differentiable. `kernel_kwargs` go to `pallas_kernels.decode_attention.decode_attention`
+  differentiable. 'pallas' (Triton) falls back to 'xla' on TPU unless kernel arguments are
+  given. `kernel_kwargs` go to `pallas_kernels.decode_attention.decode_attention`
   (`block_k`, `num_splits`, `block_m`, `interpret`, ...) or, for 'xla', `chunk`.
   """
   if implementation is None:
@@ -533,6 +534,10 @@ def cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree
                        sm_scale)
   cache_lengths_B = cache_lengths_B.astype(jnp.int32)
   tree_mask_BTT = tree_mask_BTT.astype(bool)
+  if implementation == 'pallas' and jax.default_backend() == 'tpu' and not kernel_kwargs:
+    # The decode kernel is Triton-only; on TPU it would run in interpret mode. 'xla' is the
+    # fast path there (a model configured with attention_impl='pallas' lands here).
+    implementation = 'xla'
   if implementation == 'pallas':
     from pallas_kernels.decode_attention import decode_attention  # pylint: disable=g-import-not-at-top
     return decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, cache_lengths_B=cache_lengths_B,
