@@ -31,26 +31,6 @@ from jax_spec.rle.models import Regressor
 
 GAZE_LOSSES = ('l1', 'l2', 'nll', 'rle')
 
-flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
-flags.DEFINE_enum('loss', 'rle', GAZE_LOSSES, 'Loss.')
-flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
-flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
-flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
-flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
-flags.DEFINE_float('label_noise', 0.0, 'Fraction of training labels given Cauchy noise.')
-flags.DEFINE_float('label_noise_scale', 0.1, 'Scale (radians) of the Cauchy label noise.')
-flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
-flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
-flags.DEFINE_list('compare_losses', ['l1', 'l2', 'rle'], 'Losses for --compare.')
-flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
-flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
-flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
-flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
-flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
-flags.DEFINE_string('data_dir', None, 'Training directory (images + labels.csv).')
-flags.DEFINE_string('test_dir', None, 'Held-out directory (images + labels.csv).')
-
 FLAGS = flags.FLAGS
 
 GAZE_METRICS = [('angular_error_deg', 'mean angular error (deg)', False)]
@@ -169,6 +149,30 @@ def options_from_flags() -> GazeOptions:
       checkpoint_every=FLAGS.checkpoint_every, data_dir=FLAGS.data_dir, test_dir=FLAGS.test_dir)
 
 
+def define_flags():
+  """Defines the CLI flags (only when run as a script, so tests can import this module next to
+  other experiments that define flags of the same names)."""
+  flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
+  flags.DEFINE_enum('loss', 'rle', GAZE_LOSSES, 'Loss.')
+  flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
+  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+  flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
+  flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
+  flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
+  flags.DEFINE_float('label_noise', 0.0, 'Fraction of training labels given Cauchy noise.')
+  flags.DEFINE_float('label_noise_scale', 0.1, 'Scale (radians) of the Cauchy label noise.')
+  flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
+  flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
+  flags.DEFINE_list('compare_losses', ['l1', 'l2', 'rle'], 'Losses for --compare.')
+  flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
+  flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
+  flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
+  flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
+  flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
+  flags.DEFINE_string('data_dir', None, 'Training directory (images + labels.csv).')
+  flags.DEFINE_string('test_dir', None, 'Held-out directory (images + labels.csv).')
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -180,4 +184,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

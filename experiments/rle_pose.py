@@ -31,29 +31,6 @@ from flax import nnx
 from jax_spec.rle import coco, metrics, plots, pose_data, trainer
 from jax_spec.rle.models import LOSSES, Regressor
 
-flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
-flags.DEFINE_enum('loss', 'rle', LOSSES, 'Loss / head.')
-flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
-flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
-flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
-flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
-flags.DEFINE_float('label_noise', 0.0, 'Fraction of training keypoints given Cauchy noise.')
-flags.DEFINE_float('label_noise_scale', 4.0, 'Scale (pixels) of the Cauchy label noise.')
-flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
-flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
-flags.DEFINE_list('compare_losses', list(LOSSES), 'Losses for --compare.')
-flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
-flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
-flags.DEFINE_integer('image_size', 64, 'Input side in pixels (multiple of 8).')
-flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
-flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
-flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
-flags.DEFINE_string('coco_train_json', None, 'COCO person_keypoints json (train).')
-flags.DEFINE_string('coco_train_images', None, 'Directory of the train images.')
-flags.DEFINE_string('coco_val_json', None, 'COCO person_keypoints json (held-out).')
-flags.DEFINE_string('coco_val_images', None, 'Directory of the held-out images.')
-
 FLAGS = flags.FLAGS
 
 POSE_METRICS = [('pck', 'PCK@0.05', True), ('ap', 'AP (OKS .50:.95)', True),
@@ -197,6 +174,33 @@ def options_from_flags() -> PoseOptions:
       coco_val_images=FLAGS.coco_val_images)
 
 
+def define_flags():
+  """Defines the CLI flags (only when run as a script, so tests can import this module next to
+  other experiments that define flags of the same names)."""
+  flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
+  flags.DEFINE_enum('loss', 'rle', LOSSES, 'Loss / head.')
+  flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
+  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+  flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
+  flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
+  flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
+  flags.DEFINE_float('label_noise', 0.0, 'Fraction of training keypoints given Cauchy noise.')
+  flags.DEFINE_float('label_noise_scale', 4.0, 'Scale (pixels) of the Cauchy label noise.')
+  flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
+  flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
+  flags.DEFINE_list('compare_losses', list(LOSSES), 'Losses for --compare.')
+  flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
+  flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
+  flags.DEFINE_integer('image_size', 64, 'Input side in pixels (multiple of 8).')
+  flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
+  flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
+  flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
+  flags.DEFINE_string('coco_train_json', None, 'COCO person_keypoints json (train).')
+  flags.DEFINE_string('coco_train_images', None, 'Directory of the train images.')
+  flags.DEFINE_string('coco_val_json', None, 'COCO person_keypoints json (held-out).')
+  flags.DEFINE_string('coco_val_images', None, 'Directory of the held-out images.')
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -208,4 +212,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
