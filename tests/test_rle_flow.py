@@ -28,8 +28,7 @@ def test_default_flow_is_identity_and_paper_sized():
   np.testing.assert_allclose(log_det, 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize('dim', [2, 3])
-def test_inverse_of_forward_is_identity(dim):
+def test_inverse_of_forward_is_identity(dim=3):  # odd dim: masks [1,0,1] / [0,1,0]
   flow = _random_flow(dim=dim)
   x = 2.0 * jax.random.normal(jax.random.key(1), (4, 5, dim))
   z, ld_inv = flow.inverse(x)
@@ -93,14 +92,15 @@ def test_flow_fits_known_distribution():
     return -jnp.mean(nnx.merge(graphdef, p).log_prob(data))
 
   @jax.jit
-  def step(p, o):
-    loss, g = jax.value_and_grad(nll)(p)
-    u, o = tx.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
+  def fit(p, o):
+    def body(carry, _):
+      p, o = carry
+      u, o = tx.update(jax.grad(nll)(p), o, p)
+      return (optax.apply_updates(p, u), o), None
+    return jax.lax.scan(body, (p, o), None, length=300)[0][0]
 
   start = float(nll(params))
-  for _ in range(300):
-    params, opt, loss = step(params, opt)
+  params = fit(params, opt)
   end = float(nll(params))
   # the best Gaussian fit: its NLL is the Gaussian entropy of the data covariance
   cov = np.cov(np.asarray(data).T)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jax_spec.rle import losses
 from jax_spec.rle.flow import RealNVP
-from jax_spec.rle.models import LOSSES, Regressor
+from jax_spec.rle.models import Regressor
 
 
 def _normal_logpdf(x):
@@ -95,20 +95,26 @@ def test_heatmap_targets_and_soft_argmax_decoding():
   assert float(losses.heatmap_mse_loss(hm, pts + 0.1)) > 0.1
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
-def test_every_head_runs_and_is_fp32(precision):
-  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
+def test_every_head_runs_and_is_fp32_under_bf16():
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)), jnp.float32)
   gt = jnp.zeros((2, 5, 2))
-  for loss in LOSSES:
-    model = Regressor(loss=loss, num_points=5, image_shape=(32, 32, 3), widths=(8, 16),
-                      policy=precision, rngs=nnx.Rngs(0))
-    pred = model(x)
+  for loss in ('l1', 'nll', 'rle', 'heatmap'):   # l2 shares l1's head
+    model = Regressor(loss=loss, num_points=5, image_shape=(16, 16, 3), widths=(8,),
+                      policy='bf16', rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state):
+      m = nnx.merge(graphdef, state)
+      p = m(x)
+      return p, m.loss(p, gt)
+
+    pred, value = run(state)
     assert pred.mu.shape == (2, 5, 2) and pred.mu.dtype == jnp.float32
     assert pred.score.shape == (2, 5)
     if loss in ('nll', 'rle'):
       assert pred.sigma.dtype == jnp.float32
       assert np.all((np.asarray(pred.sigma) > 0) & (np.asarray(pred.sigma) < 1))
-    value = model.loss(pred, gt)
     assert value.dtype == jnp.float32 and np.isfinite(float(value))
   with pytest.raises(ValueError, match='loss must be'):
     Regressor(loss='huber', num_points=5, rngs=nnx.Rngs(0))
