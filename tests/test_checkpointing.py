@@ -100,6 +100,17 @@ def test_leftover_without_complete_checkpoint_raises(tmp_path):
   ckpt.close()
 
 
+def test_interrupted_first_save_is_not_a_checkpoint(tmp_path):
+  d = tmp_path / 'c'
+  (d / '4.orbax-checkpoint-tmp-1700000000').mkdir(parents=True)  # killed during its first save
+  ckpt = Checkpointer(str(d))
+  assert ckpt.restore_latest(_state(0)) is None
+  assert ckpt.save(1, _state(1))
+  assert ckpt.all_steps() == [1]
+  assert not (d / '4.orbax-checkpoint-tmp-1700000000').exists()  # orbax cleaned it up
+  ckpt.close()
+
+
 def test_checkpointer_validates_arguments(tmp_path):
   with pytest.raises(ValueError, match='max_to_keep'):
     Checkpointer(str(tmp_path), max_to_keep=0)

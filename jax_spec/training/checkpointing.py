@@ -172,9 +172,13 @@ class Checkpointer:
 
 
 def _has_step_like_entries(directory: str) -> bool:
+  """A step directory orbax does not list (temporary directories of an interrupted save,
+  which orbax deletes on the next save, do not count)."""
   if not os.path.isdir(directory):
     return False
   for name in os.listdir(directory):
+    if '.orbax-checkpoint-tmp' in name:
+      continue
     if name.split('.')[0].isdigit():
       return True
   return False
