@@ -32,30 +32,34 @@ from jax_spec import decoding
 from jax_spec.decoding import trees as trees_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A trained run of experiments.train (the target model).')
-flags.DEFINE_enum('draft', 'mtp', ['mtp', 'medusa', 'model'], 'Drafter.')
-flags.DEFINE_string('draft_workdir', None, 'Trained run of the draft model (--draft=model).')
-flags.DEFINE_enum('acceptance', 'greedy', ['greedy', 'rejection', 'typical'], 'Acceptance rule.')
-flags.DEFINE_string('tree', None, "chain | chainN | default | default:N | derived | mc_sim_7b_63 | "
-                    "JSON rank paths | path to a .json file (default: 'default' for medusa, "
-                    "'chain' otherwise).")
-flags.DEFINE_integer('num_draft', None, 'Draft positions for named trees (default: the drafter\'s '
-                     'heads / MTP depth; 4 for a draft model).')
-flags.DEFINE_bool('derive_tree', False, 'Derive the tree from measured per-head accuracies.')
-flags.DEFINE_integer('tree_nodes', 10, 'Non-root nodes of a derived tree.')
-flags.DEFINE_integer('derive_topk', 8, 'Ranks measured per head when deriving a tree.')
-flags.DEFINE_integer('derive_batches', 4, 'Validation batches (8 x 256 tokens) for --derive_tree.')
-flags.DEFINE_integer('num_prompts', 8, 'Validation prompts.')
-flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens (bos + document start).')
-flags.DEFINE_integer('batch_size', 1, 'Prompts per sampler call.')
-flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
-flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0 = greedy).')
-flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
-flags.DEFINE_float('top_p', 1.0, 'Top-p filter (1 = off).')
-flags.DEFINE_bool('stop_at_eos', True, 'Rows stop at the tokenizer\'s EOS.')
-flags.DEFINE_integer('cache_len', None, 'KV cache slots (default: the model\'s max_seq_len).')
-flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-flags.DEFINE_string('output', None, 'Output directory.')
+
+
+def define_flags():
+  """Defines the CLI flags (only when run as a script, so the quickstart can import `run`)."""
+  flags.DEFINE_string('workdir', None, 'A trained run of experiments.train (the target model).')
+  flags.DEFINE_enum('draft', 'mtp', ['mtp', 'medusa', 'model'], 'Drafter.')
+  flags.DEFINE_string('draft_workdir', None, 'Trained run of the draft model (--draft=model).')
+  flags.DEFINE_enum('acceptance', 'greedy', ['greedy', 'rejection', 'typical'], 'Acceptance rule.')
+  flags.DEFINE_string('tree', None, "chain | chainN | default | default:N | derived | mc_sim_7b_63 | "
+                      "JSON rank paths | path to a .json file (default: 'default' for medusa, "
+                      "'chain' otherwise).")
+  flags.DEFINE_integer('num_draft', None, 'Draft positions for named trees (default: the drafter\'s '
+                       'heads / MTP depth; 4 for a draft model).')
+  flags.DEFINE_bool('derive_tree', False, 'Derive the tree from measured per-head accuracies.')
+  flags.DEFINE_integer('tree_nodes', 10, 'Non-root nodes of a derived tree.')
+  flags.DEFINE_integer('derive_topk', 8, 'Ranks measured per head when deriving a tree.')
+  flags.DEFINE_integer('derive_batches', 4, 'Validation batches (8 x 256 tokens) for --derive_tree.')
+  flags.DEFINE_integer('num_prompts', 8, 'Validation prompts.')
+  flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens (bos + document start).')
+  flags.DEFINE_integer('batch_size', 1, 'Prompts per sampler call.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
+  flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0 = greedy).')
+  flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
+  flags.DEFINE_float('top_p', 1.0, 'Top-p filter (1 = off).')
+  flags.DEFINE_bool('stop_at_eos', True, 'Rows stop at the tokenizer\'s EOS.')
+  flags.DEFINE_integer('cache_len', None, 'KV cache slots (default: the model\'s max_seq_len).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_string('output', None, 'Output directory.')
 
 
 def load_run(workdir: str, what: str):
@@ -281,4 +285,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -1,0 +1,180 @@
+"""The main job in one command: train an MTP/Medusa model, then measure its speculative speedup.
+
+  python -m experiments.quickstart                      # ~10 minutes on a 2-core CPU
+  python -m experiments.quickstart --minutes=30 --workdir=runs/longer
+
+1. Trains the `small` preset with DeepSeek-V3 MTP modules and Medusa heads on the default corpus
+   (the Python standard library's sources) in bf16 for a wall-clock budget (`--minutes`);
+   rerunning the same command resumes from the latest checkpoint.
+2. Evaluates validation bits per byte and each draft head's top-k accuracy (its chance to be
+   accepted), and derives a candidate tree per drafter from those accuracies.
+3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; chain
+   and tree), side by side on the same held-out prompts after warm-up.
+4. Prints one table and a few sampled completions; writes `results.json` and PNGs into --workdir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import plots
+from experiments import speculative as spec_exp
+from jax_spec import decoding
+from jax_spec.data import load_data
+from jax_spec.decoding import trees as trees_lib
+from jax_spec.training import loop
+
+flags.DEFINE_string('workdir', 'runs/quickstart', 'Output directory (resumed if it holds a run).')
+flags.DEFINE_float('minutes', 8.0, 'Training wall-clock budget in minutes.')
+flags.DEFINE_integer('steps', 300, 'Training steps (the schedule\'s length; the budget may stop '
+                     'earlier, and rerunning resumes towards it).')
+flags.DEFINE_string('config', 'small', 'Model preset.')
+flags.DEFINE_string('precision', 'bf16', 'fp32 | bf16 | fp16.')
+flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
+flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
+flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
+flags.DEFINE_integer('seq_len', 256, 'Training sequence length.')
+flags.DEFINE_float('learning_rate', 3e-3, 'Peak learning rate.')
+flags.DEFINE_integer('tree_nodes', 12, 'Non-root nodes of each derived candidate tree.')
+flags.DEFINE_integer('num_prompts', 8, 'Held-out prompts for the decoding benchmark.')
+flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens.')
+flags.DEFINE_integer('max_new_tokens', 160, 'Tokens generated per prompt.')
+flags.DEFINE_integer('num_completions', 3, 'Sampled completions to print.')
+flags.DEFINE_integer('seed', 0, 'Seed for training and sampling.')
+FLAGS = flags.FLAGS
+
+
+def measure_heads(model, data, drafter, num_nodes):
+  """(top-k accuracies [K, k] per draft head, tree choices derived from them)."""
+  tree, acc = spec_exp.derive_tree(model, data, drafter, num_nodes, topk=8, num_batches=4)
+  return acc, [list(c) for c in tree.choices]
+
+
+def benchmark(workdir, drafter, tree_name, tree_spec, out_root):
+  """One side-by-side run of experiments.speculative (baseline and speculative, greedy)."""
+  ns = types.SimpleNamespace(
+      workdir=workdir, draft=drafter, draft_workdir=None, acceptance='greedy', tree=tree_spec,
+      num_draft=None, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
+      num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
+      max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
+      stop_at_eos=False, cache_len=None, seed=FLAGS.seed,
+      output=os.path.join(out_root, f'{drafter}_{tree_name}'))
+  r = spec_exp.run(ns)
+  return {'drafter': f'{drafter} ({tree_name})', 'draft': drafter, 'tree': tree_name,
+          'tree_nodes': r['tree']['num_nodes'], 'tau': r['speculative']['mean_accepted_length'],
+          'tokens_per_s': r['speculative']['tokens_per_s'],
+          'baseline_tokens_per_s': r['baseline']['tokens_per_s'], 'speedup': r['speedup'],
+          'outputs_identical': r['outputs_identical'],
+          'acceptance_rate_per_depth': r['speculative']['acceptance_rate_per_depth'],
+          'plots': [os.path.join(ns.output, p) for p in ('accepted_length_hist.png',
+                                                          'acceptance_per_depth.png')]}
+
+
+def completions(model, tokenizer, data, num):
+  """A few sampled completions (T=0.8, top-p 0.95) from held-out prompts, decoded to text."""
+  prompts = jnp.asarray(data.validation_prompts(num, FLAGS.prompt_len))
+  out = decoding.generate(model, prompts, jnp.full((num,), FLAGS.prompt_len, jnp.int32),
+                          max_new_tokens=FLAGS.max_new_tokens, temperature=0.8, top_p=0.95,
+                          eos_id=tokenizer.eos_id, rng=jax.random.key(FLAGS.seed))
+  texts = []
+  for p, t, n in zip(np.asarray(prompts), np.asarray(out.tokens_BN), np.asarray(out.lengths_B)):
+    texts.append({'prompt': tokenizer.decode(p[1:].tolist()),
+                  'completion': tokenizer.decode(t[:n].tolist())})
+  return texts
+
+
+def plot_speedups(rows, out_png):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  names = [r['drafter'] for r in rows]
+  axes[0].bar(names, [r['speedup'] for r in rows], color='tab:blue')
+  axes[0].axhline(1.0, color='k', lw=0.8)
+  axes[0].set_ylabel('speedup over jitted greedy decoding')
+  axes[1].bar(names, [r['tau'] for r in rows], color='tab:orange')
+  axes[1].set_ylabel('tau (tokens per trunk forward)')
+  for ax in axes:
+    ax.tick_params(axis='x', labelrotation=20, labelsize=8)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)
+
+
+def run(f) -> dict:
+  workdir = os.path.abspath(f.workdir)
+  cfg = loop.TrainConfig(
+      workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
+      seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
+      precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads, seed=f.seed,
+      minutes=f.minutes, log_every=20, eval_every=max(f.steps // 4, 1),
+      checkpoint_every=max(f.steps // 6, 1))
+  logging.info('1/4 training %s (%s) for up to %.1f min in %s', f.config, f.precision, f.minutes,
+               workdir)
+  summary = loop.train(cfg)
+  plots.plot_training_curves(workdir, os.path.join(workdir, 'training_curves.png'))
+
+  logging.info('2/4 evaluating the draft heads')
+  model, tokenizer, model_config = loop.load_model_from_workdir(workdir)
+  data = load_data(tokenizer=tokenizer.kind, workdir=workdir)
+  heads, tree_specs = {}, []
+  for drafter, present in (('mtp', model_config.mtp_depth), ('medusa', model_config.medusa_heads)):
+    if not present:
+      continue
+    acc, choices = measure_heads(model, data, drafter, f.tree_nodes)
+    tree = trees_lib.Tree.from_choices(choices, num_heads=acc.shape[0])
+    heads[drafter] = {'top1_acc': acc[:, 0].tolist(), 'top8_acc': acc[:, -1].tolist(),
+                      'tree_choices': choices,
+                      'expected_tau_tree': trees_lib.expected_accepted_length(tree, acc)}
+    tree_specs += [(drafter, 'chain', 'chain'), (drafter, 'tree', json.dumps(choices))]
+
+  logging.info('3/4 benchmarking plain vs speculative decoding')
+  rows = [benchmark(workdir, d, name, spec, os.path.join(workdir, 'speculative'))
+          for d, name, spec in tree_specs]
+  texts = completions(model, tokenizer, data, f.num_completions) if f.num_completions else []
+
+  best = max(rows, key=lambda r: r['speedup']) if rows else None
+  results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
+             'heads': heads, 'drafters': rows, 'best': best, 'completions': texts,
+             'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
+                           'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
+                           'device': str(jax.devices()[0].device_kind)}}
+  with open(os.path.join(workdir, 'results.json'), 'w') as fh:
+    json.dump(results, fh, indent=2)
+  if rows:
+    plot_speedups(rows, os.path.join(workdir, 'speedups.png'))
+
+  print(f'\nvalidation bits/byte: {summary.get("val_bits_per_byte", float("nan")):.3f}  '
+        f'(step {summary.get("step")})')
+  for drafter, h in heads.items():
+    print(f'{drafter} heads top-1 accuracy: {np.round(h["top1_acc"], 3).tolist()}')
+  print(f'\n{"drafter":<16}{"tau":>6}{"tokens/s":>10}{"baseline":>10}{"speedup":>9}  identical')
+  for r in rows:
+    print(f'{r["drafter"]:<16}{r["tau"]:>6.2f}{r["tokens_per_s"]:>10.1f}'
+          f'{r["baseline_tokens_per_s"]:>10.1f}{r["speedup"]:>8.2f}x  {r["outputs_identical"]}')
+  for t in texts:
+    print('\n--- prompt ---\n' + t['prompt'] + '\n--- completion ---\n' + t['completion'])
+  print(f'\nresults.json, training_curves.png, speedups.png and per-drafter plots in {workdir}')
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    run(FLAGS)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+if __name__ == '__main__':
+  app.run(main)
