@@ -43,6 +43,8 @@ flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
 flags.DEFINE_integer('seq_len', 256, 'Training sequence length.')
 flags.DEFINE_float('learning_rate', 3e-3, 'Peak learning rate.')
+flags.DEFINE_list('drafters', ['mtp_chain', 'mtp_tree', 'medusa_chain', 'medusa_tree'],
+                  'Drafter runs to benchmark: {mtp,medusa}_{chain,tree}.')
 flags.DEFINE_integer('tree_nodes', 12, 'Non-root nodes of each derived candidate tree.')
 flags.DEFINE_integer('num_prompts', 8, 'Held-out prompts for the decoding benchmark.')
 flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens.')
@@ -111,6 +113,9 @@ def plot_speedups(rows, out_png):
 
 def run(f) -> dict:
   workdir = os.path.abspath(f.workdir)
+  known = {f'{d}_{t}' for d in ('mtp', 'medusa') for t in ('chain', 'tree')}
+  if not f.drafters or set(f.drafters) - known:
+    raise ValueError(f'--drafters must be a non-empty subset of {sorted(known)}, got {f.drafters}')
   cfg = loop.TrainConfig(
       workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
       seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
@@ -134,7 +139,9 @@ def run(f) -> dict:
     heads[drafter] = {'top1_acc': acc[:, 0].tolist(), 'top8_acc': acc[:, -1].tolist(),
                       'tree_choices': choices,
                       'expected_tau_tree': trees_lib.expected_accepted_length(tree, acc)}
-    tree_specs += [(drafter, 'chain', 'chain'), (drafter, 'tree', json.dumps(choices))]
+    tree_specs += [(drafter, name, spec) for name, spec in (('chain', 'chain'),
+                                                            ('tree', json.dumps(choices)))
+                   if f'{drafter}_{name}' in f.drafters]
 
   logging.info('3/4 benchmarking plain vs speculative decoding')
   rows = [benchmark(workdir, d, name, spec, os.path.join(workdir, 'speculative'))

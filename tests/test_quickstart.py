@@ -1,0 +1,39 @@
+"""Smoke test: the quickstart end to end on a tiny budget (a subprocess, as a user runs it)."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_quickstart_end_to_end(tmp_path):
+  workdir = tmp_path / 'qs'
+  cmd = [sys.executable, '-m', 'experiments.quickstart', f'--workdir={workdir}', '--config=tiny',
+         '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=2',
+         '--medusa_heads=2', '--drafters=mtp_chain,medusa_tree', '--tree_nodes=4',
+         '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [r['drafter'] for r in results['drafters']] == ['mtp (chain)', 'medusa (tree)']
+  for row in results['drafters']:
+    for key in ('drafter', 'tau', 'tokens_per_s', 'speedup', 'outputs_identical'):
+      assert key in row, key
+    assert row['outputs_identical'] is True
+    assert 1.0 <= row['tau'] <= 1 + 2  # at most one token per draft depth, plus the bonus token
+    assert row['tokens_per_s'] > 0 and row['speedup'] > 0
+  assert results['val_bits_per_byte'] > 0
+  assert set(results['heads']) == {'mtp', 'medusa'}
+  assert len(results['completions']) == 1
+  for png in ('training_curves.png', 'speedups.png'):
+    assert (workdir / png).stat().st_size > 0
+  assert 'speedup' in proc.stdout and 'identical' in proc.stdout
+
+
+def test_quickstart_rejects_unknown_drafter(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'experiments.quickstart', f'--workdir={tmp_path}',
+                         '--drafters=eagle_tree'], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode != 0
+  assert '--drafters' in proc.stderr
