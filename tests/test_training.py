@@ -278,4 +278,8 @@ def test_time_budget_saves_and_stops(reference_run, corpus):
   assert summary['stopped'] == 'time_budget' and summary['step'] == 1
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                 if s.isdigit()) == [1]
-  assert [r['step'] for r in read_metrics(workdir)] == [1]
+  # The step's training record, then the stopped model's validation (it is what was saved).
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == [1, 1]
+  assert 'loss' in records[0] and records[1]['val_bits_per_byte'] > 0
+  assert summary['val_bits_per_byte'] == records[1]['val_bits_per_byte']

@@ -470,6 +470,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
           stop = {0: None, 1: 'preempted', 2: 'time_budget'}[int(code)]
         if stop is not None and not last:
           log.warning('Stopping at step %d (%s); saving a checkpoint.', step, stop)
+          if 'val_bits_per_token' not in record:  # report the stopped model's validation too
+            last_record = {**last_record, **writer.write(step, evaluate(state['params']))}
           save(step, force=True)
           summary['stopped'] = stop
           break
