@@ -26,6 +26,7 @@ from absl import logging
 from absl import flags
 from flax import nnx
 
+from experiments import rle_common
 from jax_spec.rle import gaze_data, plots, trainer
 from jax_spec.rle.models import Regressor
 
@@ -38,40 +39,19 @@ IMAGE_SHAPE = (32, 48)
 
 
 @dataclasses.dataclass(frozen=True)
-class GazeOptions:
-  workdir: str
-  loss: str = 'rle'
-  steps: int = 600
-  batch_size: int = 32
-  learning_rate: float = 2e-3
-  seed: int = 0
-  precision: str = 'fp32'
-  label_noise: float = 0.0
+class GazeOptions(rle_common.RegressionOptions):
+  LOSSES = GAZE_LOSSES
+
   label_noise_scale: float = 0.1
-  q: str = 'laplace'
-  num_train: int = 2048
-  num_test: int = 256
-  widths: tuple = (16, 32, 64)
-  log_every: int = 25
-  checkpoint_every: int = 200
   data_dir: str | None = None
   test_dir: str | None = None
 
   def __post_init__(self):
-    if not self.workdir:
-      raise ValueError('workdir is required')
-    if self.loss not in GAZE_LOSSES:
-      raise ValueError(f'loss must be one of {GAZE_LOSSES}, got {self.loss!r}')
+    super().__post_init__()
     if bool(self.data_dir) != bool(self.test_dir):
       raise ValueError('data_dir and test_dir must be given together')
     if not 0 <= self.label_noise <= 1:
       raise ValueError(f'label_noise must be in [0, 1], got {self.label_noise}')
-
-  def train_config(self) -> trainer.TrainConfig:
-    return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size,
-                               learning_rate=self.learning_rate, seed=self.seed,
-                               precision=self.precision, log_every=self.log_every,
-                               checkpoint_every=self.checkpoint_every)
 
 
 def load_data(opts: GazeOptions) -> dict:
@@ -139,36 +119,11 @@ def run_compare(opts: GazeOptions, losses) -> dict:
   return results
 
 
-def options_from_flags() -> GazeOptions:
-  return GazeOptions(
-      workdir=FLAGS.workdir, loss=FLAGS.loss, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
-      learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, precision=FLAGS.precision,
-      label_noise=FLAGS.label_noise, label_noise_scale=FLAGS.label_noise_scale, q=FLAGS.q,
-      num_train=FLAGS.num_train, num_test=FLAGS.num_test,
-      widths=tuple(int(w) for w in FLAGS.widths), log_every=FLAGS.log_every,
-      checkpoint_every=FLAGS.checkpoint_every, data_dir=FLAGS.data_dir, test_dir=FLAGS.test_dir)
-
-
 def define_flags():
   """Defines the CLI flags (only when run as a script, so tests can import this module next to
   other experiments that define flags of the same names)."""
-  flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
-  flags.DEFINE_enum('loss', 'rle', GAZE_LOSSES, 'Loss.')
-  flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
-  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-  flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
-  flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
-  flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
-  flags.DEFINE_float('label_noise', 0.0, 'Fraction of training labels given Cauchy noise.')
-  flags.DEFINE_float('label_noise_scale', 0.1, 'Scale (radians) of the Cauchy label noise.')
-  flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
-  flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
-  flags.DEFINE_list('compare_losses', ['l1', 'l2', 'rle'], 'Losses for --compare.')
-  flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
-  flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
-  flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
-  flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
-  flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
+  rle_common.define_common_flags(GazeOptions, noise_what='labels', noise_unit='radians',
+                                 compare_losses=['l1', 'l2', 'rle'])
   flags.DEFINE_string('data_dir', None, 'Training directory (images + labels.csv).')
   flags.DEFINE_string('test_dir', None, 'Held-out directory (images + labels.csv).')
 
@@ -176,7 +131,7 @@ def define_flags():
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  opts = options_from_flags()
+  opts = rle_common.options_from_flags(GazeOptions)
   if FLAGS.compare:
     run_compare(opts, FLAGS.compare_losses)
   else:

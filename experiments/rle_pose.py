@@ -28,6 +28,7 @@ from absl import logging
 from absl import flags
 from flax import nnx
 
+from experiments import rle_common
 from jax_spec.rle import coco, metrics, plots, pose_data, trainer
 from jax_spec.rle.models import LOSSES, Regressor
 
@@ -38,33 +39,18 @@ POSE_METRICS = [('pck', 'PCK@0.05', True), ('ap', 'AP (OKS .50:.95)', True),
 
 
 @dataclasses.dataclass(frozen=True)
-class PoseOptions:
-  workdir: str
-  loss: str = 'rle'
-  steps: int = 600
-  batch_size: int = 32
-  learning_rate: float = 2e-3
-  seed: int = 0
-  precision: str = 'fp32'
-  label_noise: float = 0.0
+class PoseOptions(rle_common.RegressionOptions):
+  LOSSES = LOSSES
+
   label_noise_scale: float = 4.0
-  q: str = 'laplace'
-  num_train: int = 2048
-  num_test: int = 256
   image_size: int = 64
-  widths: tuple = (16, 32, 64)
-  log_every: int = 25
-  checkpoint_every: int = 200
   coco_train_json: str | None = None
   coco_train_images: str | None = None
   coco_val_json: str | None = None
   coco_val_images: str | None = None
 
   def __post_init__(self):
-    if not self.workdir:
-      raise ValueError('workdir is required')
-    if self.loss not in LOSSES:
-      raise ValueError(f'loss must be one of {LOSSES}, got {self.loss!r}')
+    super().__post_init__()
     if self.image_size % 8 or self.image_size < 16:
       raise ValueError(f'image_size must be a multiple of 8 and >= 16, got {self.image_size}')
     if self.num_train < 1 or self.num_test < 1:
@@ -74,12 +60,6 @@ class PoseOptions:
     if any(coco_args) and not all(coco_args):
       raise ValueError('COCO needs all of coco_train_json, coco_train_images, coco_val_json, '
                        'coco_val_images')
-
-  def train_config(self) -> trainer.TrainConfig:
-    return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size,
-                               learning_rate=self.learning_rate, seed=self.seed,
-                               precision=self.precision, log_every=self.log_every,
-                               checkpoint_every=self.checkpoint_every)
 
 
 def load_data(opts: PoseOptions) -> dict:
@@ -162,39 +142,12 @@ def run_compare(opts: PoseOptions, losses) -> dict:
   return results
 
 
-def options_from_flags() -> PoseOptions:
-  return PoseOptions(
-      workdir=FLAGS.workdir, loss=FLAGS.loss, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
-      learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, precision=FLAGS.precision,
-      label_noise=FLAGS.label_noise, label_noise_scale=FLAGS.label_noise_scale, q=FLAGS.q,
-      num_train=FLAGS.num_train, num_test=FLAGS.num_test, image_size=FLAGS.image_size,
-      widths=tuple(int(w) for w in FLAGS.widths), log_every=FLAGS.log_every,
-      checkpoint_every=FLAGS.checkpoint_every, coco_train_json=FLAGS.coco_train_json,
-      coco_train_images=FLAGS.coco_train_images, coco_val_json=FLAGS.coco_val_json,
-      coco_val_images=FLAGS.coco_val_images)
-
-
 def define_flags():
   """Defines the CLI flags (only when run as a script, so tests can import this module next to
   other experiments that define flags of the same names)."""
-  flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
-  flags.DEFINE_enum('loss', 'rle', LOSSES, 'Loss / head.')
-  flags.DEFINE_integer('steps', 600, 'Optimizer steps.')
-  flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-  flags.DEFINE_float('learning_rate', 2e-3, 'Peak learning rate (AdamW, warmup + cosine).')
-  flags.DEFINE_integer('seed', 0, 'Seed for data, initialisation and batch order.')
-  flags.DEFINE_string('precision', 'fp32', 'fp32 | bf16 | fp16 (backbone compute dtype).')
-  flags.DEFINE_float('label_noise', 0.0, 'Fraction of training keypoints given Cauchy noise.')
-  flags.DEFINE_float('label_noise_scale', 4.0, 'Scale (pixels) of the Cauchy label noise.')
-  flags.DEFINE_enum('q', 'laplace', ['laplace', 'gaussian'], 'RLE base distribution Q.')
-  flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
-  flags.DEFINE_list('compare_losses', list(LOSSES), 'Losses for --compare.')
-  flags.DEFINE_integer('num_train', 2048, 'Generated training images.')
-  flags.DEFINE_integer('num_test', 256, 'Generated held-out images.')
+  rle_common.define_common_flags(PoseOptions, noise_what='keypoints', noise_unit='pixels',
+                                 compare_losses=LOSSES)
   flags.DEFINE_integer('image_size', 64, 'Input side in pixels (multiple of 8).')
-  flags.DEFINE_list('widths', ['16', '32', '64'], 'Backbone widths (stem, then one block each).')
-  flags.DEFINE_integer('log_every', 25, 'Write training metrics every N steps.')
-  flags.DEFINE_integer('checkpoint_every', 200, 'Checkpoint every N steps (and at the end).')
   flags.DEFINE_string('coco_train_json', None, 'COCO person_keypoints json (train).')
   flags.DEFINE_string('coco_train_images', None, 'Directory of the train images.')
   flags.DEFINE_string('coco_val_json', None, 'COCO person_keypoints json (held-out).')
@@ -204,7 +157,7 @@ def define_flags():
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  opts = options_from_flags()
+  opts = rle_common.options_from_flags(PoseOptions)
   if FLAGS.compare:
     run_compare(opts, FLAGS.compare_losses)
   else:

@@ -1,0 +1,78 @@
+"""What the RLE experiments (rle_pose, rle_gaze) share: the options they have in common and their flags."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from absl import flags
+
+from jax_spec.rle import trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionOptions:
+  """Options common to the RLE experiments; subclasses add their data options and `LOSSES`."""
+  LOSSES: ClassVar[tuple[str, ...]] = ()
+
+  workdir: str
+  loss: str = 'rle'
+  steps: int = 600
+  batch_size: int = 32
+  learning_rate: float = 2e-3
+  seed: int = 0
+  precision: str = 'fp32'
+  label_noise: float = 0.0
+  label_noise_scale: float = 1.0
+  q: str = 'laplace'
+  num_train: int = 2048
+  num_test: int = 256
+  widths: tuple = (16, 32, 64)
+  log_every: int = 25
+  checkpoint_every: int = 200
+
+  def __post_init__(self):
+    if not self.workdir:
+      raise ValueError('workdir is required')
+    if self.loss not in self.LOSSES:
+      raise ValueError(f'loss must be one of {self.LOSSES}, got {self.loss!r}')
+
+  def train_config(self) -> trainer.TrainConfig:
+    return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size,
+                               learning_rate=self.learning_rate, seed=self.seed,
+                               precision=self.precision, log_every=self.log_every,
+                               checkpoint_every=self.checkpoint_every)
+
+
+def define_common_flags(options_cls, *, noise_what: str, noise_unit: str, compare_losses):
+  """Defines the flags of `RegressionOptions`' fields (defaults from `options_cls`) plus --compare."""
+  defaults = {f.name: f.default for f in dataclasses.fields(options_cls)}
+  flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
+  flags.DEFINE_enum('loss', defaults['loss'], options_cls.LOSSES, 'Loss / head.')
+  flags.DEFINE_integer('steps', defaults['steps'], 'Optimizer steps.')
+  flags.DEFINE_integer('batch_size', defaults['batch_size'], 'Batch size.')
+  flags.DEFINE_float('learning_rate', defaults['learning_rate'],
+                     'Peak learning rate (AdamW, warmup + cosine).')
+  flags.DEFINE_integer('seed', defaults['seed'], 'Seed for data, initialisation and batch order.')
+  flags.DEFINE_string('precision', defaults['precision'],
+                      'fp32 | bf16 | fp16 (backbone compute dtype).')
+  flags.DEFINE_float('label_noise', defaults['label_noise'],
+                     f'Fraction of training {noise_what} given Cauchy noise.')
+  flags.DEFINE_float('label_noise_scale', defaults['label_noise_scale'],
+                     f'Scale ({noise_unit}) of the Cauchy label noise.')
+  flags.DEFINE_enum('q', defaults['q'], ['laplace', 'gaussian'], 'RLE base distribution Q.')
+  flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
+  flags.DEFINE_list('compare_losses', list(compare_losses), 'Losses for --compare.')
+  flags.DEFINE_integer('num_train', defaults['num_train'], 'Generated training images.')
+  flags.DEFINE_integer('num_test', defaults['num_test'], 'Generated held-out images.')
+  flags.DEFINE_list('widths', [str(w) for w in defaults['widths']],
+                    'Backbone widths (stem, then one block each).')
+  flags.DEFINE_integer('log_every', defaults['log_every'], 'Write training metrics every N steps.')
+  flags.DEFINE_integer('checkpoint_every', defaults['checkpoint_every'],
+                       'Checkpoint every N steps (and at the end).')
+
+
+def options_from_flags(options_cls):
+  """`options_cls` filled from the parsed flags of the same names."""
+  values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(options_cls)}
+  values['widths'] = tuple(int(w) for w in values['widths'])
+  return options_cls(**values)
