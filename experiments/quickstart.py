@@ -28,6 +28,7 @@ import numpy as np
 from experiments import plots
 from experiments import speculative as spec_exp
 from jax_spec import decoding
+from jax_spec import runtime
 from jax_spec.data import load_data
 from jax_spec.decoding import trees as trees_lib
 from jax_spec.training import loop
@@ -67,7 +68,7 @@ def benchmark(workdir, drafter, tree_name, tree_spec, out_root):
       num_draft=None, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
       num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
       max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-      stop_at_eos=False, cache_len=None, seed=FLAGS.seed,
+      stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision='auto',
       output=os.path.join(out_root, f'{drafter}_{tree_name}'))
   r = spec_exp.run(ns)
   return {'drafter': f'{drafter} ({tree_name})', 'draft': drafter, 'tree': tree_name,
@@ -177,6 +178,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
+  runtime.configure_xla_cpu()
   try:
     run(FLAGS)
   except ValueError as e:

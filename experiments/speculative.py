@@ -29,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jax_spec import decoding
+from jax_spec import runtime
 from jax_spec.decoding import trees as trees_lib
 
 FLAGS = flags.FLAGS
@@ -59,17 +60,20 @@ def define_flags():
   flags.DEFINE_bool('stop_at_eos', True, 'Rows stop at the tokenizer\'s EOS.')
   flags.DEFINE_integer('cache_len', None, 'KV cache slots (default: the model\'s max_seq_len).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Decoding precision of '
+                    'both samplers (auto: fp32 on CPU, where it is the faster one, else the run\'s).')
   flags.DEFINE_string('output', None, 'Output directory.')
 
 
-def load_run(workdir: str, what: str):
+def load_run(workdir: str, what: str, precision: str = 'auto'):
   """(model, tokenizer, model_config, run_info) of a trained run, with clear errors."""
   from jax_spec.training import loop  # pylint: disable=g-import-not-at-top
   if not workdir or not os.path.isdir(workdir):
     raise ValueError(f'--{what}={workdir!r} is not a directory (a workdir of experiments.train)')
   info = loop.read_run_info(workdir)
+  policy = runtime.decode_precision(precision, info['train']['precision'])
   try:
-    model, tokenizer, model_config = loop.load_model_from_workdir(workdir)
+    model, tokenizer, model_config = loop.load_model_from_workdir(workdir, policy=policy)
   except ValueError:
     raise
   except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint
@@ -154,12 +158,12 @@ def plot(stats, out_dir, title):
 
 def run(argv_flags) -> dict:
   f = argv_flags
-  model, tokenizer, model_config, info = load_run(f.workdir, 'workdir')
+  model, tokenizer, model_config, info = load_run(f.workdir, 'workdir', f.precision)
   draft_model = None
   if f.draft == 'model':
     if not f.draft_workdir:
       raise ValueError('--draft=model needs --draft_workdir (a trained, smaller run)')
-    draft_model, draft_tok, _, _ = load_run(f.draft_workdir, 'draft_workdir')
+    draft_model, draft_tok, _, _ = load_run(f.draft_workdir, 'draft_workdir', f.precision)
     if draft_tok.fingerprint != tokenizer.fingerprint:
       raise ValueError(f'--draft_workdir uses tokenizer {draft_tok.fingerprint}, the target '
                        f'{tokenizer.fingerprint}: they must match')
@@ -248,6 +252,7 @@ def run(argv_flags) -> dict:
       'config': {k: getattr(f, k) for k in (
           'workdir', 'draft', 'draft_workdir', 'acceptance', 'num_prompts', 'prompt_len',
           'batch_size', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_at_eos')},
+      'precision': model.policy.name,
       'tree': {'name': tree_spec, 'choices': [list(c) for c in tree.choices],
                'num_nodes': tree.num_nodes, 'max_depth': tree.max_depth},
       'device': str(jax.devices()[0].device_kind),
@@ -278,6 +283,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required (a trained run of experiments.train)')
   logging.getLogger().setLevel(logging.INFO)
+  runtime.configure_xla_cpu()
   try:
     run(FLAGS)
   except ValueError as e:

@@ -617,7 +617,10 @@ def _xla_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, cache_lengths_B, tr
   init = (jnp.zeros((batch, kvh, rows, head_dim), jnp.float32),
           jnp.full((batch, kvh, rows), -jnp.inf, jnp.float32),
           jnp.zeros((batch, kvh, rows), jnp.float32))
-  o, _, l = lax.fori_loop(0, num_chunks, body, init)
+  if chunk == cache_len:
+    o, _, l = body(0, init)  # One chunk: a while loop would only add per-step overhead.
+  else:
+    o, _, l = lax.fori_loop(0, num_chunks, body, init)
   o = o / jnp.where(l == 0.0, 1.0, l)[..., None]
   o = o.reshape(batch, kvh, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
   return o.reshape(batch, num_new, num_heads, head_dim).astype(q_BTHD.dtype)

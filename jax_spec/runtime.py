@@ -1,0 +1,37 @@
+"""Process-level XLA settings for the experiments (call before JAX's first computation).
+
+XLA:CPU (jaxlib 0.10) sends multi-row matmuls to its YNNPACK fusion, which on this repo's 2-core
+benchmark machine is 1.3-1.6x slower than XLA's Eigen path for the few-row matmuls of
+speculative verification (T = 4..16 query tokens), and no faster for training
+(docs/benchmarks.md, "Speculative decoding"). The experiments opt out; library code does not
+touch global flags.
+"""
+from __future__ import annotations
+
+import os
+
+CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
+
+
+def configure_xla_cpu(flags=CPU_FLAGS) -> str:
+  """Appends `flags` to `XLA_FLAGS` (unless the user already set that flag); returns XLA_FLAGS.
+
+  XLA parses the variable when JAX creates its CPU client, so this only has an effect before the
+  first computation of the process.
+  """
+  current = os.environ.get('XLA_FLAGS', '')
+  for flag in flags:
+    name = flag.split('=', 1)[0]
+    if name not in current:
+      current = f'{current} {flag}'.strip()
+  os.environ['XLA_FLAGS'] = current
+  return current
+
+
+def decode_precision(requested: str, trained: str) -> str:
+  """'auto' decodes in fp32 on CPU (XLA:CPU emulates bf16/fp16 matmuls: a one-token bf16 step of
+  the small preset takes 2x the fp32 one) and in the training precision elsewhere."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if requested != 'auto':
+    return requested
+  return 'fp32' if jax.default_backend() == 'cpu' else trained
