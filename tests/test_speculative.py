@@ -101,6 +101,12 @@ def test_greedy_draft_model_partial_and_full_acceptance(model, prompts, baseline
   assert int(out.lengths_B[0]) <= 6
   assert generate_lib.TRACE_COUNTS['speculative'] == before.get('speculative', 0)
 
+  # gamma is set by the chain, beyond the default of 4.
+  long_out = spec.speculative_generate(model, *prompts, drafter='model', draft_model=model,
+                                       tree=trees.chain(6), max_new_tokens=MAX_NEW)
+  np.testing.assert_array_equal(long_out.tokens_BN, baseline.tokens_BN)
+  assert _check_stats(long_out, trees.chain(6))['mean_accepted_length'] == 7.0
+
 
 def test_batch_one_and_no_retrace(model, prompts, baseline):
   tokens, lengths = prompts

@@ -137,6 +137,9 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   if acceptance not in ACCEPTANCE_RULES:
     raise ValueError(f'acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}')
   config = model.config
+  if num_draft is None and drafter == 'model' and not isinstance(tree, str):
+    # A draft model drafts any gamma: an explicit chain sets it.
+    num_draft = (tree if isinstance(tree, Tree) else Tree.from_choices(tree)).max_depth
   if num_draft is None:
     num_draft = {'mtp': config.mtp_depth, 'medusa': config.medusa_heads, 'model': 4}[drafter]
     if num_draft == 0:
@@ -321,7 +324,10 @@ def _speculative(graphdef, state, draft_graphdef, draft_state, prompts_BT, promp
     num_B = jnp.where(active_B, acc.num_accepted_B, 0)
     last_B = _gather_nodes(acc.path_BP, num_B[:, None])[:, 0]
     if s.drafter == 'medusa':
-      return dict(drafter_state, medusa_KBV=outs.medusa_logits_KBTV[:, rows_B, last_B])
+      # Heads only at each row's new last position (one row, not all T nodes; XLA drops the
+      # unused all-node Medusa logits of `extend`).
+      hidden_B1D = _gather_nodes(outs.hidden_BTD, last_B[:, None])
+      return dict(drafter_state, medusa_KBV=models.medusa_logits(model, hidden_B1D)[:, :, 0])
     if s.drafter == 'mtp':
       path_BP = jnp.maximum(acc.path_BP, 0)
       draft, mtp_cache = models.mtp_draft(
