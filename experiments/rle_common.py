@@ -24,6 +24,8 @@ class RegressionOptions:
   label_noise: float = 0.0
   label_noise_scale: float = 1.0
   q: str = 'laplace'
+  rle_form: str = 'two_nll'
+  sigma_lr_mult: float = 1.0
   num_train: int = 2048
   num_test: int = 256
   widths: tuple = (16, 32, 64)
@@ -39,7 +41,8 @@ class RegressionOptions:
   def train_config(self) -> trainer.TrainConfig:
     return trainer.TrainConfig(steps=self.steps, batch_size=self.batch_size,
                                learning_rate=self.learning_rate, seed=self.seed,
-                               precision=self.precision, log_every=self.log_every,
+                               precision=self.precision, sigma_lr_mult=self.sigma_lr_mult,
+                               log_every=self.log_every,
                                checkpoint_every=self.checkpoint_every)
 
 
@@ -60,6 +63,10 @@ def define_common_flags(options_cls, *, noise_what: str, noise_unit: str, compar
   flags.DEFINE_float('label_noise_scale', defaults['label_noise_scale'],
                      f'Scale ({noise_unit}) of the Cauchy label noise.')
   flags.DEFINE_enum('q', defaults['q'], ['laplace', 'gaussian'], 'RLE base distribution Q.')
+  flags.DEFINE_enum('rle_form', defaults['rle_form'], ['paper', 'official', 'two_nll'],
+                    'RLE loss form (jax_spec/rle/losses.py docstring).')
+  flags.DEFINE_float('sigma_lr_mult', defaults['sigma_lr_mult'],
+                     'Learning-rate multiplier for the sigma head (nll, rle).')
   flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
   flags.DEFINE_list('compare_losses', list(compare_losses), 'Losses for --compare.')
   flags.DEFINE_integer('num_train', defaults['num_train'], 'Generated training images.')

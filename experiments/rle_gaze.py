@@ -79,8 +79,8 @@ def run_one(opts: GazeOptions, data: dict | None = None) -> dict:
   data = data if data is not None else load_data(opts)
   train, test = data['train'], data['test']
   model = Regressor(loss=opts.loss, num_points=1, dims=2, image_shape=train['images'].shape[1:],
-                    widths=tuple(opts.widths), q=opts.q, policy=opts.precision,
-                    rngs=nnx.Rngs(opts.seed))
+                    widths=tuple(opts.widths), q=opts.q, rle_form=opts.rle_form,
+                    policy=opts.precision, rngs=nnx.Rngs(opts.seed))
   t0 = time.perf_counter()
   trainer.train(model, train['images'], train['gaze'][:, None, :],
                 np.ones((len(train['gaze']), 1), np.float32), opts.train_config(), opts.workdir,

@@ -101,8 +101,8 @@ def run_one(opts: PoseOptions, data: dict | None = None) -> dict:
   train, s = data['train'], opts.image_size
   k = train['keypoints'].shape[1]
   model = Regressor(loss=opts.loss, num_points=k, dims=2, image_shape=train['images'].shape[1:],
-                    widths=tuple(opts.widths), q=opts.q, policy=opts.precision,
-                    rngs=nnx.Rngs(opts.seed))
+                    widths=tuple(opts.widths), q=opts.q, rle_form=opts.rle_form,
+                    policy=opts.precision, rngs=nnx.Rngs(opts.seed))
   targets = train['keypoints'] / s - 0.5
   weights = (train['visibility'] > 0).astype(np.float32)
   t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Short training runs: RLE vs heavy-tailed label noise, and smoke tests of both experiments."""
+"""Short training runs: RLE vs L1 under heavy-tailed label noise, and smoke tests of both
+experiments."""
 import json
 import os
 import subprocess
@@ -10,60 +11,80 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_spec.rle import losses
+from jax_spec.rle import losses, trainer
 from jax_spec.rle.flow import RealNVP
 
 
-def _fit_linear(kind, x, y, steps=400, lr=1e-2):
-  """Full-batch Adam on a linear mu (and, for RLE, linear sigma logits + flow)."""
-  d = x.shape[1]
-  graphdef, flow_params = nnx.split(RealNVP(rngs=nnx.Rngs(0)))
-  params = {'W': jnp.zeros((d, 2)), 'b': jnp.zeros(2), 'V': jnp.zeros((d, 2)), 'c': jnp.zeros(2),
-            'flow': flow_params}
-  tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
-  opt = tx.init(params)
-
-  def loss_fn(p):
-    mu = (x @ p['W'] + p['b'])[:, None]
-    if kind == 'l2':
-      return losses.l2_loss(mu, y)
-    sigma = jax.nn.sigmoid(x @ p['V'] + p['c'])[:, None]
-    return losses.rle_loss(nnx.merge(graphdef, p['flow']), mu, sigma, y)
-
-  @jax.jit
-  def run(p, o):
-    def body(carry, _):
-      p, o = carry
-      g = jax.grad(loss_fn)(p)
-      u, o = tx.update(g, o, p)
-      return (optax.apply_updates(p, u), o), None
-    return jax.lax.scan(body, (p, o), None, length=steps)[0][0]
-
-  p = run(params, opt)
-  return lambda xs: xs @ p['W'] + p['b']
+SEEDS = (0, 1, 2)
 
 
-def test_rle_is_robust_to_heavy_tailed_label_noise():
-  """Linear regression of a 2-D target where 90% of the labels carry Cauchy noise (clipped to the
-  [-1/2, 1/2] range of normalized coordinates, as image labels are). RLE's error on clean test
-  inputs is a fraction of L2's. (In these short runs RLE does *not* beat L1: see
-  docs/benchmarks.md; L1 is itself a robust M-estimator.)"""
-  rng = np.random.default_rng(0)
-  n, d = 512, 8
+def _noisy_linear_data(seed, n=512, d=8, noisy_fraction=0.9):
+  """y = x A / 20 + noise; a fraction of the labels carry Cauchy noise (scale 0.05, clipped to the
+  [-1/2, 1/2] range of normalized image coordinates), the rest Gaussian noise of std 0.002. The last
+  input feature says which (a learnable cue for sigma). Test inputs are clean."""
+  rng = np.random.default_rng(seed)
   a = rng.normal(size=(d, 2))
   x = rng.normal(size=(n, d))
-  x[:, -1] = rng.uniform(size=n) < 0.9                       # "this label is noisy" feature
-  clean = x @ a * 0.05
+  x[:, -1] = rng.uniform(size=n) < noisy_fraction
   noise = np.where(x[:, -1:] > 0, 0.05 * rng.standard_cauchy((n, 2)),
                    0.002 * rng.normal(size=(n, 2)))
-  y = jnp.asarray(np.clip(clean + noise, -0.5, 0.5)[:, None], jnp.float32)
+  y = np.clip(x @ a * 0.05 + noise, -0.5, 0.5)[:, None]
   xt = rng.normal(size=(1000, d))
   xt[:, -1] = 0
-  yt = xt @ a * 0.05
-  x, xt = jnp.asarray(x, jnp.float32), jnp.asarray(xt, jnp.float32)
-  err = {k: float(np.sqrt(np.mean((np.asarray(_fit_linear(k, x, y)(xt)) - yt) ** 2)))
-         for k in ('l2', 'rle')}
-  assert err['rle'] < 0.5 * err['l2'], err
+  return x, y, xt, xt @ a * 0.05
+
+
+def _fit_linear_seeds(kind, data, *, steps=400, form='two_nll', sigma_lr_mult=10.0):
+  """Full-batch AdamW (the experiments' optimizer, trainer.make_optimizer) on a linear mu and, for
+  RLE, linear sigma logits (`fc_sigma`) + a RealNVP flow; all seeds at once under vmap (one
+  compile). Returns the RMS error of mu on clean test inputs per seed and the learned sigma."""
+  x_S, y_S, xt_S, yt_S = (jnp.asarray(np.stack(v), jnp.float32) for v in zip(*data))
+  d = x_S.shape[-1]
+  graphdef, flow_params = nnx.split(RealNVP(rngs=nnx.Rngs(0)))
+  params = {'W': jnp.zeros((d, 2)), 'b': jnp.zeros(2),
+            'fc_sigma': {'V': jnp.zeros((d, 2)), 'c': jnp.zeros(2)}, 'flow': flow_params}
+  config = trainer.TrainConfig(steps=steps, learning_rate=1e-2, warmup_steps=10,
+                               sigma_lr_mult=sigma_lr_mult)
+  tx, _ = trainer.make_optimizer(config)
+
+  def sigma_of(p, x):
+    return jax.nn.sigmoid(x @ p['fc_sigma']['V'] + p['fc_sigma']['c'])
+
+  def loss_fn(p, x, y):
+    mu = (x @ p['W'] + p['b'])[:, None]
+    if kind == 'l1':
+      return losses.l1_loss(mu, y)
+    return losses.rle_loss(nnx.merge(graphdef, p['flow']), mu, sigma_of(p, x)[:, None], y,
+                           form=form)
+
+  def fit(x, y, xt, yt):
+    def body(carry, _):
+      p, o = carry
+      u, o = tx.update(jax.grad(loss_fn)(p, x, y), o, p)
+      return (optax.apply_updates(p, u), o), None
+    p = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)[0][0]
+    rms = jnp.sqrt(jnp.mean(jnp.square(xt @ p['W'] + p['b'] - yt)))
+    return rms, sigma_of(p, x)
+
+  rms_S, sigma_SN2 = jax.jit(jax.vmap(fit))(x_S, y_S, xt_S, yt_S)
+  return np.asarray(rms_S), np.asarray(sigma_SN2)
+
+
+def test_rle_beats_l1_under_heavy_tailed_label_noise():
+  """90% of the labels carry Cauchy noise. L1 is itself a robust M-estimator (the median), so
+  beating it needs RLE's learned sigma to separate clean from noisy labels and weight the clean ones
+  up (the gradient on mu is ~1/sigma). RLE's clean-input error must be below 0.7x L1's for every
+  seed, and sigma must be larger on noisy labels. Measured (docs/benchmarks.md, RLE section):
+  RLE/L1 ~0.3-0.45 here; variants whose sigma does not learn the scale fail this test: the paper
+  form (the flow absorbs the scale), or sigma at the shared learning rate (sigma_lr_mult=1)."""
+  data = [_noisy_linear_data(seed) for seed in SEEDS]
+  err_l1, _ = _fit_linear_seeds('l1', data)
+  err_rle, sigma_SN2 = _fit_linear_seeds('rle', data)
+  assert np.all(err_rle < 0.7 * err_l1), (err_rle, err_l1)
+  for (x, _, _, _), sigma_N2 in zip(data, sigma_SN2):
+    noisy = x[:, -1] > 0
+    ratio = np.median(sigma_N2[noisy]) / np.median(sigma_N2[~noisy])
+    assert ratio > 2.0, ratio     # true scale ratio 0.05 (Cauchy) / 0.002; unlearned sigma: ~1
 
 
 def test_pose_experiment_smoke(tmp_path):

@@ -16,20 +16,30 @@ def _normal_logpdf(x):
   return -0.5 * np.sum(x * x, -1) - math.log(2 * math.pi)
 
 
-@pytest.mark.parametrize('q', ['laplace', 'gaussian'])
-def test_rle_loss_matches_hand_computation(q):
+@pytest.mark.parametrize('q,form', [('laplace', 'paper'), ('gaussian', 'paper'),
+                                    ('laplace', 'two_nll'), ('gaussian', 'two_nll'),
+                                    ('laplace', 'official')])
+def test_rle_loss_matches_hand_computation(q, form):
   rng = np.random.default_rng(0)
   mu = rng.normal(size=(3, 4, 2)).astype(np.float32) * 0.1
   gt = rng.normal(size=(3, 4, 2)).astype(np.float32) * 0.1
   sigma = rng.uniform(0.05, 0.9, size=(3, 4, 2)).astype(np.float32)
   w = (rng.uniform(size=(3, 4)) > 0.3).astype(np.float32)
   flow = RealNVP(rngs=nnx.Rngs(0))            # zero-initialised: the identity, G = N(0, I)
-  got = float(losses.rle_loss(flow, mu, sigma, gt, w, q=q))
+  got = float(losses.rle_loss(flow, mu, sigma, gt, w, q=q, form=form))
   m, g, s = (a.astype(np.float64) for a in (mu, gt, sigma))
   bar = (g - m) / s
   neg_log_q = (np.sum(np.abs(bar) + math.log(2), -1) if q == 'laplace'
                else np.sum(0.5 * bar**2 + 0.5 * math.log(2 * math.pi), -1))
-  per_point = neg_log_q - _normal_logpdf(bar) + np.sum(np.log(s), -1)
+  log_sigma = np.sum(np.log(s), -1)
+  if form == 'paper':
+    per_point = neg_log_q - _normal_logpdf(bar) + log_sigma
+  elif form == 'two_nll':
+    per_point = neg_log_q + log_sigma - _normal_logpdf(bar) + log_sigma
+  else:  # the official code: nf_loss = log sigma - log_phi ([B, K, 2]) + logQ, summed over D
+    nf_loss = np.log(s) - _normal_logpdf(bar)[..., None]
+    log_q = np.log(s * math.sqrt(2 * math.pi)) + np.abs(g - m) / (math.sqrt(2) * s)
+    per_point = np.sum(nf_loss + log_q, -1)
   expected = np.sum(per_point * w) / np.sum(w)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -43,25 +53,32 @@ def test_rle_loss_uses_flow_log_prob():
   bar = (gt - mu) / sigma
   expected = (np.sum(np.abs(bar) + math.log(2)) - float(flow.log_prob(bar)[0, 0])
               + 2 * math.log(0.25))
-  np.testing.assert_allclose(float(losses.rle_loss(flow, mu, sigma, gt)), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(losses.rle_loss(flow, mu, sigma, gt, form='paper')), expected,
+                             rtol=1e-5)
 
 
-@pytest.mark.parametrize('logit', [-16.0, -8.0, 8.0, 16.0])   # sigma ~1e-7 ... 1 - 1e-7
-def test_rle_gradients_finite_at_extreme_sigma(logit):
+def test_rle_gradients_finite_at_extreme_sigma():
   flow = RealNVP(rngs=nnx.Rngs(2), zero_init=False)
   gt = jnp.array([[[0.3, -0.2], [0.0, 0.0]]])
-  _, flow_params = nnx.split(flow)
-
-  def f(mu, logits, fp):
-    fl = nnx.merge(nnx.graphdef(flow), fp)
-    return losses.rle_loss(fl, mu, jax.nn.sigmoid(logits), gt)
-
+  graphdef, flow_params = nnx.split(flow)
   mu = jnp.array([[[0.25, -0.1], [0.0, 1e-3]]])
-  logits = jnp.full((1, 2, 2), logit)
-  val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(mu, logits, flow_params)
-  assert np.isfinite(float(val))
-  for leaf in jax.tree.leaves(grads):
-    assert np.all(np.isfinite(np.asarray(leaf)))
+  logits_L = jnp.array([-16.0, -8.0, 8.0, 16.0])   # sigma ~1e-7 ... 1 - 1e-7
+
+  def f(mu, logits, fp, form):
+    return losses.rle_loss(nnx.merge(graphdef, fp), mu, jax.nn.sigmoid(logits), gt, form=form)
+
+  @jax.jit   # one compile for every form and sigma
+  def all_grads(logits_L):
+    def one(logit):
+      logits = jnp.full((1, 2, 2), logit)
+      return {form: jax.value_and_grad(f, argnums=(0, 1, 2))(mu, logits, flow_params, form)
+              for form in losses.RLE_FORMS}
+    return jax.vmap(one)(logits_L)
+
+  for form, (val_L, grads) in all_grads(logits_L).items():
+    assert np.all(np.isfinite(np.asarray(val_L))), form
+    for leaf in jax.tree.leaves(grads):
+      assert np.all(np.isfinite(np.asarray(leaf))), form
 
 
 def test_baseline_losses_by_hand():
@@ -78,6 +95,10 @@ def test_baseline_losses_by_hand():
     losses.l1_loss(mu, gt[:, :1])
   with pytest.raises(ValueError, match='q must be'):
     losses.rle_loss(RealNVP(rngs=nnx.Rngs(0)), mu, sigma, gt, q='cauchy')
+  with pytest.raises(ValueError, match='form must be'):
+    losses.rle_loss(RealNVP(rngs=nnx.Rngs(0)), mu, sigma, gt, form='eq9')
+  with pytest.raises(ValueError, match="q must be 'laplace'"):
+    losses.rle_loss(RealNVP(rngs=nnx.Rngs(0)), mu, sigma, gt, q='gaussian', form='official')
 
 
 def test_heatmap_targets_and_soft_argmax_decoding():

@@ -6,7 +6,8 @@ owns its loss, so experiments swap `--loss` without touching the training loop:
 
   l1, l2   FC head predicting mu; score 1 (no confidence).
   nll      FC head predicting mu and sigma = sigmoid(.); Gaussian NLL; score = mean(1 - sigma).
-  rle      as nll, plus a RealNVP flow on each point's residual; RLE loss; score = mean(1 - sigma).
+  rle      as nll, plus a RealNVP flow on each point's residual; RLE loss (`rle_form`, default
+           'two_nll', see losses.py); score = mean(1 - sigma).
   heatmap  deconv head to Gaussian heatmaps at 1/4 of the input resolution (MSE); decoded by a
            soft-argmax; score = peak heatmap value. Needs spatial targets (keypoints, not gaze).
 
@@ -89,9 +90,10 @@ class RegressionHead(nnx.Module):
   """Flatten -> FC -> (mu, sigma). mu starts near 0 (the image centre), sigma near 1/2."""
 
   def __init__(self, in_shape, num_points: int, dims: int, *, loss: str, hidden: int = 128,
-               q: str = 'laplace', rngs: nnx.Rngs):
+               q: str = 'laplace', rle_form: str = 'two_nll', rngs: nnx.Rngs):
     h, w, c = in_shape
     self.loss_name, self.num_points, self.dims, self.q = loss, num_points, dims, q
+    self.rle_form = rle_form
     self.fc = nnx.Linear(h * w * c, hidden, rngs=rngs)
     small = nnx.initializers.variance_scaling(1e-4, 'fan_avg', 'uniform')  # xavier, gain 0.01
     self.fc_mu = nnx.Linear(hidden, num_points * dims, kernel_init=small, rngs=rngs)
@@ -115,7 +117,8 @@ class RegressionHead(nnx.Module):
       return losses_lib.l2_loss(pred.mu, target_BKD, weight_BK)
     if self.loss_name == 'nll':
       return losses_lib.gaussian_nll_loss(pred.mu, pred.sigma, target_BKD, weight_BK)
-    return losses_lib.rle_loss(self.flow, pred.mu, pred.sigma, target_BKD, weight_BK, q=self.q)
+    return losses_lib.rle_loss(self.flow, pred.mu, pred.sigma, target_BKD, weight_BK, q=self.q,
+                               form=self.rle_form)
 
 
 class HeatmapHead(nnx.Module):
@@ -147,8 +150,8 @@ class Regressor(nnx.Module):
   """Backbone + head. `model(images) -> Prediction`, `model.loss(pred, target, weight)`."""
 
   def __init__(self, *, loss: str, num_points: int, dims: int = 2, image_shape=(64, 64, 3),
-               widths=(16, 32, 64), hidden: int = 128, q: str = 'laplace', policy='fp32',
-               rngs: nnx.Rngs):
+               widths=(16, 32, 64), hidden: int = 128, q: str = 'laplace',
+               rle_form: str = 'two_nll', policy='fp32', rngs: nnx.Rngs):
     if loss not in LOSSES:
       raise ValueError(f'loss must be one of {LOSSES}, got {loss!r}')
     if num_points < 1 or dims < 1:
@@ -157,6 +160,8 @@ class Regressor(nnx.Module):
       raise ValueError(f'image_shape must be (H, W, C), got {image_shape}')
     if q not in losses_lib.Q_DISTRIBUTIONS:
       raise ValueError(f'q must be one of {losses_lib.Q_DISTRIBUTIONS}, got {q!r}')
+    if rle_form not in losses_lib.RLE_FORMS:
+      raise ValueError(f'rle_form must be one of {losses_lib.RLE_FORMS}, got {rle_form!r}')
     h, w, c = image_shape
     self.backbone = ResNetBackbone(c, widths, policy=policy, rngs=rngs)
     s = self.backbone.stride
@@ -169,7 +174,7 @@ class Regressor(nnx.Module):
       self.head = HeatmapHead(feat_shape[-1], num_points, dtype=self.backbone.dtype, rngs=rngs)
     else:
       self.head = RegressionHead(feat_shape, num_points, dims, loss=loss, hidden=hidden, q=q,
-                                 rngs=rngs)
+                                 rle_form=rle_form, rngs=rngs)
     self.loss_name = loss
 
   def __call__(self, images_BHWC) -> Prediction:
