@@ -4,16 +4,20 @@
   python -m experiments.quickstart --minutes=30 --workdir=runs/longer
 
 1. Trains the `small` preset with DeepSeek-V3 MTP modules and Medusa heads on the default corpus
-   (the Python standard library's sources) in bf16 for a wall-clock budget (`--minutes`);
-   rerunning the same command resumes from the latest checkpoint.
+   (the Python standard library's sources) in bf16 for a wall-clock budget (`--minutes`), and a
+   separate `tiny` draft model without heads (`--draft_minutes`, in `<workdir>/draft`) for
+   classic draft-model speculation; rerunning the same command resumes both from their latest
+   checkpoints.
 2. Evaluates validation bits per byte and each draft head's top-k accuracy (its chance to be
    accepted), and derives a candidate tree per drafter from those accuracies.
-3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; chain
-   and tree), side by side on the same held-out prompts after warm-up.
+3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; MTP
+   and Medusa chains and trees, the draft model's chain of `--draft_gamma` tokens), side by side
+   on the same held-out prompts after warm-up, both samplers in fp32 on CPU (the faster baseline).
 4. Prints one table and a few sampled completions; writes `results.json` and PNGs into --workdir.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ from jax_spec.decoding import trees as trees_lib
 from jax_spec.training import loop
 
 flags.DEFINE_string('workdir', 'runs/quickstart', 'Output directory (resumed if it holds a run).')
-flags.DEFINE_float('minutes', 8.0, 'Training wall-clock budget in minutes.')
+flags.DEFINE_float('minutes', 6.5, 'Training wall-clock budget in minutes.')
 flags.DEFINE_integer('steps', 300, 'Training steps (the schedule\'s length; the budget may stop '
                      'earlier, and rerunning resumes towards it).')
 flags.DEFINE_string('config', 'small', 'Model preset.')
@@ -44,8 +48,13 @@ flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
 flags.DEFINE_integer('seq_len', 256, 'Training sequence length.')
 flags.DEFINE_float('learning_rate', 3e-3, 'Peak learning rate.')
-flags.DEFINE_list('drafters', ['mtp_chain', 'mtp_tree', 'medusa_chain', 'medusa_tree'],
-                  'Drafter runs to benchmark: {mtp,medusa}_{chain,tree}.')
+flags.DEFINE_list('drafters', ['mtp_chain', 'mtp_tree', 'medusa_chain', 'medusa_tree',
+                                'model_chain'],
+                  'Drafter runs to benchmark: {mtp,medusa}_{chain,tree}, model_chain.')
+flags.DEFINE_string('draft_config', 'tiny', 'Preset of the draft model (trained without heads).')
+flags.DEFINE_float('draft_minutes', 1.5, 'Draft-model training budget in minutes.')
+flags.DEFINE_integer('draft_steps', 500, 'Draft-model training steps (the schedule\'s length).')
+flags.DEFINE_integer('draft_gamma', 10, 'Tokens the draft model drafts per verify step.')
 flags.DEFINE_integer('tree_nodes', 12, 'Non-root nodes of each derived candidate tree.')
 flags.DEFINE_integer('num_prompts', 8, 'Held-out prompts for the decoding benchmark.')
 flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens.')
@@ -61,11 +70,12 @@ def measure_heads(model, data, drafter, num_nodes):
   return acc, [list(c) for c in tree.choices]
 
 
-def benchmark(workdir, drafter, tree_name, tree_spec, out_root):
+def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=None,
+              num_draft=None):
   """One side-by-side run of experiments.speculative (baseline and speculative, greedy)."""
   ns = types.SimpleNamespace(
-      workdir=workdir, draft=drafter, draft_workdir=None, acceptance='greedy', tree=tree_spec,
-      num_draft=None, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
+      workdir=workdir, draft=drafter, draft_workdir=draft_workdir, acceptance='greedy',
+      tree=tree_spec, num_draft=num_draft, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
       num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
       max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
       stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision='auto',
@@ -114,7 +124,7 @@ def plot_speedups(rows, out_png):
 
 def run(f) -> dict:
   workdir = os.path.abspath(f.workdir)
-  known = {f'{d}_{t}' for d in ('mtp', 'medusa') for t in ('chain', 'tree')}
+  known = {f'{d}_{t}' for d in ('mtp', 'medusa') for t in ('chain', 'tree')} | {'model_chain'}
   if not f.drafters or set(f.drafters) - known:
     raise ValueError(f'--drafters must be a non-empty subset of {sorted(known)}, got {f.drafters}')
   cfg = loop.TrainConfig(
@@ -127,6 +137,14 @@ def run(f) -> dict:
                workdir)
   summary = loop.train(cfg)
   plots.plot_training_curves(workdir, os.path.join(workdir, 'training_curves.png'))
+  draft_workdir, draft_summary = os.path.join(workdir, 'draft'), None
+  if 'model_chain' in f.drafters:
+    logging.info('1b/4 training the %s draft model for up to %.1f min in %s', f.draft_config,
+                 f.draft_minutes, draft_workdir)
+    draft_summary = loop.train(dataclasses.replace(
+        cfg, workdir=draft_workdir, config=f.draft_config, steps=f.draft_steps,
+        warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, minutes=f.draft_minutes,
+        eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
 
   logging.info('2/4 evaluating the draft heads')
   model, tokenizer, model_config = loop.load_model_from_workdir(workdir)
@@ -147,11 +165,14 @@ def run(f) -> dict:
   logging.info('3/4 benchmarking plain vs speculative decoding')
   rows = [benchmark(workdir, d, name, spec, os.path.join(workdir, 'speculative'))
           for d, name, spec in tree_specs]
+  if 'model_chain' in f.drafters:
+    rows.append(benchmark(workdir, 'model', 'chain', 'chain', os.path.join(workdir, 'speculative'),
+                          draft_workdir=draft_workdir, num_draft=f.draft_gamma))
   texts = completions(model, tokenizer, data, f.num_completions) if f.num_completions else []
 
   best = max(rows, key=lambda r: r['speedup']) if rows else None
   results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
-             'heads': heads, 'drafters': rows, 'best': best, 'completions': texts,
+             'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best, 'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
                            'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
                            'device': str(jax.devices()[0].device_kind)}}
@@ -162,6 +183,9 @@ def run(f) -> dict:
 
   print(f'\nvalidation bits/byte: {summary.get("val_bits_per_byte", float("nan")):.3f}  '
         f'(step {summary.get("step")})')
+  if draft_summary:
+    print(f'draft model ({f.draft_config}) validation bits/byte: '
+          f'{draft_summary.get("val_bits_per_byte", float("nan")):.3f}  (step {draft_summary.get("step")})')
   for drafter, h in heads.items():
     print(f'{drafter} heads top-1 accuracy: {np.round(h["top1_acc"], 3).tolist()}')
   print(f'\n{"drafter":<16}{"tau":>6}{"tokens/s":>10}{"baseline":>10}{"speedup":>9}  identical')

@@ -9,20 +9,23 @@ def test_quickstart_end_to_end(tmp_path):
   workdir = tmp_path / 'qs'
   cmd = [sys.executable, '-m', 'experiments.quickstart', f'--workdir={workdir}', '--config=tiny',
          '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=1',
-         '--medusa_heads=2', '--drafters=medusa_tree', '--tree_nodes=4',
+         '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--tree_nodes=4',
+         '--draft_steps=4', '--draft_gamma=3',
          '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / 'results.json').read_text())
-  assert [r['drafter'] for r in results['drafters']] == ['medusa (tree)']
-  for row in results['drafters']:
+  assert [r['drafter'] for r in results['drafters']] == ['medusa (tree)', 'model (chain)']
+  for row, depth in zip(results['drafters'], (2, 3)):   # 2 Medusa heads; gamma 3
     for key in ('drafter', 'tau', 'tokens_per_s', 'speedup', 'outputs_identical'):
       assert key in row, key
     assert row['outputs_identical'] is True
-    assert 1.0 <= row['tau'] <= 1 + 2  # at most one token per draft depth, plus the bonus token
+    assert 1.0 <= row['tau'] <= 1 + depth  # at most one token per draft depth, plus the bonus
     assert row['tokens_per_s'] > 0 and row['speedup'] > 0
+  assert results['draft_train']['step'] == 4
+  assert (workdir / 'draft' / 'checkpoints').is_dir()
   assert results['val_bits_per_byte'] > 0
   assert set(results['heads']) == {'mtp', 'medusa'}
   assert len(results['completions']) == 1
