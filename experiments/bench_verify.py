@@ -1,10 +1,10 @@
-"""What a verify step costs: one trunk `extend` + `commit` of T tokens vs a one-token decode step.
+"""What a verify step costs: one trunk `extend` of a T-token chain vs a one-token decode step.
 
   python -m experiments.bench_verify --workdir=/tmp/bench_verify --config=small
 
 Speculative decoding wins when verifying T = (draft nodes + 1) tokens costs little more than
 decoding one. This measures that ratio r(T) for a preset on the current backend, with the
-sampler's own verify path (`models.extend` with a causal tree mask, then `models.commit`) in a
+sampler's own chain verify path (`models.extend` with a causal mask, then `models.advance`) in a
 jitted `fori_loop` over a warm KV cache, so the per-step time excludes dispatch. Weights are random
 (timing does not depend on their values). Variants are compiled first and timed interleaved.
 
@@ -52,7 +52,6 @@ def make_verify_loop(model, num_tokens: int, cache_len: int, prefix_len: int, st
   graphdef, state = nnx.split(model)
   depths_BT = jnp.arange(num_tokens, dtype=jnp.int32)[None]
   mask_BTT = jnp.tril(jnp.ones((num_tokens, num_tokens), bool))[None]
-  path_BT = jnp.arange(num_tokens, dtype=jnp.int32)[None]
 
   @jax.jit
   def run(state):
@@ -63,8 +62,9 @@ def make_verify_loop(model, num_tokens: int, cache_len: int, prefix_len: int, st
       cache, token_B = carry
       tokens_BT = (token_B[:, None] + jnp.arange(num_tokens)) % m.config.vocab_size
       outs, cache = models.extend(m, tokens_BT.astype(jnp.int32), depths_BT, mask_BTT, cache)
-      # Accept one token per step so the cache length (and attention span) grows as in decoding.
-      cache = models.commit(cache, path_BT, jnp.ones((1,), jnp.int32))
+      # Accept one token per step so the cache length (and attention span) grows as in decoding;
+      # a chain commits by advancing the lengths (trees add a `commit` gather/scatter).
+      cache = models.advance(cache, jnp.ones((1,), jnp.int32))
       return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]

@@ -258,3 +258,18 @@ def test_bad_decode_inputs_raise(setup):
     M.init_mtp_cache(plain, 2, 8)
   with pytest.raises(ValueError, match='Medusa'):
     M.medusa_logits(plain, jnp.zeros((1, 1, cfg.d_model)))
+
+
+def test_advance_equals_commit_of_a_chain_prefix():
+  rng = np.random.RandomState(0)
+  k = jnp.asarray(rng.randn(2, 3, 12, 1, 4), jnp.float32)
+  cache = M.KVCache(k, -k, jnp.array([2, 5, 0], jnp.int32))
+  num_B = jnp.array([3, 0, 1], jnp.int32)
+  path_BA = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (3, 4))
+  ref = M.commit(cache, path_BA, num_B)
+  out = M.advance(cache, num_B)
+  for a, b in ((out.k, ref.k), (out.v, ref.v), (out.lengths, ref.lengths)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(out.lengths, [5, 5, 1])
+  with pytest.raises(ValueError, match='num_accepted_B'):
+    M.advance(cache, jnp.ones((2,), jnp.int32))

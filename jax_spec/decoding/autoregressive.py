@@ -116,7 +116,6 @@ def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max
   rows_B = jnp.arange(batch)
   depths_B1 = jnp.zeros((batch, 1), jnp.int32)
   mask_B11 = jnp.ones((batch, 1, 1), bool)
-  path_B1 = jnp.zeros((batch, 1), jnp.int32)
 
   def cond(carry):
     step, _, _, _, done_B, _ = carry
@@ -126,7 +125,7 @@ def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max
     TRACE_COUNTS['generate_step'] += 1
     step, cache, last_B, tokens_BN, done_B, lengths_B = carry
     outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
-    cache = models.commit(cache, path_B1, (~done_B).astype(jnp.int32))
+    cache = models.advance(cache, (~done_B).astype(jnp.int32))
     next_B = sampling.sample_logits(jax.random.fold_in(rng, step), outs.logits_BTV[:, 0],
                                     temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
     next_B = jnp.where(done_B, pad_id, next_B)

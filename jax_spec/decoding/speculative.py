@@ -302,7 +302,7 @@ def _speculative(graphdef, state, draft_graphdef, draft_state, prompts_BT, promp
       dcache, tok_B, tokens_BD, q_BDV = carry
       douts, dcache = models.extend(draft_model, tok_B[:, None], jnp.zeros((batch, 1), jnp.int32),
                                     jnp.ones((batch, 1, 1), bool), dcache)
-      dcache = models.commit(dcache, jnp.zeros((batch, 1), jnp.int32), jnp.ones((batch,), jnp.int32))
+      dcache = models.advance(dcache, jnp.ones((batch,), jnp.int32))
       tok_B, q_BV = pick(douts.logits_BTV[:, 0], j)
       tokens_BD = tokens_BD.at[:, j].set(tok_B)
       q_BDV = q_BDV.at[:, j].set(q_BV) if s.sample_drafts else q_BDV
@@ -366,7 +366,10 @@ def _speculative(graphdef, state, draft_graphdef, draft_state, prompts_BT, promp
     num_B = jnp.where(active_B, acc.num_accepted_B, 0)
     path_BP = jnp.maximum(acc.path_BP, 0)
     old_len_B = cache.lengths
-    cache = models.commit(cache_ext, path_BP, jnp.where(active_B, num_B + 1, 0))
+    keep_B = jnp.where(active_B, num_B + 1, 0)
+    # A chain's accepted path is its prefix, already in place: only the lengths move.
+    cache = (models.advance(cache_ext, keep_B) if tree.is_chain else
+             models.commit(cache_ext, path_BP, keep_B))
 
     # Emit: accepted draft tokens, then the next token; truncate at EOS and max_new_tokens.
     j_P = jnp.arange(depth + 1)

@@ -1,13 +1,14 @@
 """Flax NNX transformer with MTP modules, Medusa heads and a KV cache for speculative decoding."""
 from jax_spec.models.config import PRESETS, TransformerConfig, get_config, param_count
-from jax_spec.models.kv_cache import (DecodeOutputs, KVCache, MTPCache, MTPDraft, commit, extend,
-                                      init_cache, init_mtp_cache, medusa_logits, mtp_draft, prefill)
+from jax_spec.models.kv_cache import (DecodeOutputs, KVCache, MTPCache, MTPDraft, advance, commit,
+                                      extend, init_cache, init_mtp_cache, medusa_logits, mtp_draft, prefill)
 from jax_spec.models.losses import compute_losses, cross_entropy, shifted_targets
 from jax_spec.models.transformer import ModelOutputs, Transformer
 
 __all__ = [
     'PRESETS', 'TransformerConfig', 'get_config', 'param_count', 'Transformer', 'ModelOutputs',
     'compute_losses', 'cross_entropy', 'shifted_targets', 'KVCache', 'MTPCache', 'MTPDraft',
-    'DecodeOutputs', 'init_cache', 'prefill', 'extend', 'commit', 'init_mtp_cache', 'mtp_draft',
+    'DecodeOutputs', 'init_cache', 'prefill', 'extend', 'commit', 'advance', 'init_mtp_cache',
+    'mtp_draft',
     'medusa_logits',
 ]

@@ -179,6 +179,16 @@ def commit(cache, path_BA, num_accepted_B):
   return cache.replace(k=k, v=v, lengths=new_lengths)
 
 
+def advance(cache, num_accepted_B):
+  """`commit` for a chain: the last `extend`'s first `num_accepted_B` tokens already sit at slots
+  `len + a` (path 0, 1, ...), so only the lengths move; no gather/scatter of the cache."""
+  _check_int('num_accepted_B', num_accepted_B, 1)
+  if num_accepted_B.shape != cache.lengths.shape:
+    raise ValueError(f'num_accepted_B {num_accepted_B.shape} must match the cache batch '
+                     f'{cache.lengths.shape}')
+  return cache.replace(lengths=cache.lengths + jnp.maximum(num_accepted_B.astype(jnp.int32), 0))
+
+
 def medusa_logits(model: Transformer, hidden_BTD):
   """[K, B, T, V] fp32: head k (from 1) at position i drafts t_{i+k+1}."""
   _check_model(model)
