@@ -32,7 +32,6 @@ import numpy as np
 from experiments import plots
 from experiments import speculative as spec_exp
 from jax_spec import decoding
-from jax_spec import runtime
 from jax_spec.data import load_data
 from jax_spec.decoding import trees as trees_lib
 from jax_spec.training import loop
@@ -199,14 +198,7 @@ def run(f) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.INFO)
-  runtime.configure_xla_cpu()
-  try:
-    run(FLAGS)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  spec_exp.cli_main(run, argv)
 
 
 if __name__ == '__main__':

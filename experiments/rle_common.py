@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from absl import flags
 
+from jax_spec.rle import losses
 from jax_spec.rle import trainer
 
 
@@ -62,8 +63,8 @@ def define_common_flags(options_cls, *, noise_what: str, noise_unit: str, compar
                      f'Fraction of training {noise_what} given Cauchy noise.')
   flags.DEFINE_float('label_noise_scale', defaults['label_noise_scale'],
                      f'Scale ({noise_unit}) of the Cauchy label noise.')
-  flags.DEFINE_enum('q', defaults['q'], ['laplace', 'gaussian'], 'RLE base distribution Q.')
-  flags.DEFINE_enum('rle_form', defaults['rle_form'], ['paper', 'official', 'two_nll'],
+  flags.DEFINE_enum('q', defaults['q'], list(losses.Q_DISTRIBUTIONS), 'RLE base distribution Q.')
+  flags.DEFINE_enum('rle_form', defaults['rle_form'], list(losses.RLE_FORMS),
                     'RLE loss form (jax_spec/rle/losses.py docstring).')
   flags.DEFINE_float('sigma_lr_mult', defaults['sigma_lr_mult'],
                      'Learning-rate multiplier for the sigma head (nll, rle).')

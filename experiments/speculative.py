@@ -277,17 +277,24 @@ def run(argv_flags) -> dict:
   return results
 
 
-def main(argv):
+def cli_main(run_fn, argv, *, required_workdir: str | None = None):
+  """The absl `main` of the decoding experiments (this one and the quickstart): checks the
+  arguments, sets INFO logging and the XLA:CPU flags, runs `run_fn(FLAGS)` and turns its
+  ValueErrors into usage errors."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required (a trained run of experiments.train)')
+  if required_workdir and not FLAGS.workdir:
+    raise app.UsageError(f'--workdir is required ({required_workdir})')
   logging.getLogger().setLevel(logging.INFO)
   runtime.configure_xla_cpu()
   try:
-    run(FLAGS)
+    return run_fn(FLAGS)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+
+
+def main(argv):
+  cli_main(run, argv, required_workdir='a trained run of experiments.train')
 
 
 if __name__ == '__main__':

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
 
 
@@ -31,7 +33,6 @@ def configure_xla_cpu(flags=CPU_FLAGS) -> str:
 def decode_precision(requested: str, trained: str) -> str:
   """'auto' decodes in fp32 on CPU (XLA:CPU emulates bf16/fp16 matmuls: a one-token bf16 step of
   the small preset takes 2x the fp32 one) and in the training precision elsewhere."""
-  import jax  # pylint: disable=g-import-not-at-top
   if requested != 'auto':
     return requested
   return 'fp32' if jax.default_backend() == 'cpu' else trained
