@@ -16,8 +16,10 @@ temp (XLA's scratch buffers: every intermediate of the computation, e.g. score m
 residuals saved for the backward) plus arguments plus outputs. It is XLA's static buffer
 assignment, not a runtime measurement, so it is available without running; a configuration whose
 estimate exceeds `--max_memory_gb` is compiled but not executed (its memory is still reported).
-Time: one warm-up call, then `--repeats` timed calls (block_until_ready), implementations
-interleaved so that load from other processes hits them alike; the median is reported.
+Time: one warm-up call, then `--repeats` timed samples, implementations interleaved so that load
+from other processes hits them alike; the median is reported. A sample is `n` back-to-back calls
+and one block_until_ready, divided by `n`, with `n` chosen from the warm-up so that a sample lasts
+about 20 ms (on a GPU a single sub-millisecond call would otherwise time the host's dispatch).
 TFLOP/s: forward 4*b*h*q*k*d (halved for causal), backward 2.5x forward (fwd+bwd = 3.5x).
 Writes `results.json` and `attention_benchmark.png` into `--output`.
 """
@@ -50,6 +52,9 @@ GPU_ONLY = ('cudnn', 'stock_pallas')
 
 flags.DEFINE_list('seq_lens', ['1024', '4096'], 'Sequence lengths (q_len = kv_len).')
 flags.DEFINE_integer('batch', 1, 'Batch size.')
+flags.DEFINE_integer('batch_tokens', None,
+                     'If set, batch = max(1, batch_tokens // seq_len) per sequence length (constant '
+                     'tokens per call, as in the FlashAttention papers\' sweeps); overrides --batch.')
 flags.DEFINE_integer('num_heads', 8, 'Query heads.')
 flags.DEFINE_integer('num_kv_heads', None, 'K/V heads (default: num_heads).')
 flags.DEFINE_integer('head_dim', 64, 'Head dimension.')
@@ -152,8 +157,12 @@ def hardware() -> dict:
   return info
 
 
+def calls_per_sample(seconds_per_call: float, target_s: float = 0.02, max_calls: int = 100) -> int:
+  return int(min(max_calls, max(1, round(target_s / max(seconds_per_call, 1e-9)))))
+
+
 def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, head_dim, dtype,
-                  causal, mode, repeats, max_memory_bytes, seed=0):
+                  causal, mode, repeats, max_memory_bytes, seed=0, batch_tokens=None):
   """Returns a list of result dicts, one per (seq_len, implementation)."""
   backend = jax.default_backend()
   names = []
@@ -166,6 +175,8 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
   results = []
   progress = tqdm(total=len(seq_lens) * len(names) * (repeats + 2), desc='bench_attention')
   for seq_len in seq_lens:
+    if batch_tokens:
+      batch = max(1, batch_tokens // seq_len)
     keys = jax.random.split(jax.random.PRNGKey(seed + seq_len), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, num_heads, head_dim), jnp.float32).astype(dtype)
     kv_shape = (batch, seq_len, num_kv_heads, head_dim)
@@ -175,7 +186,7 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
     flops = attention_flops(batch, num_heads, seq_len, seq_len, head_dim, causal, mode)
     runnable = {}
     for name in names:
-      row = dict(implementation=name, seq_len=seq_len, flops=flops, executed=False)
+      row = dict(implementation=name, seq_len=seq_len, batch=batch, flops=flops, executed=False)
       results.append(row)
       progress.set_postfix_str(f'S={seq_len} {name}: compile')
       try:
@@ -196,15 +207,20 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
                      seq_len, name, peak / 2**30)
         progress.update(repeats + 1)
         continue
+      t0 = time.perf_counter()
       jax.block_until_ready(compiled(q, k, v, do))  # warm-up
+      row['calls_per_sample'] = calls_per_sample(time.perf_counter() - t0)
       progress.update(1)
       runnable[name] = (compiled, row, [])
     for _ in range(repeats):  # Interleaved, so background load hits every implementation alike.
       for name, (compiled, row, times) in runnable.items():
         progress.set_postfix_str(f'S={seq_len} {name}: run')
+        n = row['calls_per_sample']
         t0 = time.perf_counter()
+        for _ in range(n - 1):
+          compiled(q, k, v, do)
         jax.block_until_ready(compiled(q, k, v, do))
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / n)
         progress.update(1)
     for name, (compiled, row, times) in runnable.items():
       row.update(executed=True, times_s=times, median_s=float(np.median(times)),
@@ -250,7 +266,8 @@ def main(argv):
   implementations = FLAGS.implementations or default_implementations(backend)
   seq_lens = [int(s) for s in FLAGS.seq_lens]
   os.makedirs(FLAGS.output, exist_ok=True)
-  config = dict(seq_lens=seq_lens, batch=FLAGS.batch, num_heads=FLAGS.num_heads,
+  config = dict(seq_lens=seq_lens, batch=FLAGS.batch, batch_tokens=FLAGS.batch_tokens,
+                num_heads=FLAGS.num_heads,
                 num_kv_heads=num_kv_heads, head_dim=FLAGS.head_dim, dtype=dtype.name,
                 causal=FLAGS.causal, mode=FLAGS.mode, repeats=FLAGS.repeats,
                 implementations=implementations, max_memory_gb=FLAGS.max_memory_gb)
@@ -259,12 +276,13 @@ def main(argv):
       seq_lens, implementations, batch=FLAGS.batch, num_heads=FLAGS.num_heads,
       num_kv_heads=num_kv_heads, head_dim=FLAGS.head_dim, dtype=dtype, causal=FLAGS.causal,
       mode=FLAGS.mode, repeats=FLAGS.repeats, max_memory_bytes=FLAGS.max_memory_gb * 2**30,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, batch_tokens=FLAGS.batch_tokens)
   out = dict(date=datetime.datetime.now().isoformat(timespec='seconds'), hardware=hardware(),
              config=config, results=results)
   with open(os.path.join(FLAGS.output, 'results.json'), 'w') as f:
     json.dump(out, f, indent=1)
-  title = (f'{FLAGS.mode} causal={FLAGS.causal} b={FLAGS.batch} h={FLAGS.num_heads} '
+  batch = f'{FLAGS.batch_tokens} tokens' if FLAGS.batch_tokens else f'b={FLAGS.batch}'
+  title = (f'{FLAGS.mode} causal={FLAGS.causal} {batch} h={FLAGS.num_heads} '
            f'kv={num_kv_heads} d={FLAGS.head_dim} {dtype.name} on {out["hardware"]["device_kind"]}')
   plot_results(results, os.path.join(FLAGS.output, 'attention_benchmark.png'), title)
   print(f'{"impl":<13}{"seq_len":>8}{"median s":>11}{"TFLOP/s":>10}{"peak MiB":>11}  executed')
