@@ -161,6 +161,21 @@ def calls_per_sample(seconds_per_call: float, target_s: float = 0.02, max_calls:
   return int(min(max_calls, max(1, round(target_s / max(seconds_per_call, 1e-9)))))
 
 
+def time_sample(fn, args, n: int) -> float:
+  """Seconds per call of `n` back-to-back calls, synchronized once at the end."""
+  t0 = time.perf_counter()
+  for _ in range(n - 1):
+    fn(*args)
+  jax.block_until_ready(fn(*args))
+  return (time.perf_counter() - t0) / n
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+  """Median seconds per call of a compiled function (after one call that sizes the samples)."""
+  n = calls_per_sample(time_sample(fn, args, 1))
+  return float(np.median([time_sample(fn, args, n) for _ in range(repeats)]))
+
+
 def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, head_dim, dtype,
                   causal, mode, repeats, max_memory_bytes, seed=0, batch_tokens=None):
   """Returns a list of result dicts, one per (seq_len, implementation)."""
@@ -207,20 +222,13 @@ def run_benchmark(seq_lens, implementations, *, batch, num_heads, num_kv_heads, 
                      seq_len, name, peak / 2**30)
         progress.update(repeats + 1)
         continue
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(q, k, v, do))  # warm-up
-      row['calls_per_sample'] = calls_per_sample(time.perf_counter() - t0)
+      row['calls_per_sample'] = calls_per_sample(time_sample(compiled, (q, k, v, do), 1))  # warm-up
       progress.update(1)
       runnable[name] = (compiled, row, [])
     for _ in range(repeats):  # Interleaved, so background load hits every implementation alike.
       for name, (compiled, row, times) in runnable.items():
         progress.set_postfix_str(f'S={seq_len} {name}: run')
-        n = row['calls_per_sample']
-        t0 = time.perf_counter()
-        for _ in range(n - 1):
-          compiled(q, k, v, do)
-        jax.block_until_ready(compiled(q, k, v, do))
-        times.append((time.perf_counter() - t0) / n)
+        times.append(time_sample(compiled, (q, k, v, do), row['calls_per_sample']))
         progress.update(1)
     for name, (compiled, row, times) in runnable.items():
       row.update(executed=True, times_s=times, median_s=float(np.median(times)),

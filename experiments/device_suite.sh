@@ -4,12 +4,17 @@
 #      against their float64 references, including the flash-attention slow sweep;
 #   2. attention TFLOP/s: this project's Pallas kernel vs cuDNN, JAX's stock Pallas kernel and XLA
 #      (experiments.bench_attention), forward and forward + backward;
-#   3. verify cost r(T) of the sampler's chain verify step (experiments.bench_verify);
-#   4. the quickstart on a short budget (training with the Pallas kernels, then speculative decoding).
+#   3. the kernel's tile / launch-option sweeps (experiments.tune_flash_attention);
+#   4. verify cost r(T) of the sampler's chain verify step (experiments.bench_verify);
+#   5. the quickstart on a short budget (training with the Pallas kernels, then speculative
+#      decoding), and greedy identity of tree decoding in bf16 vs fp32 on the model it trained.
 #
 #   bash experiments/device_suite.sh OUTPUT_DIR           # full run (under 10 minutes on one H200)
 #   SUITE_SMOKE=1 bash experiments/device_suite.sh /tmp/s # tiny sizes: checks the script on a CPU
 #
+# SUITE_STAGES=a,b runs only the named stages (tests, tests_slow_sweep, attention_fwd,
+# attention_fwd_bwd, tune_fwd_d128, tune_fwd_bwd_d128, verify_small, verify_base, quickstart,
+# spec_precision, tune_fwd_d64); SUITE_TESTS overrides the test files.
 # Every stage has its own time limit and log; a failing stage does not stop the next. After each
 # stage all logs and results so far are packed into OUTPUT_DIR/suite.tgz (a killed call still
 # returns what finished) and OUTPUT_DIR/stages.txt lists each stage's exit code and seconds.
@@ -27,6 +32,9 @@ if [[ -n "${SUITE_SMOKE:-}" ]]; then
   QUICK=(--minutes=0.1 --steps=4 --draft_minutes=0.05 --draft_steps=4 --draft_config=tiny
          --config=tiny --num_prompts=1 --prompt_len=8 --max_new_tokens=8 --batch_size=2 --seq_len=32
          --drafters=medusa_chain,model_chain --draft_gamma=3)
+  TUNE=(--seq_lens=64 --batch_tokens=128 --block_qs=16,32 --block_ks=16 --num_warps=4
+        --num_stages=2 --repeats=2) TUNE_LIMIT=60
+  SPEC=(--num_prompts=1 --prompt_len=8 --max_new_tokens=8 --stop_at_eos=false) SPEC_TREES=(4 8)
   WORKERS=2
 else
   TEST_ARGS=(tests/test_flash_attention.py tests/test_flash_attention_export.py
@@ -36,10 +44,13 @@ else
   ATTN=(--seq_lens=1024,4096,16384 --batch_tokens=16384 --num_heads=16 --head_dim=128 --repeats=10
         --max_memory_gb=40)
   VERIFY=() BASE_VERIFY=(--config=base --precisions=bf16)
-  QUICK=(--minutes=1.5 --steps=2000 --draft_minutes=0.3 --draft_steps=1500 --num_prompts=4
+  QUICK=(--minutes=1 --steps=2000 --draft_minutes=0.3 --draft_steps=1500 --num_prompts=4
          --drafters=mtp_chain,medusa_chain,medusa_tree,model_chain)
+  TUNE=(--seq_lens=4096 --batch_tokens=16384 --repeats=10) TUNE_LIMIT=80
+  SPEC=(--num_prompts=4 --max_new_tokens=128 --stop_at_eos=false) SPEC_TREES=(14 60)
   WORKERS=8
 fi
+[[ -n "${SUITE_TESTS:-}" ]] && read -r -a TEST_ARGS <<< "$SUITE_TESTS"
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2 start rc
@@ -57,22 +68,46 @@ stage() {  # stage NAME SECONDS COMMAND...
   flax.__version__, jax.devices())'; } > "$WORK/info.log" 2>&1
 cat "$WORK/info.log"
 
-stage tests 150 "$PY" -m pytest -q -n "$WORKERS" -p no:cacheprovider "${TEST_ARGS[@]}"
-stage tests_slow_sweep 60 "$PY" -m pytest -q -n "$WORKERS" -p no:cacheprovider "${SLOW_ARGS[@]}"
-stage attention_fwd 80 "$PY" -m experiments.bench_attention --mode=fwd --dtype=bfloat16 \
-  --causal "${ATTN[@]}" --output="$WORK/attention_fwd"
-stage attention_fwd_bwd 110 "$PY" -m experiments.bench_attention --mode=fwd_bwd --dtype=bfloat16 \
-  --causal "${ATTN[@]}" --output="$WORK/attention_fwd_bwd"
-stage verify_small 60 "$PY" -m experiments.bench_verify --config=small "${VERIFY[@]}" \
-  --workdir="$WORK/verify_small"
-stage verify_base 50 "$PY" -m experiments.bench_verify "${VERIFY[@]}" "${BASE_VERIFY[@]}" \
-  --workdir="$WORK/verify_base"
-stage quickstart 200 "$PY" -m experiments.quickstart "${QUICK[@]}" --workdir="$WORK/quickstart"
+want() { [[ -z "${SUITE_STAGES:-}" || ",$SUITE_STAGES," == *",$1,"* ]]; }
+tune() {  # tune NAME HEAD_DIM HEADS MODE GRID...
+  local name=$1 d=$2 h=$3 mode=$4
+  shift 4
+  want "$name" && stage "$name" "$TUNE_LIMIT" "$PY" -m experiments.tune_flash_attention \
+    --mode="$mode" --head_dim="$d" --num_heads="$h" "${TUNE[@]}" "$@" --output="$WORK/$name"
+}
+
+want tests && stage tests 150 "$PY" -m pytest -q -n "$WORKERS" -p no:cacheprovider "${TEST_ARGS[@]}"
+want tests_slow_sweep && stage tests_slow_sweep 60 "$PY" -m pytest -q -n "$WORKERS" \
+  -p no:cacheprovider "${SLOW_ARGS[@]}"
+want attention_fwd && stage attention_fwd 80 "$PY" -m experiments.bench_attention --mode=fwd \
+  --dtype=bfloat16 --causal "${ATTN[@]}" --output="$WORK/attention_fwd"
+want attention_fwd_bwd && stage attention_fwd_bwd 110 "$PY" -m experiments.bench_attention \
+  --mode=fwd_bwd --dtype=bfloat16 --causal "${ATTN[@]}" --output="$WORK/attention_fwd_bwd"
+tune tune_fwd_d128 128 16 fwd
+tune tune_fwd_bwd_d128 128 16 fwd_bwd --num_stages=2
+want verify_small && stage verify_small 60 "$PY" -m experiments.bench_verify --config=small \
+  "${VERIFY[@]}" --workdir="$WORK/verify_small"
+want verify_base && stage verify_base 50 "$PY" -m experiments.bench_verify "${VERIFY[@]}" \
+  "${BASE_VERIFY[@]}" --workdir="$WORK/verify_base"
+want quickstart && stage quickstart 200 "$PY" -m experiments.quickstart "${QUICK[@]}" \
+  --workdir="$WORK/quickstart"
+# Greedy identity vs decoding precision, on the model the quickstart trained.
+for nodes in "${SPEC_TREES[@]}"; do  # Medusa's mc_sim_7b_63 paths of depth <= 3: the default tree, and more
+  for precision in bf16 fp32; do
+    want spec_precision && stage "spec_tree${nodes}_$precision" 40 "$PY" -m experiments.speculative \
+      --workdir="$WORK/quickstart" --draft=medusa --tree="default:$nodes" --precision="$precision" \
+      "${SPEC[@]}" --output="$WORK/spec_tree${nodes}_$precision"
+  done
+done
+tune tune_fwd_d64 64 32 fwd --block_ks=64,128
 
 # The tables people look at, last (the call's reply shows the end of the output).
 for name in tests tests_slow_sweep; do echo "--- $name"; tail -n 4 "$WORK/$name.log"; done
 for name in attention_fwd attention_fwd_bwd; do
   echo "--- $name"; grep -A 40 '^impl ' "$WORK/$name.log" | head -n 20; done
+for name in tune_fwd_d128 tune_fwd_bwd_d128 tune_fwd_d64; do
+  echo "--- $name"; grep -A 8 'block_q block_k' "$WORK/$name.log" 2>/dev/null; done
 for name in verify_small verify_base; do echo "--- $name"; cat "$WORK/$name/results.md" 2>/dev/null; done
-echo "--- quickstart"; grep -B 2 -A 12 'drafter' "$WORK/quickstart.log" | tail -n 16
+echo "--- quickstart"; grep -A 8 '^drafter ' "$WORK/quickstart.log"
+for f in "$WORK"/spec_*.log; do echo "--- $(basename "$f")"; grep -A 2 'tau  speedup' "$f"; done
 cat "$WORK/stages.txt"

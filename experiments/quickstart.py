@@ -12,7 +12,8 @@
    accepted), and derives a candidate tree per drafter from those accuracies.
 3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; MTP
    and Medusa chains and trees, the draft model's chain of `--draft_gamma` tokens), side by side
-   on the same held-out prompts after warm-up, both samplers in fp32 on CPU (the faster baseline).
+   on the same held-out prompts after warm-up, both samplers in fp32 (`--decode_precision`).
+   `best` in results.json is the fastest drafter whose output was identical to plain decoding.
 4. Prints one table and a few sampled completions; writes `results.json` and PNGs into --workdir.
 """
 from __future__ import annotations
@@ -41,7 +42,10 @@ flags.DEFINE_float('minutes', 6.5, 'Training wall-clock budget in minutes.')
 flags.DEFINE_integer('steps', 300, 'Training steps (the schedule\'s length; the budget may stop '
                      'earlier, and rerunning resumes towards it).')
 flags.DEFINE_string('config', 'small', 'Model preset.')
-flags.DEFINE_string('precision', 'bf16', 'fp32 | bf16 | fp16.')
+flags.DEFINE_string('precision', 'bf16', 'Training precision: fp32 | bf16 | fp16.')
+flags.DEFINE_enum('decode_precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'],
+                  'Precision of both samplers in the benchmark (auto: fp32, see '
+                  'jax_spec/runtime.py: decode_precision).')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
@@ -77,7 +81,7 @@ def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=No
       tree=tree_spec, num_draft=num_draft, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
       num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
       max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-      stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision='auto',
+      stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision=FLAGS.decode_precision,
       output=os.path.join(out_root, f'{drafter}_{tree_name}'))
   r = spec_exp.run(ns)
   return {'drafter': f'{drafter} ({tree_name})', 'draft': drafter, 'tree': tree_name,
@@ -154,7 +158,8 @@ def run(f) -> dict:
       continue
     acc, choices = measure_heads(model, data, drafter, f.tree_nodes)
     tree = trees_lib.Tree.from_choices(choices, num_heads=acc.shape[0])
-    heads[drafter] = {'top1_acc': acc[:, 0].tolist(), 'top8_acc': acc[:, -1].tolist(),
+    # acc[j, r]: probability that head j's rank-r token is the right one; top-8 sums ranks 0..7.
+    heads[drafter] = {'top1_acc': acc[:, 0].tolist(), 'top8_acc': acc[:, :8].sum(-1).tolist(),
                       'tree_choices': choices,
                       'expected_tau_tree': trees_lib.expected_accepted_length(tree, acc)}
     tree_specs += [(drafter, name, spec) for name, spec in (('chain', 'chain'),
@@ -169,7 +174,8 @@ def run(f) -> dict:
                           draft_workdir=draft_workdir, num_draft=f.draft_gamma))
   texts = completions(model, tokenizer, data, f.num_completions) if f.num_completions else []
 
-  best = max(rows, key=lambda r: r['speedup']) if rows else None
+  lossless = [r for r in rows if r['outputs_identical']]  # greedy: the claim is identical output
+  best = max(lossless, key=lambda r: r['speedup']) if lossless else None
   results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
              'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best, 'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,

@@ -61,7 +61,7 @@ def define_flags():
   flags.DEFINE_integer('cache_len', None, 'KV cache slots (default: the model\'s max_seq_len).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Decoding precision of '
-                    'both samplers (auto: fp32 on CPU, where it is the faster one, else the run\'s).')
+                    'both samplers (auto: fp32, see jax_spec/runtime.py: decode_precision).')
   flags.DEFINE_string('output', None, 'Output directory.')
 
 
@@ -71,7 +71,7 @@ def load_run(workdir: str, what: str, precision: str = 'auto'):
   if not workdir or not os.path.isdir(workdir):
     raise ValueError(f'--{what}={workdir!r} is not a directory (a workdir of experiments.train)')
   info = loop.read_run_info(workdir)
-  policy = runtime.decode_precision(precision, info['train']['precision'])
+  policy = runtime.decode_precision(precision)
   try:
     model, tokenizer, model_config = loop.load_model_from_workdir(workdir, policy=policy)
   except ValueError:

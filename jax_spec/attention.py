@@ -279,6 +279,13 @@ def _segments_overlap(qseg_Bq, kseg_Bk):
   return jnp.any((qseg_Bq.min(1) <= kseg_Bk.max(1)) & (kseg_Bk.min(1) <= qseg_Bq.max(1)))
 
 
+def _einsum(eqn, a, b, *, preferred_element_type):
+  """Accumulating einsum; fp32 operands use full fp32 precision (no TF32 on GPUs), as the Pallas
+  kernels do, so that every implementation computes the same function."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jnp.einsum(eqn, a, b, precision=precision, preferred_element_type=preferred_element_type)
+
+
 def _acc_dtype(dtype):
   """Statistics and accumulators: fp32 for 16/32-bit inputs, fp64 for fp64 inputs."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -287,7 +294,7 @@ def _acc_dtype(dtype):
 def _scores(cfg: _Config, q_BKMD, k_BKND):
   """Raw fp32 scores `[B, K, G*bq, bk]` and, for soft capping, tanh(s / cap)."""
   acc = _acc_dtype(q_BKMD.dtype)
-  s = jnp.einsum('bkmd,bknd->bkmn', q_BKMD, k_BKND, preferred_element_type=acc)
+  s = _einsum('bkmd,bknd->bkmn', q_BKMD, k_BKND, preferred_element_type=acc)
   s = s * cfg.sm_scale
   if cfg.soft_cap is None:
     return s, None
@@ -368,7 +375,7 @@ def _forward(cfg: _Config, q, k, v, qseg, kseg):
       alpha = jnp.exp(m - m_safe)
       p = jnp.exp(s - m_safe[..., None])
       l = alpha * l + p.sum(-1)
-      o = alpha[..., None] * o + jnp.einsum('bkmn,bknd->bkmd', p.astype(v.dtype), v_nBKND[kj],
+      o = alpha[..., None] * o + _einsum('bkmn,bknd->bkmd', p.astype(v.dtype), v_nBKND[kj],
                                             preferred_element_type=acc)
       return o, m_new, l
 
@@ -397,7 +404,7 @@ def _backward(cfg: _Config, q, k, v, qseg, kseg, o, lse, do, dlse):
   acc = _acc_dtype(q.dtype)
   do_nBKMD = _q_to_blocks(cfg, do.astype(q.dtype))
   # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta) covers both cotangents.
-  delta_BHT = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc))
+  delta_BHT = _einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc), preferred_element_type=acc)
   if dlse is not None:
     delta_BHT = delta_BHT - dlse
   delta_nBKM = _lse_to_blocks(cfg, delta_BHT)
@@ -415,16 +422,16 @@ def _backward(cfg: _Config, q, k, v, qseg, kseg, o, lse, do, dlse):
       if masked:
         s = _masked(cfg, s, _block_mask(cfg, qi, kj, qseg_nBq[qi], kseg_Bk))
       p = jnp.exp(s - lse_nBKM[qi][..., None])
-      dv = dv + jnp.einsum('bkmn,bkmd->bknd', p.astype(v.dtype), do_BKMD,
+      dv = dv + _einsum('bkmn,bkmd->bknd', p.astype(v.dtype), do_BKMD,
                            preferred_element_type=acc)
-      dp = jnp.einsum('bkmd,bknd->bkmn', do_BKMD, v_BKND, preferred_element_type=acc)
+      dp = _einsum('bkmd,bknd->bkmn', do_BKMD, v_BKND, preferred_element_type=acc)
       ds = p * (dp - delta_nBKM[qi][..., None])
       if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
       ds = (ds * cfg.sm_scale).astype(q.dtype)
-      dq_i = jnp.einsum('bkmn,bknd->bkmd', ds, k_BKND, preferred_element_type=acc)
+      dq_i = _einsum('bkmn,bknd->bkmd', ds, k_BKND, preferred_element_type=acc)
       dq = dq.at[qi].add(dq_i)
-      dk = dk + jnp.einsum('bkmn,bkmd->bknd', ds, q_BKMD, preferred_element_type=acc)
+      dk = dk + _einsum('bkmn,bkmd->bknd', ds, q_BKMD, preferred_element_type=acc)
       return dq, dk, dv
 
     def body(qi, carry, masked):
@@ -601,7 +608,7 @@ def _xla_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, cache_lengths_B, tr
     slot_C = start + jnp.arange(chunk)
     k_BCKD = lax.dynamic_slice_in_dim(k_cache_BSKD, start, chunk, axis=1)
     v_BCKD = lax.dynamic_slice_in_dim(v_cache_BSKD, start, chunk, axis=1)
-    s = jnp.einsum('bkmd,bckd->bkmc', q_BKMD, k_BCKD, preferred_element_type=jnp.float32) * scale
+    s = _einsum('bkmd,bckd->bkmc', q_BKMD, k_BCKD, preferred_element_type=jnp.float32) * scale
     vis_BTC = cache_visibility(cache_lengths_B, tree_mask_BTT, slot_C) & (slot_C >= nominal)
     s = jnp.where(vis_BTC[:, None, None], s.reshape(batch, kvh, group, num_new, chunk), -jnp.inf)
     s = s.reshape(batch, kvh, rows, chunk)
@@ -610,7 +617,7 @@ def _xla_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, cache_lengths_B, tr
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[..., None])
     l = alpha * l + p.sum(-1)
-    o = alpha[..., None] * o + jnp.einsum('bkmc,bckd->bkmd', p.astype(v_cache_BSKD.dtype), v_BCKD,
+    o = alpha[..., None] * o + _einsum('bkmc,bckd->bkmd', p.astype(v_cache_BSKD.dtype), v_BCKD,
                                           preferred_element_type=jnp.float32)
     return o, m_new, l
 

@@ -30,9 +30,16 @@ def configure_xla_cpu(flags=CPU_FLAGS) -> str:
   return current
 
 
-def decode_precision(requested: str, trained: str) -> str:
-  """'auto' decodes in fp32 on CPU (XLA:CPU emulates bf16/fp16 matmuls: a one-token bf16 step of
-  the small preset takes 2x the fp32 one) and in the training precision elsewhere."""
+def decode_precision(requested: str) -> str:
+  """'auto' decodes in fp32 on every backend.
+
+  On CPU for speed (XLA:CPU emulates bf16/fp16 matmuls: a one-token bf16 step of the small preset
+  takes 2x the fp32 one). On GPUs for exactness: a T-token verify forward and a one-token decode
+  step run differently shaped (differently tiled) bf16 matmuls whose bf16-rounded activations
+  differ in the last bit, which flips greedy near-ties, so speculative greedy output can drift from
+  plain decoding (measured on an H200: docs/benchmarks.md); fp32 keeps those differences at the
+  level of fp32 accumulation order.
+  """
   if requested != 'auto':
     return requested
-  return 'fp32' if jax.default_backend() == 'cpu' else trained
+  return 'fp32'

@@ -44,7 +44,8 @@ def _platform() -> str:
 
 def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
                     sliding_window=None, logit_soft_cap=None, sm_scale=None, block_q=None,
-                    block_k=None, interpret=None, return_lse=False, backend=None):
+                    block_k=None, interpret=None, return_lse=False, backend=None, num_warps=None,
+                    num_stages=None):
   """Fused softmax attention, `softmax(mask(cap(q k^T * sm_scale))) v`, with a Pallas backward.
 
   Args:
@@ -64,6 +65,8 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     return_lse: also return the fp32 log-sum-exp `[batch, num_heads, q_len]` (-inf on rows that
       see no key); its cotangent is honoured by the backward.
     backend: None | 'gpu' | 'tpu'.
+    num_warps, num_stages: Triton launch options of the GPU kernels (forward and backward);
+      default 4 warps for head_dim <= 64 else 8, and 2 stages. Not used by the TPU kernels.
 
   Returns:
     `[batch, q_len, num_heads, head_dim]` in q's dtype (rows with no visible key are zeros), and
@@ -122,12 +125,21 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     raise ValueError(f"backend must be None, 'gpu' or 'tpu', got {backend!r}.")
   if interpret is None:
     interpret = _platform() != backend
+  for name, n in (('num_warps', num_warps), ('num_stages', num_stages)):
+    if n is None:
+      continue
+    if isinstance(n, bool) or not isinstance(n, _INTS) or n < 1:
+      raise ValueError(f'{name} must be a positive int, got {n!r}.')
+    if backend != 'gpu':
+      raise ValueError(f'{name} is a Triton (GPU kernel) option; backend is {backend!r}.')
   module = _backend_module(backend)
   block_q, block_k = module.block_sizes(q_len, kv_len, head_dim, block_q, block_k)
   cfg = common.AttentionConfig(
       q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, causal=bool(causal),
       sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, sm_scale=float(sm_scale),
-      has_segments=q_segment_ids is not None, interpret=bool(interpret), backend=backend)
+      has_segments=q_segment_ids is not None, interpret=bool(interpret), backend=backend,
+      num_warps=None if num_warps is None else int(num_warps),
+      num_stages=None if num_stages is None else int(num_stages))
   o, lse = _flash_attention(q, k, v, q_segment_ids, kv_segment_ids, cfg)
   return (o, lse) if return_lse else o
 
@@ -191,7 +203,8 @@ def _backward(cfg, res, cotangents):
   q, k, v, q_ids, kv_ids, o, lse = res
   do, dlse = cotangents
   # delta = rowsum(dO * O) (fp32); an lse cotangent adds dlse * p to dS, i.e. delta -= dlse.
-  delta = jnp.einsum('bthd,bthd->bht', do.astype(jnp.float32), o.astype(jnp.float32))
+  delta = jnp.einsum('bthd,bthd->bht', do.astype(jnp.float32), o.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
   delta = delta - dlse
   # Rows that see no key have lse = -inf; +inf makes p = exp(s - lse) exactly 0 there.
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)

@@ -31,6 +31,8 @@ class AttentionConfig:
   has_segments: bool
   interpret: bool
   backend: str          # 'gpu' | 'tpu'
+  num_warps: int | None = None    # Triton launch options (GPU only); None: per-head_dim default
+  num_stages: int | None = None
 
   @property
   def q_len_padded(self) -> int:

@@ -123,8 +123,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
   lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _compiler_params(head_dim):
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def _compiler_params(cfg, head_dim):
+  num_warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 
 
 def _pad_head_dim(*xs):
@@ -157,7 +158,7 @@ def forward(q, k, v, q_ids, kv_ids, cfg):
       out_specs=[q_spec, pl.BlockSpec((None, None, cfg.block_q), lambda i, b, h: (b, h, qi(i)))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-      compiler_params=_compiler_params(d),
+      compiler_params=_compiler_params(cfg, d),
       interpret=cfg.interpret,
       name='flash_attention_fwd',
   )(q, k, v, q_ids, kv_ids)
@@ -252,7 +253,7 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   nq, nk = q_len // cfg.block_q, kv_len // cfg.block_k
-  params = _compiler_params(d)
+  params = _compiler_params(cfg, d)
 
   qi = functools.partial(_q_block_index, cfg, num_q_blocks=nq)
   q_spec = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, b, h: (b, qi(i), h, 0))

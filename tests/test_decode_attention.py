@@ -154,8 +154,9 @@ def test_triton_lowering_for_cuda(shape):
   assert exported.platforms == ('cuda',)
 
 
-def test_default_implementation_on_cpu():
-  assert attention.default_cache_implementation() == 'xla'
+def test_default_implementation_is_the_kernel_on_gpu_only():
+  on_gpu = jax.default_backend() == 'gpu'
+  assert attention.default_cache_implementation() == ('pallas' if on_gpu else 'xla')
 
 
 @pytest.mark.parametrize('kwargs,match', [

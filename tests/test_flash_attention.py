@@ -282,13 +282,16 @@ def _bad(**overrides):
     (dict(backend='tpu', block_k=64, k=jnp.zeros((1, 300, 2, 32)), v=jnp.zeros((1, 300, 2, 32))),
      'block_k=64 must be a multiple of 128'),
     (dict(backend='cuda'), 'backend'),
+    (dict(num_warps=0), 'num_warps must be a positive int'),
+    (dict(backend='tpu', num_stages=3), 'num_stages is a Triton'),
 ])
 def test_bad_inputs_raise_value_error(overrides, match):
   with pytest.raises(ValueError, match=match):
     _bad(**overrides)()
 
 
-def test_default_backend_on_cpu_is_interpreted_gpu_kernel(monkeypatch):
+def test_default_backend_and_interpret(monkeypatch):
+  """The platform's own kernel natively; on CPU the GPU (Triton-style) kernel, interpreted."""
   from pallas_kernels import flash_attention as fa
   seen = {}
   real = fa._flash_attention
@@ -299,8 +302,11 @@ def test_default_backend_on_cpu_is_interpreted_gpu_kernel(monkeypatch):
 
   monkeypatch.setattr(fa, '_flash_attention', spy)
   jax.eval_shape(lambda q: fa.flash_attention(q, q, q), jnp.zeros((1, 4, 1, 16)))
-  assert seen['cfg'].backend == 'gpu' and seen['cfg'].interpret
-  assert (seen['cfg'].block_q, seen['cfg'].block_k) == (16, 16)   # clamped to the short sequence
+  platform = jax.default_backend()
+  backend = 'tpu' if platform == 'tpu' else 'gpu'
+  assert seen['cfg'].backend == backend and seen['cfg'].interpret == (platform != backend)
+  if backend == 'gpu':
+    assert (seen['cfg'].block_q, seen['cfg'].block_k) == (16, 16)   # clamped to the short sequence
 
 
 # ------------------------------------------------------------------------------ slow sweep

@@ -50,12 +50,13 @@ GPU_CASES = [
     dict(q_len=1, kv_len=1000, dtype=jnp.float32, head_dim=128),             # decode-like
     dict(batch=2, q_len=129, kv_len=77, heads=2, kv_heads=2, head_dim=256, block_q=32,
          block_k=32, causal=True),
+    dict(block_q=128, block_k=128, num_warps=4, num_stages=3, causal=True),  # launch options
 ]
 
 
 @pytest.mark.parametrize('case', GPU_CASES, ids=['causal', 'mqa-window-fp16',
                                                  'gqa3-segments-softcap-d96', 'decode-fp32',
-                                                 'd256-blocks32'])
+                                                 'd256-blocks32', 'launch-options'])
 def test_triton_kernels_lower_for_cuda(case):
   fwd = _export('cuda', grad=False, **case)
   assert re.findall(r'custom_call @([\w$.]+)', fwd) == [TRITON_CALL]

@@ -18,8 +18,8 @@ def test_configure_xla_cpu_appends_once_and_respects_the_user(monkeypatch):
 
 
 def test_decode_precision():
-  assert runtime.decode_precision('bf16', 'fp32') == 'bf16'
-  assert runtime.decode_precision('auto', 'bf16') == 'fp32'     # the tests run on CPU
+  assert runtime.decode_precision('bf16') == 'bf16'
+  assert runtime.decode_precision('auto') == 'fp32'
 
 
 def test_bench_verify_smoke(tmp_path):
