@@ -89,6 +89,7 @@ def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=No
           'tokens_per_s': r['speculative']['tokens_per_s'],
           'baseline_tokens_per_s': r['baseline']['tokens_per_s'], 'speedup': r['speedup'],
           'outputs_identical': r['outputs_identical'],
+          'compiles_while_timing': r['compiles_while_timing'],
           'acceptance_rate_per_depth': r['speculative']['acceptance_rate_per_depth'],
           'plots': [os.path.join(ns.output, p) for p in ('accepted_length_hist.png',
                                                           'acceptance_per_depth.png')]}

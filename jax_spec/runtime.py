@@ -1,13 +1,16 @@
-"""Process-level XLA settings for the experiments (call before JAX's first computation).
+"""Process-level settings and checks for the experiments.
 
+`configure_xla_cpu` (call before JAX's first computation): 
 XLA:CPU (jaxlib 0.10) sends multi-row matmuls to its YNNPACK fusion, which on this repo's 2-core
 benchmark machine is 1.3-1.6x slower than XLA's Eigen path for the few-row matmuls of
 speculative verification (T = 4..16 query tokens), and no faster for training
 (docs/benchmarks.md, "Speculative decoding"). The experiments opt out; library code does not
-touch global flags.
+touch global flags. `decode_precision` resolves the decoding precision; `count_compiles` guards
+timed loops against compiles.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -43,3 +46,27 @@ def decode_precision(requested: str) -> str:
   if requested != 'auto':
     return requested
   return 'fp32'
+
+
+_BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations inside the block (`with count_compiles() as n: ...; n[0]`).
+
+  Benchmarks wrap their timed loops in it: a compile there (a retrace, or a cache miss on a new
+  argument placement) would be timed as decoding; they report the count and warn.
+  """
+  count = [0]
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs, kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+      count[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield count
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -66,7 +66,7 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
       see no key); its cotangent is honoured by the backward.
     backend: None | 'gpu' | 'tpu'.
     num_warps, num_stages: Triton launch options of the GPU kernels (forward and backward);
-      default 4 warps for head_dim <= 64 else 8, and 2 stages. Not used by the TPU kernels.
+      default 4 warps for head_dim <= 128 else 8, and 2 stages. Not used by the TPU kernels.
 
   Returns:
     `[batch, q_len, num_heads, head_dim]` in q's dtype (rows with no visible key are zeros), and

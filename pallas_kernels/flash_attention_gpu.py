@@ -42,8 +42,10 @@ def block_sizes(q_len: int, kv_len: int, head_dim: int, block_q, block_k):
     if b is not None and (not isinstance(b, int) or b < _MIN_BLOCK or b & (b - 1)):
       raise ValueError(f'{name} must be a power of two >= {_MIN_BLOCK} for the GPU (Triton) '
                        f'kernel, got {b!r}.')
+  # Defaults measured on an H200 (experiments.tune_flash_attention, docs/benchmarks.md): 64 x 64
+  # tiles with 4 warps are the fastest forward + backward for head_dim 64 and 128.
   if block_q is None:
-    block_q = 128 if head_dim <= 64 else 64
+    block_q = 64
   if block_k is None:
     block_k = 64 if head_dim <= 128 else 32
   block_q = min(block_q, max(_MIN_BLOCK, _next_pow2(q_len)))
@@ -124,7 +126,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
 
 
 def _compiler_params(cfg, head_dim):
-  num_warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+  num_warps = cfg.num_warps or (4 if head_dim <= 128 else 8)
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
 
 

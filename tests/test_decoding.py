@@ -137,3 +137,21 @@ def test_generate_bad_inputs(model):
     generate_lib.generate(model, prompts, lengths, max_new_tokens=0)
   with pytest.raises(ValueError, match='eos_id'):
     generate_lib.generate(model, prompts, lengths, max_new_tokens=2, eos_id=10_000)
+
+
+@pytest.mark.parametrize('policy, expected', [('fp32', 'highest'), ('bf16', None)])
+def test_decoders_trace_fp32_models_with_full_precision_matmuls(monkeypatch, policy, expected):
+  """fp32 decoding must not use TF32 on GPUs (greedy identity; autoregressive.matmul_precision)."""
+  from jax_spec.decoding import speculative as spec_lib  # pylint: disable=g-import-not-at-top
+  model = models.Transformer(models.get_config('tiny', num_layers=1), policy=policy,
+                             rngs=nnx.Rngs(0))
+  seen = []
+  record = lambda *a, **k: seen.append(jax.config.jax_default_matmul_precision)
+  monkeypatch.setattr(generate_lib, '_generate', record)
+  monkeypatch.setattr(spec_lib, '_speculative', record)
+  prompts = jnp.ones((1, 4), jnp.int32)
+  generate_lib.generate(model, prompts, jnp.array([4]), max_new_tokens=2)
+  spec_lib.speculative_generate(model, prompts, jnp.array([4]), drafter='medusa',
+                                max_new_tokens=2)
+  assert seen == [expected, expected]
+  assert jax.config.jax_default_matmul_precision is None   # restored after the call

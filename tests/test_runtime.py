@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from jax_spec import runtime
 
 
@@ -15,6 +18,21 @@ def test_configure_xla_cpu_appends_once_and_respects_the_user(monkeypatch):
   assert runtime.configure_xla_cpu() == '--xla_cpu_experimental_ynn_fusion_type=dot'
   monkeypatch.delenv('XLA_FLAGS')
   assert runtime.configure_xla_cpu(('--xla_bar=2',)) == '--xla_bar=2'
+
+
+def test_count_compiles():
+  f = jax.jit(lambda x: x * 3 + 1)
+  x = jnp.arange(5.0)
+  with runtime.count_compiles() as n:
+    f(x).block_until_ready()
+  assert n[0] == 1
+  with runtime.count_compiles() as n:
+    f(x + 1).block_until_ready()   # cached program (the `+ 1` outside is a separate op)
+    f(x).block_until_ready()
+  assert n[0] == 1                 # ... only `x + 1` itself compiled
+  with runtime.count_compiles() as n:
+    f(x).block_until_ready()
+  assert n[0] == 0
 
 
 def test_decode_precision():

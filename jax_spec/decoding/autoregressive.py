@@ -8,6 +8,7 @@ and settings.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -63,6 +64,21 @@ def check_cache_len(cache_len, needed, what):
   return cache_len
 
 
+def matmul_precision(model):
+  """Context for tracing a decoder: full-precision matmuls when the model computes in fp32.
+
+  Speculative greedy decoding equals plain decoding only if a T-token verify forward computes the
+  same logits as T one-token steps. On GPUs, XLA's default precision runs fp32 matmuls with TF32
+  inputs in tensor-core GEMMs (T rows) but not in the GEMV of a one-token step, so the two differ
+  at TF32 rounding (~1e-3) and greedy near-ties flip. 'highest' keeps both in fp32. No effect on
+  CPUs (XLA:CPU computes fp32 matmuls in fp32) or for bf16/fp16 models (see docs/benchmarks.md
+  for bf16 on GPUs).
+  """
+  if jnp.dtype(model.policy.compute_dtype) == jnp.float32:
+    return jax.default_matmul_precision('highest')
+  return contextlib.nullcontext()
+
+
 def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
              rng=None, cache_len: int | None = None) -> GenerateOutput:
@@ -82,9 +98,10 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
   cache_len = check_cache_len(cache_len, prompts_BT.shape[1] + max_new_tokens,
                               f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens')
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_array(eos_id),
-                   max_new_tokens=max_new_tokens, sampling_config=config, pad_id=pad_id,
-                   cache_len=cache_len)
+  with matmul_precision(model):
+    return _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_array(eos_id),
+                     max_new_tokens=max_new_tokens, sampling_config=config, pad_id=pad_id,
+                     cache_len=cache_len)
 
 
 def eos_array(eos_id):

@@ -41,8 +41,8 @@ from flax import nnx
 from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
-from jax_spec.decoding.autoregressive import (TRACE_COUNTS, check_cache_len, emit_first_token, eos_array,
-                                        validate_prompts)
+from jax_spec.decoding.autoregressive import (TRACE_COUNTS, check_cache_len, emit_first_token,
+                                              eos_array, matmul_precision, validate_prompts)
 from jax_spec.decoding.trees import Tree, get_tree
 
 DRAFTERS = ('mtp', 'medusa', 'model')
@@ -173,8 +173,9 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
                        'greedy', sampling=sc, sample_drafts=bool(sample_drafts),
                        pad_id=pad_id, max_new_tokens=max_new_tokens, cache_len=cache_len,
                        typical_eps=float(typical_eps), typical_delta=float(typical_delta))
-  return _speculative(graphdef, state, draft_graphdef, draft_state, prompts_BT, prompt_lengths_B,
-                      rng, eos_array(eos_id), settings=settings)
+  with matmul_precision(model):  # the baseline's precision: see autoregressive.matmul_precision
+    return _speculative(graphdef, state, draft_graphdef, draft_state, prompts_BT,
+                        prompt_lengths_B, rng, eos_array(eos_id), settings=settings)
 
 
 class _Settings(NamedTuple):
