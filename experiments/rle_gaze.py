@@ -61,7 +61,7 @@ def load_data(opts: GazeOptions) -> dict:
     name = 'directory'
   else:
     cfg = gaze_data.EyeConfig(height=IMAGE_SHAPE[0], width=IMAGE_SHAPE[1])
-    train = gaze_data.render_eyes(opts.num_train, opts.seed, cfg)
+    train = gaze_data.render_eyes(opts.train_size, opts.seed, cfg)
     test = gaze_data.render_eyes(opts.num_test, opts.seed + 10_000, cfg)
     name = 'rendered eyes'
   train = dict(train)

@@ -53,8 +53,6 @@ class PoseOptions(rle_common.RegressionOptions):
     super().__post_init__()
     if self.image_size % 8 or self.image_size < 16:
       raise ValueError(f'image_size must be a multiple of 8 and >= 16, got {self.image_size}')
-    if self.num_train < 1 or self.num_test < 1:
-      raise ValueError('num_train and num_test must be >= 1')
     coco_args = (self.coco_train_json, self.coco_train_images, self.coco_val_json,
                  self.coco_val_images)
     if any(coco_args) and not all(coco_args):
@@ -71,7 +69,7 @@ def load_data(opts: PoseOptions) -> dict:
     sigmas, name = coco.COCO_SIGMAS, 'coco'
   else:
     cfg = pose_data.StickFigureConfig(image_size=s)
-    train = pose_data.render_stick_figures(opts.num_train, opts.seed, cfg)
+    train = pose_data.render_stick_figures(opts.train_size, opts.seed, cfg)
     test = pose_data.render_stick_figures(opts.num_test, opts.seed + 10_000, cfg)
     for d in (train, test):
       d['areas'] = d['boxes'][:, 2] * d['boxes'][:, 3]

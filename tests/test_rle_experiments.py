@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from jax_spec.rle import losses, trainer
@@ -102,6 +103,15 @@ def test_pose_experiment_smoke(tmp_path):
   for png in ('loss.png', 'predictions.png'):
     assert (tmp_path / 'pose' / png).stat().st_size > 1000
   assert os.path.isdir(tmp_path / 'pose' / 'checkpoints' / '2')
+
+
+def test_default_training_set_is_one_image_per_sample(tmp_path):
+  from experiments import rle_pose  # pylint: disable=g-import-not-at-top
+  opts = rle_pose.PoseOptions(workdir=str(tmp_path), steps=10, batch_size=4)
+  assert opts.num_train == 0 and opts.train_size == 40
+  assert rle_pose.PoseOptions(workdir=str(tmp_path), num_train=7).train_size == 7
+  with pytest.raises(ValueError, match='num_train must be >= 0'):
+    rle_pose.PoseOptions(workdir=str(tmp_path), num_train=-1)
 
 
 def test_gaze_cli_then_resume(tmp_path):
