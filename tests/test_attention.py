@@ -240,3 +240,23 @@ def test_benchmark_smoke(tmp_path):
   assert bench_attention.calls_per_sample(0.004) == 5
   bench_attention.plot_results(results, tmp_path / 'plot.png', 'smoke')
   assert (tmp_path / 'plot.png').stat().st_size > 0
+
+
+def test_tune_flash_attention_smoke(tmp_path):
+  """The tile sweep checks each config against XLA, times the good ones, records the bad ones."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, '-m', 'experiments.tune_flash_attention', '--seq_lens=40',
+         '--batch_tokens=80', '--num_heads=2', '--head_dim=16', '--block_qs=16,24',
+         '--block_ks=16', '--num_warps=4', '--num_stages=2', '--repeats=2', '--mode=fwd_bwd',
+         f'--output={tmp_path}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'results.json').read_text())['rows']
+  good, bad = rows
+  assert good['block_q'] == 16 and good['rel_err'] < 2e-2 and good['tflops'] > 0
+  assert bad['block_q'] == 24 and 'power of two' in bad['error'] and 'tflops' not in bad
