@@ -82,7 +82,8 @@ def define_common_flags(options_cls, *, noise_what: str, noise_unit: str, compar
   flags.DEFINE_bool('compare', False, 'Run all --compare_losses side by side.')
   flags.DEFINE_list('compare_losses', list(compare_losses), 'Losses for --compare.')
   flags.DEFINE_integer('num_train', defaults['num_train'],
-                       'Generated training images (0: steps x batch_size, each image seen once).')
+                       'Generated training images (0: steps x batch_size, each image seen once; '
+                       'the set then depends on --steps, so extend a run with an explicit value).')
   flags.DEFINE_integer('num_test', defaults['num_test'], 'Generated held-out images.')
   flags.DEFINE_list('widths', [str(w) for w in defaults['widths']],
                     'Backbone widths (stem, then one block each).')
