@@ -9,7 +9,10 @@
 #   5. the quickstart on a short budget (training with the Pallas kernels, then speculative
 #      decoding), and greedy identity of tree decoding in bf16 vs fp32 on the model it trained.
 #
-#   bash experiments/device_suite.sh OUTPUT_DIR           # full run (under 10 minutes on one H200)
+#   bash experiments/device_suite.sh OUTPUT_DIR           # everything: ~10 minutes on one H200
+#   (stage times measured there: tests 77 s, slow sweep 16, attention 22 + 33, tuning 42 + 47 + 32,
+#   verify 33 + 24, quickstart 120-160, precision runs 4 x ~23; with a 10-minute limit per call,
+#   split the stages over two calls with SUITE_STAGES)
 #   SUITE_SMOKE=1 bash experiments/device_suite.sh /tmp/s # tiny sizes: checks the script on a CPU
 #
 # SUITE_STAGES=a,b runs only the named stages (tests, tests_slow_sweep, attention_fwd,
