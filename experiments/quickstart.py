@@ -78,7 +78,8 @@ def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=No
   """One side-by-side run of experiments.speculative (baseline and speculative, greedy)."""
   ns = types.SimpleNamespace(
       workdir=workdir, draft=drafter, draft_workdir=draft_workdir, acceptance='greedy',
-      tree=tree_spec, num_draft=num_draft, derive_tree=False, tree_nodes=None, derive_topk=None, derive_batches=None,
+      tree=tree_spec, num_draft=num_draft, derive_tree=False, tree_nodes=None, derive_topk=None,
+      derive_batches=None,
       num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
       max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
       stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision=FLAGS.decode_precision,
@@ -178,7 +179,8 @@ def run(f) -> dict:
   lossless = [r for r in rows if r['outputs_identical']]  # greedy: the claim is identical output
   best = max(lossless, key=lambda r: r['speedup']) if lossless else None
   results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
-             'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best, 'completions': texts,
+             'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best,
+             'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
                            'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
                            'device': str(jax.devices()[0].device_kind)}}
@@ -191,7 +193,8 @@ def run(f) -> dict:
         f'(step {summary.get("step")})')
   if draft_summary:
     print(f'draft model ({f.draft_config}) validation bits/byte: '
-          f'{draft_summary.get("val_bits_per_byte", float("nan")):.3f}  (step {draft_summary.get("step")})')
+          f'{draft_summary.get("val_bits_per_byte", float("nan")):.3f}  '
+          f'(step {draft_summary.get("step")})')
   for drafter, h in heads.items():
     print(f'{drafter} heads top-1 accuracy: {np.round(h["top1_acc"], 3).tolist()}')
   print(f'\n{"drafter":<16}{"tau":>6}{"tokens/s":>10}{"baseline":>10}{"speedup":>9}  identical')

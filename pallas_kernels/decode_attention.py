@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import flash_attention_common as common
+
 _MIN_BLOCK = 16   # tl.dot needs every dimension >= 16.
 _MAX_QUERIES = 128
 _TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100/H200.
@@ -46,13 +48,6 @@ def _next_pow2(n: int) -> int:
 
 def _largest_pow2_divisor(n: int) -> int:
   return n & -n
-
-
-def _dot(a, b, *, trans_b=False):
-  """fp32-accumulating matmul; fp32 inputs use full fp32 precision (no TF32)."""
-  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *, sm_scale,
@@ -70,7 +65,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
     o, m, l = carry
     start = j * block_k
     k_slice = pl.ds(start, block_k)
-    s = _dot(q, k_ref[k_slice, :], trans_b=True) * sm_scale  # [block_m, block_k]
+    s = common.dot(q, k_ref[k_slice, :], trans_b=True) * sm_scale  # [block_m, block_k]
     if masked:
       rel = (start - length + jnp.arange(block_k))[None, :]
       offset = jnp.clip(block_k + start - length, 0, block_k + num_new)
@@ -82,7 +77,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
     p = jnp.exp(s - m_safe[:, None])
     alpha = jnp.exp(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1)
-    o = alpha[:, None] * o + _dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
+    o = alpha[:, None] * o + common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
     return o, m_new, l
 
   carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),

@@ -1,4 +1,4 @@
-"""Static configuration and mask geometry shared by the flash-attention kernel families.
+"""Static configuration, mask geometry and the matmul shared by the Pallas attention kernels.
 
 Every backend (GPU Triton, TPU Mosaic, a future Mosaic GPU one) sees the same padded problem:
 q is padded to a multiple of `block_q`, k/v to a multiple of `block_k`, and this module says which
@@ -55,6 +55,14 @@ class AttentionConfig:
   @property
   def needs_mask(self) -> bool:
     return self.banded or self.has_segments or self.kv_len_padded != self.kv_len
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+  """fp32-accumulating matmul for kernel bodies; fp32 inputs use full fp32 precision (no TF32), so
+  every backend and the XLA paths compute the same fp32 function."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _cdiv(a, b: int):

@@ -53,13 +53,6 @@ def block_sizes(q_len: int, kv_len: int, head_dim: int, block_q, block_k):
   return block_q, block_k
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """fp32-accumulating matmul; fp32 inputs use full fp32 precision (no TF32)."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
 def _ids_overlap(q_ids, kv_ids):
   """Cheap segment skip: id ranges that do not intersect cannot hold an equal pair."""
   return (jnp.min(q_ids) <= jnp.max(kv_ids)) & (jnp.min(kv_ids) <= jnp.max(q_ids))
@@ -99,7 +92,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
   def step(j, carry, masked):
     o, m, l = carry
     k_slice = pl.ds(j * block_k, block_k)
-    s, _ = common.scores(cfg, _dot(q, k_ref[k_slice, :], trans_b=True))  # [bq, bk]
+    s, _ = common.scores(cfg, common.dot(q, k_ref[k_slice, :], trans_b=True))  # [bq, bk]
     if masked:
       kv_ids = None if kv_ids_ref is None else kv_ids_ref[k_slice][None, :]
       k_pos = j * block_k + jnp.arange(block_k)[None, :]
@@ -110,7 +103,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
     p = jnp.exp(s - m_safe[:, None])
     alpha = jnp.exp(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1)
-    o = alpha[:, None] * o + _dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
+    o = alpha[:, None] * o + common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
     return o, m_new, l
 
   skip = None
@@ -182,17 +175,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
   def step(j, dq, masked):
     k_slice = pl.ds(j * block_k, block_k)
     k, v = k_ref[k_slice, :], v_ref[k_slice, :]
-    s, t = common.scores(cfg, _dot(q, k, trans_b=True))
+    s, t = common.scores(cfg, common.dot(q, k, trans_b=True))
     if masked:
       kv_ids = None if kv_ids_ref is None else kv_ids_ref[k_slice][None, :]
       k_pos = j * block_k + jnp.arange(block_k)[None, :]
       mask = common.visible(cfg, q_pos, k_pos, None if q_ids is None else q_ids[:, None], kv_ids)
       s = jnp.where(mask, s, -jnp.inf)
     p = jnp.exp(s - lse)
-    ds = p * (_dot(do, v, trans_b=True) - delta)
+    ds = p * (common.dot(do, v, trans_b=True) - delta)
     if t is not None:
       ds = ds * (1.0 - t * t)
-    return dq + _dot(ds.astype(k.dtype), k)
+    return dq + common.dot(ds.astype(k.dtype), k)
 
   skip = None
   if cfg.has_segments:
@@ -218,7 +211,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
       q_slice = pl.ds(i * block_q, block_q)
       q, do = q_ref[q_slice, g, :], do_ref[q_slice, g, :]
       lse, delta = lse_ref[g, q_slice][:, None], delta_ref[g, q_slice][:, None]
-      s, t = common.scores(cfg, _dot(q, k, trans_b=True))   # [bq, bk]
+      s, t = common.scores(cfg, common.dot(q, k, trans_b=True))   # [bq, bk]
       if masked:
         q_ids = None if q_ids_ref is None else q_ids_ref[q_slice][:, None]
         q_pos = i * block_q + jnp.arange(block_q)[:, None]
@@ -226,11 +219,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
                               None if kv_ids is None else kv_ids[None, :])
         s = jnp.where(mask, s, -jnp.inf)
       p = jnp.exp(s - lse)
-      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-      ds = p * (_dot(do, v, trans_b=True) - delta)
+      dv = dv + common.dot(p.astype(do.dtype), do, trans_a=True)
+      ds = p * (common.dot(do, v, trans_b=True) - delta)
       if t is not None:
         ds = ds * (1.0 - t * t)
-      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+      dk = dk + common.dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
     skip = None

@@ -31,14 +31,6 @@ from pallas_kernels import flash_attention_common as common
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
-_NT = (((1,), (1,)), ((), ()))   # a @ b.T
-_NN = (((1,), (0,)), ((), ()))   # a @ b
-
-
-def _dot(a, b, dims=_NN):
-  """fp32-accumulating matmul; fp32 inputs use full fp32 precision, like the GPU kernels."""
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def block_sizes(q_len: int, kv_len: int, head_dim: int, block_q, block_k):
@@ -138,7 +130,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
 
   def body(masked):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s, _ = common.scores(cfg, _dot(q, k, _NT))
+    s, _ = common.scores(cfg, common.dot(q, k, trans_b=True))
     if masked:
       s = jnp.where(_mask(cfg, q_start, k_start, q_ids_ref, kv_ids_ref), s, -jnp.inf)
     m_prev = m_scr[...]                                           # [bq, 128]
@@ -148,7 +140,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
     alpha = jnp.exp(m_prev - m_safe)
     m_scr[...] = m_next
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    pv = _dot(p.astype(v.dtype), v)
+    pv = common.dot(p.astype(v.dtype), v)
     acc_scr[...] = _lanes(alpha, head_dim) * acc_scr[...] + pv
 
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
@@ -201,7 +193,7 @@ def forward(q, k, v, q_ids, kv_ids, cfg):
 
 def _probs(cfg, q, k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked):
   """p = exp(s - lse) recomputed for one block pair, and tanh(s/c) for the soft-cap chain rule."""
-  s, t = common.scores(cfg, _dot(q, k, _NT))
+  s, t = common.scores(cfg, common.dot(q, k, trans_b=True))
   if masked:
     s = jnp.where(_mask(cfg, q_start, k_start, q_ids_ref, kv_ids_ref), s, -jnp.inf)
   return jnp.exp(s - lse), t
@@ -226,9 +218,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
     k, v, do = k_ref[...], v_ref[...], do_ref[...]
     lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]       # [bq, 1]
     p, t = _probs(cfg, q_ref[...], k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked)
-    dp = _dot(do, v, _NT)
+    dp = common.dot(do, v, trans_b=True)
     ds = _dscores(p, dp, delta, t)
-    dq_scr[...] += _dot(ds.astype(k.dtype), k)
+    dq_scr[...] += common.dot(ds.astype(k.dtype), k)
 
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
   _when_in_band(cfg, j, lo, full_lo, full_hi, hi, body)
@@ -253,10 +245,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]       # [bq, 1]
     p, t = _probs(cfg, q, k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked)
-    dv_scr[...] += _dot(p.T.astype(do.dtype), do)
-    dp = _dot(do, v, _NT)
+    dv_scr[...] += common.dot(p.T.astype(do.dtype), do)
+    dp = common.dot(do, v, trans_b=True)
     ds = _dscores(p, dp, delta, t)
-    dk_scr[...] += _dot(ds.T.astype(q.dtype), q)
+    dk_scr[...] += common.dot(ds.T.astype(q.dtype), q)
 
   lo, full_lo, full_hi, hi = common.q_block_range(cfg, k_start, block_k, block_q)
   _when_in_band(cfg, i, lo, full_lo, full_hi, hi, body)
