@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from absl import app
 from absl import flags
 
 from jax_spec.rle import losses
@@ -93,7 +94,14 @@ def define_common_flags(options_cls, *, noise_what: str, noise_unit: str, compar
 
 
 def options_from_flags(options_cls):
-  """`options_cls` filled from the parsed flags of the same names."""
+  """`options_cls` filled from the parsed flags of the same names; invalid values are usage errors
+  (the options' own ValueError message, no traceback)."""
   values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(options_cls)}
-  values['widths'] = tuple(int(w) for w in values['widths'])
-  return options_cls(**values)
+  try:
+    values['widths'] = tuple(int(w) for w in values['widths'])
+  except ValueError:
+    raise app.UsageError(f'--widths must be comma-separated ints, got {values["widths"]}') from None
+  try:
+    return options_cls(**values)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
