@@ -112,6 +112,11 @@ def test_default_training_set_is_one_image_per_sample(tmp_path):
   assert rle_pose.PoseOptions(workdir=str(tmp_path), num_train=7).train_size == 7
   with pytest.raises(ValueError, match='num_train must be >= 0'):
     rle_pose.PoseOptions(workdir=str(tmp_path), num_train=-1)
+  bad = subprocess.run([sys.executable, '-m', 'experiments.rle_pose', f'--workdir={tmp_path}',
+                        '--num_train=-1'], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert bad.returncode != 0 and 'num_train must be >= 0' in bad.stderr
+  assert 'Traceback' not in bad.stderr   # a usage error, not a crash
 
 
 def test_gaze_cli_then_resume(tmp_path):
