@@ -21,7 +21,7 @@ from jax_spec import data as data_lib
 from jax_spec import precision
 from jax_spec.models import get_config
 from jax_spec.training import loop, steps
-from jax_spec.training.metrics import read_metrics
+from jax_spec.io.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('def return import class self for in if else while x y z ( ) : = + - 1 2 3 print '

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from jax_spec import precision as precision_lib
-from jax_spec.training import checkpointing
-from jax_spec.training import metrics as metrics_lib
+from jax_spec.io import checkpointing
+from jax_spec.io import metrics as metrics_lib
 from jax_spec.training import steps as steps_lib
 
 log = logging.getLogger(__name__)
