@@ -22,7 +22,7 @@ from jax_spec.models import get_config
 from jax_spec.training import loop, restore, steps, workdir as workdir_lib
 from jax_spec.training import state as train_state
 from jax_spec.training.config import TrainConfig, make_model_config
-from jax_spec.training.metrics import read_metrics
+from jax_spec.io.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('def return import class self for in if else while x y z ( ) : = + - 1 2 3 print '

@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jax_spec import data as data_lib
-from jax_spec.training import checkpointing
-from jax_spec.training import metrics as metrics_lib
+from jax_spec.io import checkpointing
+from jax_spec.io import metrics as metrics_lib
 from jax_spec.training import sharding
 from jax_spec.training import workdir as workdir_lib
 from jax_spec.training.config import CONFIG_FILE, TrainConfig, make_model_config

@@ -13,7 +13,7 @@ from flax import nnx
 from jax_spec import precision as precision_lib
 from jax_spec.data import load_tokenizer
 from jax_spec.models import TransformerConfig
-from jax_spec.training import checkpointing
+from jax_spec.io import checkpointing
 from jax_spec.training import workdir as workdir_lib
 from jax_spec.training.state import build_model, compile_fast
 

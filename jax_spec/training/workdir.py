@@ -3,7 +3,7 @@ metrics that a resumed run continues.
 
   workdir/train_config.json   {'train': TrainConfig fields, 'model': TransformerConfig fields,
                                'tokenizer': {kind, vocab_size, fingerprint}}
-  workdir/metrics.jsonl       one record per logged step (jax_spec.training.metrics)
+  workdir/metrics.jsonl       one record per logged step (jax_spec.io.metrics)
   workdir/checkpoints/<step>  orbax checkpoints
   workdir/tokenizer/          the tokenizer the data pipeline built
 """
