@@ -15,10 +15,11 @@ import json
 import logging
 import os
 
+import jax
 from absl import flags
-from absl import logging as absl_logging
 
 from jax_spec import cli
+from jax_spec.evaluation import plots
 from jax_spec.models import TransformerConfig
 from jax_spec.training import loop
 from jax_spec.training.config import DERIVED_MODEL_FIELDS, TrainConfig
@@ -65,9 +66,7 @@ def config_from_flags() -> TrainConfig:
 def run(cfg: TrainConfig) -> dict:
   """Trains, then writes training_curves.png and results.json (process 0); returns the summary."""
   summary = loop.train(cfg)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    from experiments import plots  # pylint: disable=g-import-not-at-top
     if os.path.exists(os.path.join(cfg.workdir, 'metrics.jsonl')):
       try:
         summary['plot'] = plots.plot_training_curves(
@@ -83,9 +82,7 @@ def run(cfg: TrainConfig) -> dict:
 def main(argv):
   del argv  # cli.run rejects positional arguments
   cfg = config_from_flags()
-  # Our progress messages at INFO; library chatter (orbax logs every save at INFO) at WARNING.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('jax_spec').setLevel(logging.INFO)
+  cli.quiet_libraries()
   summary = run(cfg)
   print(json.dumps(summary, sort_keys=True))
 

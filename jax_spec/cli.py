@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import runpy
 import sys
@@ -68,6 +69,14 @@ def run(main: Callable[[list[str]], Any]) -> None:
       usage_exit(str(e))
 
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def quiet_libraries() -> None:
+  """This package's progress messages at INFO; library chatter (orbax's INFO line per save or
+  restore, its read-only-checkpoint warnings) hidden, unless `--verbosity` was given."""
+  logging.getLogger('jax_spec').setLevel(logging.INFO)
+  if not FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 # ----------------------------------------------------------------------------------------------
