@@ -4,6 +4,7 @@ The subprocess tests share one tiny configuration and a persistent compilation c
 first run compiles; they are kept to a handful of steps on a tiny generated corpus.
 """
 import dataclasses
+import glob
 import json
 import os
 import signal
@@ -82,7 +83,6 @@ def _usage_error(args):
     # A flag that does not parse (an enum).
     (['--precision=fp8'], 'flag --precision=fp8: value should be one of <bf16|fp16|fp32>'),
     # Values found invalid after parsing: the config's own message naming the field.
-    (['--steps=0'], 'steps must be an int >= 1, got 0'),
     (['--model.d_model=30'], 'd_model (30) must be divisible by num_heads'),
 ])
 def test_cli_bad_value_is_a_one_line_usage_error(tmp_path, args, message):
@@ -216,6 +216,9 @@ def test_reference_run_outputs(reference_run):
               'tokens_per_sec', 'val_bits_per_token', 'val_bits_per_byte'):
     assert key in last, key
   assert records[-1]['loss'] < records[0]['loss']
+  # The first step compiles: its time is reported apart, never as throughput.
+  assert records[0]['first_step_s'] > 0 and 'tokens_per_sec' not in records[0]
+  assert all('first_step_s' not in r and r['tokens_per_sec'] > 0 for r in records[1:])
   assert 'val_bits_per_token' in records[7] and 'val_bits_per_token' not in records[6]
   for name in ('training_curves.png', 'results.json', 'train_config.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -275,6 +278,30 @@ def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
   assert all(set(r) - set(loop.TIMING_KEYS) for r in got)
 
 
+def test_sigterm_saves_and_stops(reference_run, corpus):
+  """SIGTERM: the run finishes its step, saves (asynchronously) and exits cleanly. Validation
+  after every step (the compiled programs of the reference run, a cache hit) slows the run down
+  so that the signal surely arrives before the end."""
+  workdir = str(reference_run['root'] / 'sigterm')
+  proc = subprocess.Popen(_command(workdir, corpus, reference_run['config_file'],
+                                   ['--eval_every=1', '--eval_batches=1000']),
+                          cwd=REPO, env=_env(reference_run['cache']), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  first_ckpt = os.path.join(workdir, 'checkpoints', '4', 'commit_success.txt')
+  deadline = time.time() + 300
+  while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert summary['stopped'] == 'preempted' and 4 <= summary['step'] < 16, summary
+  assert 'Received SIGTERM' in stderr
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert saved[-1] == summary['step']   # the stopped step's state, completely written
+  assert os.path.exists(os.path.join(workdir, 'checkpoints', str(saved[-1]), 'commit_success.txt'))
+
+
 def test_resume_with_different_config_is_refused(reference_run, corpus):
   info = workdir_lib.read_run_info(reference_run['workdir'])
   cfg = TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})
@@ -291,8 +318,9 @@ def test_resume_with_different_config_is_refused(reference_run, corpus):
 
 def test_sharded_run_matches_single_device(reference_run, corpus):
   workdir = str(reference_run['root'] / 'sharded')
-  cmd = _command(workdir, corpus, reference_run['config_file'], ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2',
-                                   '--checkpoint_every=16'])
+  cmd = _command(workdir, corpus, reference_run['config_file'],
+                 ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2', '--checkpoint_every=16',
+                  '--profile_steps=2:3'])
   proc = subprocess.run(cmd, cwd=REPO, env=_env(reference_run['cache'], devices=8),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -304,12 +332,16 @@ def test_sharded_run_matches_single_device(reference_run, corpus):
                                err_msg=key)
   np.testing.assert_allclose(got[-1]['val_bits_per_token'], ref[-1]['val_bits_per_token'],
                              rtol=2e-4)
+  # --profile_steps wrote a jax.profiler trace.
+  assert glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
 def test_time_budget_saves_and_stops(reference_run, corpus):
   """--minutes stops after the current step with a checkpoint (same program: cache hit)."""
   workdir = str(reference_run['root'] / 'budget')
-  proc = subprocess.run(_command(workdir, corpus, reference_run['config_file'], ['--minutes=1e-6']), cwd=REPO,
+  # Synchronous checkpoints here (the other runs save asynchronously, the default).
+  proc = subprocess.run(_command(workdir, corpus, reference_run['config_file'],
+                                 ['--minutes=1e-6', '--noasync_checkpoint']), cwd=REPO,
                         env=_env(reference_run['cache']), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

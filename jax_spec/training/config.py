@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 from jax_spec import precision as precision_lib
+from jax_spec import runtime
 from jax_spec.models import config as model_config_lib
 
 CONFIG_FILE = 'train_config.json'
@@ -93,6 +94,11 @@ def _check_init_from(name, v):
     raise ValueError(f'{name} {v!r} is not a training workdir (no {CONFIG_FILE})')
 
 
+def _check_profile_steps(name, v):
+  del name  # parse_profile_steps names the option itself
+  runtime.parse_profile_steps(v)
+
+
 def _check_workdir(name, v):
   if not isinstance(v, str) or not v:
     raise ValueError(f'{name} must be a non-empty path, got {v!r}')
@@ -170,6 +176,12 @@ class TrainConfig:
   checkpoint_every: int = _field(200, 'Checkpoint every N steps (and at the end).',
                                  int_at_least(1))
   keep_checkpoints: int = _field(3, 'Keep the last K checkpoints.', int_at_least(1))
+  async_checkpoint: bool = _field(True, 'Write checkpoints in a background thread (orbax async '
+                                  'save) while training continues; the run waits for the last '
+                                  'one before it exits.')
+  profile_steps: str | None = _field(None, 'A:B: write a jax.profiler trace of the train steps '
+                                     'A <= step < B (step = updates done before it) into '
+                                     '<workdir>/profile.', _check_profile_steps)
   minutes: float | None = _field(None, 'Wall-clock budget: save and stop when exceeded.',
                                  _check_minutes)
   mesh_data: int = _field(-1, 'Mesh axis "data" size (-1: all remaining devices).',
