@@ -12,7 +12,7 @@ import pytest
 
 from jax_spec.io import checkpointing
 from jax_spec.io.checkpointing import Checkpointer, CheckpointRestoreError
-from jax_spec.training.loop import truncate_metrics
+from jax_spec.training.workdir import truncate_metrics
 from jax_spec.io.metrics import MetricsWriter, read_metrics
 
 
