@@ -224,21 +224,19 @@ def _argmax_select(logits_BV, depth):
   return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
 
-def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
-                  next_token_B, *, depth: int, kind: str = 'eagle',
-                  select_fn: Callable | None = None):
-  """`feature_update`, then a chain of `depth` drafts t_{n'+1} .. t_{n'+depth}.
+def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,
+                  kind: str = 'eagle', select_fn: Callable | None = None):
+  """A chain of `depth` drafts t_{n'+1} .. t_{n'+depth} from the cache left by `feature_update`.
 
-  select_fn: `(logits_BV, d) -> tokens_B` picks draft d (from 1); default argmax.
-  Draft d > 1 runs one cached step at slot n' + d - 2, which sees the exact entries and the chain
-  before it. Returns (FeatureDraft, cache); the drafts' slots are past `lengths`.
+  logits_BV: the depth-1 logits `feature_update` returned. select_fn: `(logits_BV, d) -> tokens_B`
+  picks draft d (from 1); default argmax. Draft d > 1 runs one cached step at slot n' + d - 2,
+  which sees the exact entries and the chain before it. Returns (FeatureDraft, cache); the
+  drafts' slots are past `lengths`.
   """
   if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
     raise ValueError(f'depth must be a positive int, got {depth!r}')
   module = drafter_module(model, kind)
   select_fn = select_fn or _argmax_select
-  logits_BV, cache = feature_update(model, cache, hidden_BAD, tokens_BA, num_new_B, next_token_B,
-                                    kind=kind)
   batch = logits_BV.shape[0]
   token_B = select_fn(logits_BV, 1).astype(jnp.int32)
   tokens, logits = [token_B], [logits_BV]
@@ -255,6 +253,15 @@ def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA
     logits.append(logits_BV)
   draft = FeatureDraft(jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1))
   return draft, cache.replace(k=k, v=v)
+
+
+def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
+                  next_token_B, *, depth: int, kind: str = 'eagle',
+                  select_fn: Callable | None = None):
+  """`feature_update`, then `feature_chain` (the `models.mtp_draft` contract, to any depth)."""
+  logits_BV, cache = feature_update(model, cache, hidden_BAD, tokens_BA, num_new_B, next_token_B,
+                                    kind=kind)
+  return feature_chain(model, cache, logits_BV, depth=depth, kind=kind, select_fn=select_fn)
 
 
 def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, tree, *,
