@@ -97,7 +97,8 @@ def test_cached_chain_draft_equals_offline_unroll(model, fns, kind):
   # A verify step accepted (root + 2) and (root + 0) tokens of the data sequence.
   accepted = [3, 1]
   hidden = fns['hidden'](jnp.asarray(seqs, jnp.int32))
-  idx = np.asarray(lengths)[:, None] + np.arange(3)
+  # Padded to the prompt width: one compile of `feature_draft`.
+  idx = np.minimum(np.asarray(lengths)[:, None] + np.arange(max(lengths)), seqs.shape[1] - 1)
   new_hidden = jnp.take_along_axis(hidden, jnp.asarray(idx)[:, :, None], axis=1)
   new_tokens = jnp.asarray(np.take_along_axis(seqs, idx, axis=1), jnp.int32)
   nxt = jnp.asarray(seqs[np.arange(2), np.add(lengths, accepted)], jnp.int32)

@@ -2,6 +2,7 @@
 `generate` (never / always / partly agreeing drafters, ragged prompts, EOS inside an accepted chunk,
 max_new_tokens 1 and not a multiple of the depth, chain and static tree); rejection sampling
 emits the target's exact law."""
+import functools
 import itertools
 
 import jax
@@ -118,3 +119,63 @@ def test_drafter_errors(models_, prompts):
   for drafter, match in (('eagle', 'eagle_layers'), ('mtp_recursive', 'mtp_depth')):
     with pytest.raises(ValueError, match=match):
       spec.speculative_generate(no_eagle, *prompts, drafter=drafter, max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rejection sampling is lossless: the emitted law of (x0, x1, x2) is the target's, enumerated
+# ------------------------------------------------------------------------------------------------
+
+VOCAB, SAMPLES = 5, 6000
+SMALL = CFG.replace(vocab_size=VOCAB, init_std=0.5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probs(graphdef, state, tokens):
+  model = nnx.merge(graphdef, state)
+  outs = model(tokens)
+  q = jax.nn.softmax(eagle_lib.unroll(model, outs.hidden_BTD, tokens, steps=2).logits_SBTV, -1)
+  return jax.nn.softmax(outs.logits_BTV, -1), q
+
+
+def _exact_laws(model, prompt):
+  """Target law p(x0, x1, x2 | prompt) and the law of a sampler that accepts every EAGLE draft,
+  p(x0) q1(x1 | x0) q2(x2 | x0, x1), both enumerated [V, V, V]."""
+  seqs = np.array([list(prompt) + [a, b] for a, b in itertools.product(range(VOCAB), repeat=2)])
+  p, q = _probs(*nnx.split(model), jnp.asarray(seqs, jnp.int32))
+  p = np.asarray(p, np.float64).reshape(VOCAB, VOCAB, -1, VOCAB)
+  q = np.asarray(q, np.float64).reshape(2, VOCAB, VOCAB, -1, VOCAB)
+  n = len(prompt)
+  p0 = p[0, 0, n - 1]                               # [x0]
+  p1 = p[:, 0, n]                                   # [x0, x1]
+  p2 = p[:, :, n + 1]                               # [x0, x1, x2]
+  target = p0[:, None, None] * p1[:, :, None] * p2
+  q1, q2 = q[0, :, 0, n - 1], q[1, :, :, n - 1]     # steps 1 and 2 of the chain started at n - 1
+  wrong = p0[:, None, None] * q1[:, :, None] * q2
+  return target, wrong
+
+
+@pytest.fixture(scope='module')
+def laws():
+  model = models.Transformer(SMALL, rngs=nnx.Rngs(5))
+  return model, _exact_laws(model, [1, 3])
+
+
+@pytest.mark.parametrize('tree', [trees.chain(2), [[0], [1], [0, 0]]])
+def test_rejection_sampling_emits_the_target_law(laws, tree):
+  model, (target, wrong) = laws
+  prompt = [1, 3]
+  prompts = jnp.asarray(np.tile(prompt, (SAMPLES, 1)), jnp.int32)
+  out = spec.speculative_generate(model, prompts, jnp.full((SAMPLES,), 2, jnp.int32),
+                                  drafter='eagle', tree=tree, acceptance='rejection',
+                                  temperature=1.0, max_new_tokens=3, rng=jax.random.key(7))
+  x = np.asarray(out.tokens_BN)
+  assert np.all(np.asarray(out.lengths_B) == 3)
+  emp = np.zeros((VOCAB,) * 3)
+  np.add.at(emp, (x[:, 0], x[:, 1], x[:, 2]), 1.0 / SAMPLES)
+  # Bound: 2x the expected TV distance of SAMPLES exact draws (about its mean + 6 std devs).
+  bound = 2 * 0.5 * np.sum(np.sqrt(2 * target * (1 - target) / (np.pi * SAMPLES)))
+  tv = 0.5 * np.abs(emp - target).sum()
+  assert tv < bound, (tv, bound)
+  assert 0.5 * np.abs(wrong - target).sum() > 2 * bound    # a sampler that ignores p fails
+  # Drafts were accepted, so the rule (not only the bonus token) produced the law.
+  assert spec.summarize(out.stats)['mean_accepted_length'] > 1.2
