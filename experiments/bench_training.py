@@ -10,7 +10,6 @@ time relative to the plain trunk of the same precision. Writes results.json and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -22,12 +21,10 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 
 from jax_spec import data as data_lib
-from jax_spec import precision as precision_lib
-from jax_spec.training import loop
-from jax_spec.training import steps as steps_lib
+from jax_spec.training import state as train_state
+from jax_spec.training.config import TrainConfig, make_model_config
 
 flags.DEFINE_string('workdir', None, 'Output directory.')
 flags.DEFINE_string('config', 'small', 'Model preset.')
@@ -64,19 +61,13 @@ def _variants():
 
 
 def _build(v: Variant, vocab_size: int, batch):
-  cfg = loop.TrainConfig(workdir=FLAGS.workdir, config=FLAGS.config, steps=1000,
-                         batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-                         precision=v.precision, mtp_depth=v.mtp_depth,
-                         medusa_heads=v.medusa_heads)
-  mc = loop.make_model_config(cfg, vocab_size)
-  policy = precision_lib.get_policy(v.precision)
-  mode = precision_lib.validate_loss_scale(cfg.loss_scale, policy)
-  tx, schedule = loop.build_optimizer(cfg)
-  init = functools.partial(loop._init_train_state, cfg, mc, policy, tx, mode)  # pylint: disable=protected-access
-  state, rest = loop._compile_fast(jax.jit(init))()  # pylint: disable=protected-access
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: loop.build_model(mc, policy, 0)))
-  step = jax.jit(steps_lib.make_train_step(graphdef, rest, mc, tx, schedule, loss_scale=mode),
-                 donate_argnums=0)
+  cfg = TrainConfig(workdir=FLAGS.workdir, config=FLAGS.config, steps=1000,
+                    batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, precision=v.precision,
+                    mtp_depth=v.mtp_depth, medusa_heads=v.medusa_heads)
+  mc = make_model_config(cfg, vocab_size)
+  setup = train_state.create_train_state(cfg, mc)
+  state = setup.state
+  step = jax.jit(train_state.make_step_fns(cfg, setup)[0], donate_argnums=0)
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t

@@ -32,7 +32,7 @@ from jax_spec import models
 from jax_spec import precision as precision_lib
 from jax_spec import runtime
 from jax_spec.models import kv_cache
-from jax_spec.training import loop
+from jax_spec.training.state import build_model
 
 flags.DEFINE_string('workdir', None, 'Output directory.')
 flags.DEFINE_string('config', 'small', 'Model preset.')
@@ -114,7 +114,7 @@ def main(argv):
 
   runs = {}
   for precision in FLAGS.precisions:
-    model = loop.build_model(config, precision_lib.get_policy(precision), 0)
+    model = build_model(config, precision_lib.get_policy(precision), 0)
     for t in tokens:
       logging.info('compiling %s T=%d', precision, t)
       fn = make_verify_loop(model, t, FLAGS.cache_len, FLAGS.prefix_len, FLAGS.steps)

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from jax_spec.training.metrics import read_metrics  # pylint: disable=wrong-import-position
+from jax_spec.io.metrics import read_metrics  # pylint: disable=wrong-import-position
 
 # (title, regex over metric names, log-scale y)
 DEFAULT_PANELS = (

@@ -36,6 +36,8 @@ from jax_spec import decoding
 from jax_spec.data import load_data
 from jax_spec.decoding import trees as trees_lib
 from jax_spec.training import loop
+from jax_spec.training import restore
+from jax_spec.training.config import TrainConfig
 
 flags.DEFINE_string('workdir', 'runs/quickstart', 'Output directory (resumed if it holds a run).')
 flags.DEFINE_float('minutes', 6.5, 'Training wall-clock budget in minutes.')
@@ -132,7 +134,7 @@ def run(f) -> dict:
   known = {f'{d}_{t}' for d in ('mtp', 'medusa') for t in ('chain', 'tree')} | {'model_chain'}
   if not f.drafters or set(f.drafters) - known:
     raise ValueError(f'--drafters must be a non-empty subset of {sorted(known)}, got {f.drafters}')
-  cfg = loop.TrainConfig(
+  cfg = TrainConfig(
       workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
       seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
       precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads, seed=f.seed,
@@ -152,7 +154,7 @@ def run(f) -> dict:
         eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
 
   logging.info('2/4 evaluating the draft heads')
-  model, tokenizer, model_config = loop.load_model_from_workdir(workdir)
+  model, tokenizer, model_config = restore.load_model_from_workdir(workdir)
   data = load_data(tokenizer=tokenizer.kind, workdir=workdir)
   heads, tree_specs = {}, []
   for drafter, present in (('mtp', model_config.mtp_depth), ('medusa', model_config.medusa_heads)):

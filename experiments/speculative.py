@@ -31,6 +31,8 @@ from tqdm import tqdm
 from jax_spec import decoding
 from jax_spec import runtime
 from jax_spec.decoding import trees as trees_lib
+from jax_spec.training import restore
+from jax_spec.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -67,13 +69,12 @@ def define_flags():
 
 def load_run(workdir: str, what: str, precision: str = 'auto'):
   """(model, tokenizer, model_config, run_info) of a trained run, with clear errors."""
-  from jax_spec.training import loop  # pylint: disable=g-import-not-at-top
   if not workdir or not os.path.isdir(workdir):
     raise ValueError(f'--{what}={workdir!r} is not a directory (a workdir of experiments.train)')
-  info = loop.read_run_info(workdir)
+  info = workdir_lib.read_run_info(workdir)
   policy = runtime.decode_precision(precision)
   try:
-    model, tokenizer, model_config = loop.load_model_from_workdir(workdir, policy=policy)
+    model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=policy)
   except ValueError:
     raise
   except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint

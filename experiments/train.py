@@ -19,8 +19,9 @@ from absl import flags
 from absl import logging as absl_logging
 
 from jax_spec.training import loop
+from jax_spec.training.config import TrainConfig
 
-_DEFAULTS = loop.TrainConfig.__dataclass_fields__
+_DEFAULTS = TrainConfig.__dataclass_fields__
 
 flags.DEFINE_string('workdir', None, 'Output directory (resumed if it holds checkpoints).')
 flags.DEFINE_string('config', 'small', 'Model preset: tiny | small | base.')
@@ -65,15 +66,15 @@ flags.DEFINE_bool('progress', True, 'Show a tqdm progress bar.')
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> loop.TrainConfig:
+def config_from_flags() -> TrainConfig:
   """Builds (and validates) the TrainConfig; invalid values raise ValueError."""
   if not FLAGS.workdir:
     raise ValueError('--workdir is required')
-  kwargs = {name: getattr(FLAGS, name) for name in _DEFAULTS}
-  return loop.TrainConfig(**kwargs)
+  kwargs = {name: getattr(FLAGS, name) for name in _DEFAULTS if name != 'model'}
+  return TrainConfig(**kwargs)
 
 
-def run(cfg: loop.TrainConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
   """Trains, then writes training_curves.png and results.json (process 0); returns the summary."""
   summary = loop.train(cfg)
   import jax  # pylint: disable=g-import-not-at-top

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_spec.training import checkpointing
-from jax_spec.training.checkpointing import Checkpointer, CheckpointRestoreError
-from jax_spec.training.loop import truncate_metrics
-from jax_spec.training.metrics import MetricsWriter, read_metrics
+from jax_spec.io import checkpointing
+from jax_spec.io.checkpointing import Checkpointer, CheckpointRestoreError
+from jax_spec.training.workdir import truncate_metrics
+from jax_spec.io.metrics import MetricsWriter, read_metrics
 
 
 def _state(v):

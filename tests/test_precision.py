@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jax_spec import precision
 from jax_spec.models import get_config
-from jax_spec.training import loop, steps
+from jax_spec.training import config as train_config
+from jax_spec.training import state as train_state
+from jax_spec.training import steps
 
 
 def test_get_policy_and_validation():
@@ -47,22 +48,19 @@ def test_dynamic_scale_schedule_on_a_toy_loss():
 
 @functools.lru_cache(maxsize=None)
 def _fp16_setup(growth_interval):
-  cfg = loop.TrainConfig(workdir='/unused', config='tiny', steps=100, warmup_steps=0,
-                         learning_rate=1e-2, precision='fp16', mtp_depth=0, medusa_heads=0)
+  cfg = train_config.TrainConfig(workdir='/unused', config='tiny', steps=100, warmup_steps=0,
+                                 learning_rate=1e-2, precision='fp16', mtp_depth=0, medusa_heads=0)
   mc = get_config('tiny', num_layers=1, mtp_depth=0, medusa_heads=0)
-  policy = precision.get_policy('fp16')
-  tx, schedule = loop.build_optimizer(cfg)
-  state, rest = loop._compile_fast(jax.jit(functools.partial(
-      loop._init_train_state, cfg, mc, policy, tx, 'dynamic')))()
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: loop.build_model(mc, policy, 0)))
-  step = jax.jit(steps.make_train_step(graphdef, rest, mc, tx, schedule, loss_scale='dynamic',
-                                       growth_interval=growth_interval))
+  setup = train_state.create_train_state(cfg, mc)
+  state = setup.state
+  step = jax.jit(steps.make_train_step(setup.graphdef, setup.rest, mc, setup.tx, setup.schedule,
+                                       loss_scale='dynamic', growth_interval=growth_interval))
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, mc.vocab_size, (2, 16)).astype(np.int32)
   batch = {'tokens': tokens, 'segment_ids': np.ones_like(tokens),
            'positions': np.broadcast_to(np.arange(16, dtype=np.int32), tokens.shape).copy()}
   # Unoptimised XLA code compiles ~2x faster; this checks the scaling logic, not speed.
-  return state, loop._compile_fast(step, state, batch), batch
+  return state, train_state.compile_fast(step, state, batch), batch
 
 
 def _tree_equal(a, b):

@@ -3,7 +3,7 @@
 The subprocess tests share one tiny configuration and a persistent compilation cache, so only the
 first run compiles; they are kept to a handful of steps on a tiny generated corpus.
 """
-import functools
+import dataclasses
 import json
 import os
 import signal
@@ -18,10 +18,11 @@ import pytest
 from flax import nnx
 
 from jax_spec import data as data_lib
-from jax_spec import precision
 from jax_spec.models import get_config
-from jax_spec.training import loop, steps
-from jax_spec.training.metrics import read_metrics
+from jax_spec.training import loop, restore, steps, workdir as workdir_lib
+from jax_spec.training import state as train_state
+from jax_spec.training.config import TrainConfig, make_model_config
+from jax_spec.io.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('def return import class self for in if else while x y z ( ) : = + - 1 2 3 print '
@@ -67,7 +68,7 @@ def corpus(tmp_path_factory):
 ])
 def test_train_config_validation(tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
-    loop.TrainConfig(workdir=str(tmp_path), **override)
+    TrainConfig(workdir=str(tmp_path), **override)
 
 
 def test_cli_rejects_bad_flag_before_training(tmp_path):
@@ -90,22 +91,18 @@ def _batch(batch_size, seq_len, vocab_size=259):
 
 
 def _setup(precision_name, model_config, cfg, batch=None):
-  policy = precision.get_policy(precision_name)
-  mode = precision.validate_loss_scale(cfg.loss_scale, policy)
-  tx, schedule = loop.build_optimizer(cfg)
-  init = functools.partial(loop._init_train_state, cfg, model_config, policy, tx, mode)
-  state, rest = loop._compile_fast(jax.jit(init))()
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: loop.build_model(model_config, policy, 0)))
-  step = jax.jit(steps.make_train_step(graphdef, rest, model_config, tx, schedule,
-                                       loss_scale=mode, trainable=loop._trainable_filter(cfg)))
+  cfg = dataclasses.replace(cfg, precision=precision_name)
+  setup = train_state.create_train_state(cfg, model_config)
+  step = jax.jit(train_state.make_step_fns(cfg, setup)[0])
   # Unoptimised XLA code compiles ~2x faster; these tests check logic and precision, not speed.
-  return state, loop._compile_fast(step, state, _batch(2, 16) if batch is None else batch)
+  return setup.state, train_state.compile_fast(step, setup.state,
+                                               _batch(2, 16) if batch is None else batch)
 
 
 def test_bf16_and_fp16_match_fp32_loss(corpus, tmp_path):
   n_steps, batch_size, seq_len = 40, 8, 32
   data = data_lib.load_data('byte', str(tmp_path), corpus)
-  cfg = loop.TrainConfig(workdir=str(tmp_path), config='tiny', steps=n_steps, warmup_steps=5,
+  cfg = TrainConfig(workdir=str(tmp_path), config='tiny', steps=n_steps, warmup_steps=5,
                          learning_rate=3e-3, precision='fp32')
   mc = get_config('tiny', num_layers=1, mtp_depth=0, medusa_heads=0)
   batches = [data.get_batch(0, s, batch_size, seq_len) for s in range(n_steps)]
@@ -125,9 +122,9 @@ def test_bf16_and_fp16_match_fp32_loss(corpus, tmp_path):
 
 
 def test_frozen_trunk_trains_only_the_heads(tmp_path):
-  cfg = loop.TrainConfig(workdir=str(tmp_path), config='tiny', steps=10, warmup_steps=0,
+  cfg = TrainConfig(workdir=str(tmp_path), config='tiny', steps=10, warmup_steps=0,
                          medusa_mode='frozen_trunk')
-  mc = loop.make_model_config(cfg, 259).replace(num_layers=1, mtp_depth=1, medusa_heads=1)
+  mc = make_model_config(cfg, 259).replace(num_layers=1, mtp_depth=1, medusa_heads=1)
   assert mc.medusa_frozen_trunk
   state, step = _setup('fp32', mc, cfg)
   batch = _batch(2, 16)
@@ -200,7 +197,7 @@ def test_reference_run_outputs(reference_run):
 
 def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
   workdir = reference_run['workdir']
-  model, tokenizer, config = loop.load_model_from_workdir(workdir)
+  model, tokenizer, config = restore.load_model_from_workdir(workdir)
   assert tokenizer.kind == 'byte' and config.vocab_size == tokenizer.vocab_size
   assert config.mtp_depth == 0 and config.medusa_heads == 1
   data = data_lib.load_data('byte', workdir, corpus)
@@ -244,8 +241,8 @@ def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
 
 
 def test_resume_with_different_config_is_refused(reference_run, corpus):
-  info = loop.read_run_info(reference_run['workdir'])
-  cfg = loop.TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})
+  info = workdir_lib.read_run_info(reference_run['workdir'])
+  cfg = TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})
   with pytest.raises(ValueError, match='different configuration.*learning_rate'):
     loop.train(cfg)
 

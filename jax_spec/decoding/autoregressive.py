@@ -7,7 +7,6 @@ and settings.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 from typing import NamedTuple
@@ -18,9 +17,6 @@ from flax import nnx
 
 from jax_spec import models
 from jax_spec.decoding import sampling
-
-# Incremented at trace time (tests assert the loops compile once and are not retraced per step).
-TRACE_COUNTS = collections.Counter()
 
 
 class GenerateOutput(NamedTuple):
@@ -120,7 +116,6 @@ def emit_first_token(logits_BTV, prompt_lengths_B, rng, sampling_config):
                                              'pad_id', 'cache_len'))
 def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max_new_tokens,
               sampling_config, pad_id, cache_len):
-  TRACE_COUNTS['generate'] += 1
   model = nnx.merge(graphdef, state)
   batch = prompts_BT.shape[0]
   sc = sampling_config
@@ -139,7 +134,6 @@ def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    TRACE_COUNTS['generate_step'] += 1
     step, cache, last_B, tokens_BN, done_B, lengths_B = carry
     outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
     cache = models.advance(cache, (~done_B).astype(jnp.int32))

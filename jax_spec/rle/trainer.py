@@ -2,7 +2,7 @@
 
 The model is split into (graphdef, params); the jitted step is a pure function of the train state
 `{params, opt_state, loss_scale, step}` and a batch, so the state is checkpointed as one pytree
-(`jax_spec.training.checkpointing.Checkpointer`) and a run resumes exactly: batches are a pure
+(`jax_spec.io.checkpointing.Checkpointer`) and a run resumes exactly: batches are a pure
 function of (seed, step) (an epoch-wise permutation of the fixed training set).
 
 Precision: the backbone runs in the policy's compute dtype; heads, flow and losses in fp32
@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from jax_spec import precision as precision_lib
 from jax_spec.rle.models import Prediction, Regressor
-from jax_spec.training.checkpointing import Checkpointer
-from jax_spec.training.metrics import MetricsWriter
+from jax_spec.io.checkpointing import Checkpointer
+from jax_spec.io.metrics import MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True)

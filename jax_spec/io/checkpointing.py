@@ -122,6 +122,22 @@ class Checkpointer:
     _check_compatible(state, abstract)
     return state
 
+  def restore_partial(self, step: int | None, abstract_subtree: Any) -> tuple[int, Any]:
+    """Restores only the leaves named by `abstract_subtree` (e.g. `{'params': ...}` of the
+    saved state), reading nothing else; `step` None is the latest. Returns `(step, subtree)`."""
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise ValueError(f'{self.directory} has no checkpoint')
+    abstract = _abstract(abstract_subtree)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    with ocp.PyTreeCheckpointer() as reader:
+      subtree = reader.restore(
+          os.path.join(self.directory, str(int(step)), _STATE),
+          args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True))
+    _check_compatible(subtree, abstract)
+    return int(step), subtree
+
   def restore_metadata(self, step: int) -> dict[str, Any] | None:
     try:
       restored = self._manager.restore(

@@ -1,0 +1,157 @@
+"""The `Drafter` interface of the speculative loop, its inputs, and the registry of drafters.
+
+A drafter is a frozen dataclass (hashable: it is a static argument of the jitted loop) holding the
+static settings of one call (tree, sampling, whether drafts are sampled, cache size). Its state
+between loop steps is a typed pytree of its own choosing (a NamedTuple / `flax.struct`), carried
+in the loop's `LoopState.drafter`. Per call, the loop does:
+
+  state = drafter.init(ctx, Prefill(...))                       # once, after the trunk prefill
+  while not done:
+    candidates, state = drafter.propose(ctx, state, root_B, key)  # tokens of every tree node
+    ... trunk verify (`models.extend` with the tree mask), acceptance, trunk commit ...
+    state = drafter.update(ctx, state, Verify(...))             # see the accepted path
+
+`ctx` is a `Context(trunk, module)`: the target model and the drafter's own module (`own_module`,
+e.g. a draft model), both merged from traced parameters inside the jitted loop. Host-side class
+methods validate the arguments before tracing and pick the default draft depth.
+
+A new drafter is one file in this package: subclass `Drafter`, set `name`, decorate with
+`@register`; `drafters/__init__.py` imports every module of the package, and
+`speculative_generate(drafter=name)` finds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_spec import models
+from jax_spec.decoding import sampling
+from jax_spec.decoding.acceptance import Accepted
+from jax_spec.decoding.trees import Tree
+
+State = Any   # a drafter's own pytree
+
+
+class Candidates(NamedTuple):
+  """What a drafter proposes for one verify step."""
+  tokens_BT: jax.Array                     # int32 [B, T]: token of every tree node, node 0 = root
+  # [B, T, V] fp32 q of node t's children when they were *sampled* from it (`sample_drafts`);
+  # None for deterministic drafts (argmax / top-k ranks: q is the one-hot of each child).
+  draft_probs_BTV: jax.Array | None = None
+
+
+class Context(NamedTuple):
+  trunk: models.Transformer                # the target model
+  module: nnx.Module | None                # the drafter's own module (`own_module`), or None
+
+
+class Prefill(NamedTuple):
+  """The trunk prefill, as `Drafter.init` sees it."""
+  outputs: models.DecodeOutputs            # per prompt position: logits, hidden, Medusa logits
+  prompts_BT: jax.Array                    # int32 [B, S] right-padded prompts
+  prompt_lengths_B: jax.Array              # int32 [B]
+  root_B: jax.Array                        # int32 [B]: the first token, sampled from the prefill
+  key: jax.Array                           # for sampled drafts
+
+
+class Verify(NamedTuple):
+  """One verify step, as `Drafter.update` sees it (after the trunk commit)."""
+  outputs: models.DecodeOutputs            # the trunk `extend` outputs at every tree node
+  tokens_BT: jax.Array                     # int32 [B, T]: the verified candidates
+  accepted: Accepted                       # raw acceptance result (also on finished rows)
+  active_B: jax.Array                      # bool [B]: the row was still generating this step
+  num_accepted_B: jax.Array                # int32 [B]: accepted drafts, 0 on finished rows
+  root_position_B: jax.Array               # int32 [B]: the root's position (trunk length before commit)
+  key: jax.Array                           # for sampled drafts
+
+  @property
+  def path_BP(self):
+    """Accepted node path, root first, [B, max_depth + 1]; -1 entries clipped to 0 (the root)."""
+    return jnp.maximum(self.accepted.path_BP, 0)
+
+  @property
+  def last_node_B(self):
+    """Tree node of the last accepted token (the root when nothing was accepted)."""
+    return gather_nodes(self.path_BP, self.num_accepted_B[:, None])[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafter:
+  """Base class: static settings + the three in-loop methods (see the module docstring)."""
+  tree: Tree
+  sampling: sampling.SamplingConfig
+  sample_drafts: bool        # sample draft tokens from the processed draft distribution (q)
+  cache_len: int             # KV cache slots of the trunk (and of a drafter's own caches)
+
+  name: ClassVar[str] = ''
+
+  # --- host side, before tracing ---------------------------------------------------------------
+  @classmethod
+  def check_model(cls, model: models.Transformer, draft_model) -> None:
+    """Raises ValueError when `model` / `draft_model` cannot drive this drafter."""
+
+  @classmethod
+  def default_depth(cls, model: models.Transformer, draft_model, tree_spec) -> int:
+    """Draft depth for named trees ('chain', 'default', ...) when `num_draft` is not given."""
+    raise NotImplementedError
+
+  @classmethod
+  def check_tree(cls, tree: Tree, model: models.Transformer) -> None:
+    """Raises ValueError when this drafter cannot fill `tree`."""
+
+  @classmethod
+  def own_module(cls, model: models.Transformer, draft_model) -> nnx.Module | None:
+    """The module whose parameters are passed (traced) to the loop as `Context.module`."""
+    del model, draft_model
+    return None
+
+  # --- inside the jitted loop ---------------------------------------------------------------------
+  def init(self, ctx: Context, prefill: Prefill) -> State:
+    raise NotImplementedError
+
+  def propose(self, ctx: Context, state: State, root_B, key) -> tuple[Candidates, State]:
+    raise NotImplementedError
+
+  def update(self, ctx: Context, state: State, verify: Verify) -> State:
+    raise NotImplementedError
+
+  # --- helpers for subclasses ---------------------------------------------------------------------
+  def probs(self, logits_NV):
+    """The processed distribution (temperature / top-k / top-p) drafts are sampled from."""
+    sc = self.sampling
+    return sampling.target_probs(logits_NV, temperature=sc.temperature, top_k=sc.top_k,
+                                 top_p=sc.top_p)
+
+
+_REGISTRY: dict[str, type[Drafter]] = {}
+
+
+def register(cls: type[Drafter]) -> type[Drafter]:
+  """Class decorator: makes `cls` available as `speculative_generate(drafter=cls.name)`."""
+  if not cls.name or cls.name in _REGISTRY:
+    raise ValueError(f'drafter name {cls.name!r} is empty or already registered')
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def registered() -> dict[str, type[Drafter]]:
+  return dict(_REGISTRY)
+
+
+def gather_nodes(x_BT, idx_BP):
+  """x[b, idx[b, p]] for x [B, T, ...] and idx [B, P] (idx >= 0)."""
+  idx = idx_BP.reshape(idx_BP.shape + (1,) * (x_BT.ndim - 2))
+  return jnp.take_along_axis(x_BT, idx, axis=1)
+
+
+def tree_tokens_from_ranks(tree: Tree, root_B, topk_DBk, chain_BD=None):
+  """Node tokens: root, then for node t the rank_t-th candidate of depth_t (chain override rank 0)."""
+  depth_T, rank_T = tree.depth_T[1:] - 1, tree.rank_T[1:]
+  nodes_BT = topk_DBk[depth_T, :, rank_T].T                 # [B, T-1]
+  if chain_BD is not None:
+    nodes_BT = jnp.where(jnp.asarray(rank_T == 0)[None], chain_BD[:, depth_T], nodes_BT)
+  return jnp.concatenate([root_B[:, None], nodes_BT], axis=1).astype(jnp.int32)

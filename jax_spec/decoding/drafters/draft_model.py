@@ -1,0 +1,117 @@
+"""A separate, smaller Transformer drafts gamma = depth tokens autoregressively with its own cache.
+
+Chains only. The draft cache follows the trunk's: it holds every committed token except the root
+and, on rows whose whole previous chain was accepted ("pending"), except that chain's last draft
+(never fed to the draft model). `propose` appends `[last draft, root]` (pending rows) or just the
+root, then runs gamma - 1 one-token forwards; `update` cuts the cache back to the root plus the
+min(a, gamma - 1) accepted drafts whose K/V it computed. So a step costs gamma draft forwards.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_spec import models
+from jax_spec.decoding import sampling
+from jax_spec.decoding.drafters import base
+from jax_spec.decoding.trees import Tree
+
+
+class DraftModelState(NamedTuple):
+  cache: models.KVCache
+  pending_B: jax.Array          # bool [B]: the last draft of a fully accepted chain is not cached
+  last_draft_B: jax.Array       # int32 [B]: the previous chain's last draft
+
+
+@base.register
+class DraftModelDrafter(base.Drafter):
+  name = 'model'
+
+  @classmethod
+  def check_model(cls, model, draft_model):
+    if not isinstance(draft_model, models.Transformer):
+      raise ValueError(f"drafter='model' needs draft_model, a jax_spec.models.Transformer, got "
+                       f"{type(draft_model).__name__}")
+    if draft_model.config.vocab_size != model.config.vocab_size:
+      raise ValueError(f'draft_model vocab_size {draft_model.config.vocab_size} != the target '
+                       f'model vocab_size {model.config.vocab_size}')
+
+  @classmethod
+  def default_depth(cls, model, draft_model, tree_spec):
+    del model, draft_model
+    if isinstance(tree_spec, str):
+      return 4
+    # A draft model drafts any gamma: an explicit chain sets it.
+    return (tree_spec if isinstance(tree_spec, Tree) else Tree.from_choices(tree_spec)).max_depth
+
+  @classmethod
+  def check_tree(cls, tree, model):
+    del model
+    if not tree.is_chain:
+      raise ValueError("drafter='model' drafts a chain of gamma tokens: use tree='chain' or chain(gamma)")
+
+  @classmethod
+  def own_module(cls, model, draft_model):
+    del model
+    return draft_model
+
+  def init(self, ctx, prefill):
+    batch = prefill.prompts_BT.shape[0]
+    cache = models.init_cache(ctx.module, batch, self.cache_len)
+    _, cache = models.prefill(ctx.module, prefill.prompts_BT, prefill.prompt_lengths_B, cache)
+    return DraftModelState(cache, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+
+  def _pick(self, logits_BV, key, j):
+    """The draft at chain index j and its q (or an empty q for argmax drafts)."""
+    if self.sample_drafts:
+      q_BV = self.probs(logits_BV)
+      return sampling.sample_probs(jax.random.fold_in(key, j), q_BV), q_BV
+    return (jnp.argmax(logits_BV, -1).astype(jnp.int32),
+            jnp.zeros((logits_BV.shape[0], 0), jnp.float32))
+
+  def propose(self, ctx, state, root_B, key):
+    draft_model, depth = ctx.module, self.tree.max_depth
+    batch = root_B.shape[0]
+    cache, pending_B = state.cache, state.pending_B
+    # First forward: [previous last draft, root], masked so that rows without a pending draft see
+    # (and commit) only the root.
+    two_tokens_B2 = jnp.stack([state.last_draft_B, root_B], axis=1)
+    depths_B2 = jnp.where(pending_B[:, None], jnp.array([0, 1]), jnp.array([0, 0])).astype(jnp.int32)
+    mask_B22 = jnp.where(pending_B[:, None, None], jnp.tril(jnp.ones((2, 2), bool)),
+                         jnp.eye(2, dtype=bool))
+    douts, cache = models.extend(draft_model, two_tokens_B2, depths_B2, mask_B22, cache)
+    path_B2 = jnp.where(pending_B[:, None], jnp.array([0, 1]), jnp.array([1, 0])).astype(jnp.int32)
+    cache = models.commit(cache, path_B2, jnp.where(pending_B, 2, 1).astype(jnp.int32))
+
+    def draft_step(j, carry):
+      cache, tok_B, tokens_BD, q_BDV = carry
+      douts, cache = models.extend(draft_model, tok_B[:, None], jnp.zeros((batch, 1), jnp.int32),
+                                   jnp.ones((batch, 1, 1), bool), cache)
+      cache = models.advance(cache, jnp.ones((batch,), jnp.int32))
+      tok_B, q_BV = self._pick(douts.logits_BTV[:, 0], key, j)
+      tokens_BD = tokens_BD.at[:, j].set(tok_B)
+      q_BDV = q_BDV.at[:, j].set(q_BV) if self.sample_drafts else q_BDV
+      return cache, tok_B, tokens_BD, q_BDV
+
+    tok_B, q_BV = self._pick(douts.logits_BTV[:, 1], key, 0)
+    vocab = q_BV.shape[-1]
+    tokens_BD = jnp.zeros((batch, depth), jnp.int32).at[:, 0].set(tok_B)
+    q_BDV = jnp.zeros((batch, depth, vocab), jnp.float32)
+    if self.sample_drafts:
+      q_BDV = q_BDV.at[:, 0].set(q_BV)
+    cache, _, tokens_BD, q_BDV = jax.lax.fori_loop(1, depth, draft_step,
+                                                   (cache, tok_B, tokens_BD, q_BDV))
+    tokens_BT = jnp.concatenate([root_B[:, None], tokens_BD], axis=1)
+    q_BTV = jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1) if self.sample_drafts else None
+    return base.Candidates(tokens_BT, q_BTV), state._replace(cache=cache)
+
+  def update(self, ctx, state, verify):
+    depth = self.tree.max_depth
+    num_B = verify.num_accepted_B
+    keep_B = verify.root_position_B + 1 + jnp.minimum(num_B, depth - 1)
+    lengths_B = jnp.where(verify.active_B, keep_B, state.cache.lengths)
+    return DraftModelState(state.cache.replace(lengths=lengths_B),
+                           pending_B=verify.active_B & (num_B == depth),
+                           last_draft_B=verify.tokens_BT[:, -1])

@@ -1,0 +1,66 @@
+"""Medusa heads: head d drafts depth d from the trunk's hidden state at the last committed position.
+
+The heads are path independent: the candidates at depth d are head d's top-k, whatever the nodes
+above them. With sampled drafts (chains) the chain is one sample per head and q is that head's
+processed distribution.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_spec import models
+from jax_spec.decoding import sampling
+from jax_spec.decoding.drafters import base
+
+
+class MedusaState(NamedTuple):
+  head_logits_KBV: jax.Array    # fp32 [K, B, V]: every head's logits at the last committed position
+
+
+@base.register
+class MedusaDrafter(base.Drafter):
+  name = 'medusa'
+
+  @classmethod
+  def check_model(cls, model, draft_model):
+    del draft_model
+    if not model.config.medusa_heads:
+      raise ValueError("drafter='medusa' needs a model with Medusa heads (config.medusa_heads == 0)")
+
+  @classmethod
+  def default_depth(cls, model, draft_model, tree_spec):
+    del draft_model, tree_spec
+    return model.config.medusa_heads
+
+  @classmethod
+  def check_tree(cls, tree, model):
+    heads = model.config.medusa_heads
+    if tree.max_depth > heads:
+      raise ValueError(f'tree depth {tree.max_depth} > the {heads} Medusa heads')
+
+  def init(self, ctx, prefill):
+    rows_B = jnp.arange(prefill.prompts_BT.shape[0])
+    last_B = prefill.prompt_lengths_B - 1
+    return MedusaState(prefill.outputs.medusa_logits_KBTV[:, rows_B, last_B])
+
+  def propose(self, ctx, state, root_B, key):
+    depth = self.tree.max_depth
+    head_DBV = state.head_logits_KBV[:depth]
+    if self.sample_drafts:
+      q_DBV = self.probs(head_DBV)
+      chain_DB = sampling.sample_probs(key, q_DBV)
+      tokens_BT = jnp.concatenate([root_B[:, None], chain_DB.T], axis=1)
+      # q of node t's children is head t + 1's (node t sits at depth t); the leaf's is unused.
+      q_BTV = jnp.concatenate([q_DBV, q_DBV[-1:]], axis=0).swapaxes(0, 1)
+      return base.Candidates(tokens_BT, q_BTV), state
+    topk_DBk = jax.lax.top_k(head_DBV, max(self.tree.topk_per_depth))[1]
+    return base.Candidates(base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk)), state
+
+  def update(self, ctx, state, verify):
+    # The heads only at each row's new last position (one node, not all T; XLA drops the unused
+    # all-node Medusa logits of `extend`).
+    hidden_B1D = base.gather_nodes(verify.outputs.hidden_BTD, verify.last_node_B[:, None])
+    return MedusaState(models.medusa_logits(ctx.trunk, hidden_B1D)[:, :, 0])

@@ -1,0 +1,84 @@
+"""The model's own MTP modules (self-speculative): module k drafts depth k from the chain before it.
+
+`models.mtp_draft` runs after the prefill and after every commit, with the accepted path's hidden
+states and tokens, and returns the next chain d_1..d_D and the logits each was chosen from. A tree
+may branch only off that chain (rank > 0 only under all-rank-0 parents): the alternatives at
+depth k are the top-k of module k's logits.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_spec import models
+from jax_spec.decoding import sampling
+from jax_spec.decoding.drafters import base
+
+
+class MTPState(NamedTuple):
+  cache: models.MTPCache
+  chain_BD: jax.Array           # int32 [B, D]: the next chain of drafts
+  logits_BDV: jax.Array         # fp32 [B, D, V]: the logits each draft was chosen from
+
+
+@base.register
+class MTPDrafter(base.Drafter):
+  name = 'mtp'
+
+  @classmethod
+  def check_model(cls, model, draft_model):
+    del draft_model
+    if not model.config.mtp_depth:
+      raise ValueError("drafter='mtp' needs a model with MTP modules (config.mtp_depth == 0)")
+
+  @classmethod
+  def default_depth(cls, model, draft_model, tree_spec):
+    del draft_model, tree_spec
+    return model.config.mtp_depth
+
+  @classmethod
+  def check_tree(cls, tree, model):
+    depth = model.config.mtp_depth
+    if tree.max_depth > depth:
+      raise ValueError(f'tree depth {tree.max_depth} > the {depth} MTP modules')
+    for path in tree.choices:
+      if any(path[:-1]):
+        raise ValueError(f"drafter='mtp' drafts one chain; a tree may only branch off it (rank > 0 "
+                         f"only under all-rank-0 parents), got path {list(path)}")
+
+  def _select_fn(self, key):
+    if not self.sample_drafts:
+      return None      # argmax
+    return lambda logits_BV, k: sampling.sample_probs(jax.random.fold_in(key, k),
+                                                      self.probs(logits_BV))
+
+  def init(self, ctx, prefill):
+    batch = prefill.prompts_BT.shape[0]
+    cache = models.init_mtp_cache(ctx.trunk, batch, self.cache_len)
+    draft, cache = models.mtp_draft(ctx.trunk, cache, prefill.outputs.hidden_BTD,
+                                    prefill.prompts_BT, prefill.prompt_lengths_B, prefill.root_B,
+                                    select_fn=self._select_fn(prefill.key))
+    return MTPState(cache, draft.tokens_BD, draft.logits_BDV)
+
+  def propose(self, ctx, state, root_B, key):
+    del key     # the chain was drawn in `mtp_draft`
+    depth = self.tree.max_depth
+    chain_BD, logits_BDV = state.chain_BD[:, :depth], state.logits_BDV[:, :depth]
+    if self.sample_drafts:
+      q_BDV = self.probs(logits_BDV)
+      tokens_BT = jnp.concatenate([root_B[:, None], chain_BD], axis=1)
+      return base.Candidates(tokens_BT, jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1)), state
+    topk_DBk = jax.lax.top_k(logits_BDV, max(self.tree.topk_per_depth))[1].swapaxes(0, 1)
+    tokens_BT = base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk, chain_BD)
+    return base.Candidates(tokens_BT), state
+
+  def update(self, ctx, state, verify):
+    path_BP = verify.path_BP
+    draft, cache = models.mtp_draft(
+        ctx.trunk, state.cache, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
+        base.gather_nodes(verify.tokens_BT, path_BP),
+        jnp.where(verify.active_B, verify.num_accepted_B + 1, 0), verify.accepted.next_token_B,
+        select_fn=self._select_fn(verify.key))
+    return MTPState(cache, draft.tokens_BD, draft.logits_BDV)
