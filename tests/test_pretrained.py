@@ -4,6 +4,7 @@ round-trip bit for bit, load sharded and in bf16, decode speculatively as plain;
 The fixtures (tests/fixtures/hf/) were made by tests/fixtures/make_hf_fixtures.py with torch and
 transformers, which these tests never import.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -160,6 +161,9 @@ def test_new_config_fields_validated():
     RopeScaling('yarn', 2.0)
   with pytest.raises(ValueError, match='qk_norm must be a bool'):
     TransformerConfig(qk_norm=1)
+  # A config with rope scaling survives JSON (train_config.json stores dataclasses.asdict).
+  config = TransformerConfig(rope_scaling=RopeScaling('llama3', 8.0, 1.0, 4.0, 16))
+  assert TransformerConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
   # param_count counts the new parameters (checked against the built model).
   model, _, _ = pretrained.from_pretrained(fixture('qwen2'), tokenizer=False)
   assert param_count(model.config)['total'] == sum(v.size for v in params(model).values())

@@ -103,6 +103,8 @@ class TransformerConfig:
         raise ValueError(f'{name} must be a bool, got {getattr(self, name)!r}')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}')
+    if isinstance(self.rope_scaling, dict):  # read back from JSON (dataclasses.asdict)
+      object.__setattr__(self, 'rope_scaling', RopeScaling(**self.rope_scaling))
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f'rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}')
 
