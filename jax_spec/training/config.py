@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from jax_spec import precision as precision_lib
 from jax_spec import runtime
+from jax_spec.data import tokenization
 from jax_spec.models import config as model_config_lib
 
 CONFIG_FILE = 'train_config.json'
@@ -214,8 +215,10 @@ class TrainConfig:
     if self.batch_size % self.num_processes:
       raise ValueError(f'batch_size ({self.batch_size}) must be divisible by num_processes '
                        f'({self.num_processes})')
-    if self.tokenizer == 'bpe' and (not _is_int(self.vocab_size) or self.vocab_size < 8):
-      raise ValueError(f'vocab_size must be an int >= 8 for tokenizer=bpe, got {self.vocab_size!r}')
+    min_bpe = 256 + len(tokenization.SPECIALS)  # every byte, and the special tokens
+    if self.tokenizer == 'bpe' and (not _is_int(self.vocab_size) or self.vocab_size < min_bpe):
+      raise ValueError(f'vocab_size must be an int >= {min_bpe} (bytes + specials) for '
+                       f'tokenizer=bpe, got {self.vocab_size!r}')
     max_seq_len = self.model.get('max_seq_len')
     if max_seq_len is not None and _is_int(max_seq_len) and max_seq_len < self.seq_len:
       raise ValueError(f'model.max_seq_len ({max_seq_len}) must be >= seq_len ({self.seq_len})')
