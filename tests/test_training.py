@@ -6,6 +6,7 @@ first run compiles; they are kept to a handful of steps on a tiny generated corp
 import dataclasses
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -226,9 +227,12 @@ def test_reference_run_outputs(reference_run):
   assert reference_run['summary']['step'] == 16
 
 
-def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
+def test_load_model_from_workdir_reproduces_validation(reference_run, corpus, caplog):
   workdir = reference_run['workdir']
-  model, tokenizer, config = restore.load_model_from_workdir(workdir)
+  with caplog.at_level(logging.INFO):
+    model, tokenizer, config = restore.load_model_from_workdir(workdir)
+  # Quiet by default: no orbax read-only warnings (orbax INFO lines only at INFO verbosity).
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   assert tokenizer.kind == 'byte' and config.vocab_size == tokenizer.vocab_size
   assert config.mtp_depth == 0 and config.medusa_heads == 1
   # The config file's model override and the dotted flag reached the model that was trained.

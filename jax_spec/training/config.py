@@ -224,7 +224,7 @@ class TrainConfig:
       raise ValueError(f'model.max_seq_len ({max_seq_len}) must be >= seq_len ({self.seq_len})')
     try:
       make_model_config(self, vocab_size=model_config_lib.PRESETS[self.config].vocab_size)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a nested config missing a field
       raise ValueError(f'model: the preset {self.config!r} with overrides {self.model} is '
                        f'invalid: {e}') from None
 
