@@ -25,9 +25,13 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 from absl import logging
+import matplotlib
 from flax import nnx
 
-from jax_spec import cli
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jax_spec import cli  # pylint: disable=wrong-import-position
 from jax_spec import models
 from jax_spec import precision as precision_lib
 from jax_spec import runtime
@@ -73,9 +77,6 @@ def make_verify_loop(model, num_tokens: int, cache_len: int, prefix_len: int, st
 
 
 def plot(rows, out_png):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
   for precision in dict.fromkeys(r['precision'] for r in rows):
     rs = [r for r in rows if r['precision'] == precision]

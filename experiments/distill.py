@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from jax_spec import pretrained
-from jax_spec import runtime
 from jax_spec.decoding import text as text_lib
 
 FLAGS = flags.FLAGS
@@ -40,7 +39,7 @@ def define_flags():
   flags.DEFINE_float('top_p', 1.0, 'Top-p filter (1 = off).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (batch i uses seed + i).')
   flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'], 'Trunk storage dtype.')
-  flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Compute precision.')
+  flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16', 'fp16'], 'Compute precision.')
 
 
 def run(f) -> dict:
@@ -58,7 +57,7 @@ def run(f) -> dict:
   if not prompts:
     raise ValueError(f'--prompts={f.prompts!r} has no non-empty line')
   model, tokenizer, _ = pretrained.from_pretrained(
-      f.init_from_hf, policy=runtime.decode_precision(f.precision),
+      f.init_from_hf, policy=f.precision,
       param_dtype=jnp.dtype(f.param_dtype), heads=False)
   jobs = [p for p in prompts for _ in range(f.samples_per_prompt)]
   out_dir = os.path.join(f.workdir, 'texts')

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_spec import pretrained
-from jax_spec import runtime
 from jax_spec.decoding import text as text_lib
+from jax_spec.training import restore
 
 FLAGS = flags.FLAGS
 DRAFTS = ('none', 'medusa', 'mtp')
@@ -46,7 +46,7 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'], 'Trunk storage dtype '
                     '(--init_from_hf).')
-  flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Compute precision.')
+  flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16', 'fp16'], 'Compute precision.')
   flags.DEFINE_integer('chunk_tokens', 16, 'Tokens per streamed chunk.')
   flags.DEFINE_integer('repeats', 3, 'Timed repetitions of each sampler (medians reported).')
   flags.DEFINE_string('results', None, 'Write the figures as JSON here.')
@@ -55,13 +55,12 @@ def define_flags():
 def load(f):
   if bool(f.init_from_hf) == bool(f.workdir):
     raise app.UsageError('give exactly one of --init_from_hf and --workdir')
-  policy = runtime.decode_precision(f.precision)
+  policy = f.precision
   if f.init_from_hf:
     model, tokenizer, _ = pretrained.from_pretrained(f.init_from_hf, policy=policy,
                                                      param_dtype=jnp.dtype(f.param_dtype))
     return model, tokenizer
-  from jax_spec.training import loop  # pylint: disable=g-import-not-at-top
-  model, tokenizer, _ = loop.load_model_from_workdir(f.workdir, policy=policy)
+  model, tokenizer, _ = restore.load_model_from_workdir(f.workdir, policy=policy)
   return model, tokenizer
 
 
