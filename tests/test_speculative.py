@@ -178,41 +178,6 @@ def test_bad_arguments(model, prompts):
                               tree='chain2', max_new_tokens=4)
 
 
-# --- experiments.speculative ----------------------------------------------------------------------
-
-def test_experiment_rejects_missing_runs(tmp_path):
-  from experiments import speculative as experiment
-  with pytest.raises(ValueError, match='not a directory'):
-    experiment.load_run(str(tmp_path / 'nope'), 'workdir')
-  with pytest.raises(ValueError, match='train_config.json'):
-    experiment.load_run(str(tmp_path), 'workdir')
-
-
-@pytest.mark.slow
-def test_experiment_end_to_end(tmp_path):
-  """Trains a tiny run for a few steps, then runs the experiment on it (minutes on a CPU)."""
-  import json
-  import subprocess
-  import sys
-  run = tmp_path / 'run'
-  subprocess.run([sys.executable, '-m', 'experiments.train', f'--workdir={run}', '--config=tiny',
-                  '--steps=4', '--batch_size=4', '--seq_len=64', '--eval_every=4',
-                  '--checkpoint_every=4', '--progress=false'], check=True)
-  out = tmp_path / 'out'
-  for draft, tree in (('mtp', 'derived'), ('medusa', 'default')):
-    subprocess.run([sys.executable, '-m', 'experiments.speculative', f'--workdir={run}',
-                    f'--draft={draft}', f'--tree={tree}', '--tree_nodes=4', '--derive_batches=1',
-                    '--num_prompts=2', '--prompt_len=8', '--max_new_tokens=12', f'--output={out}'],
-                   check=True)
-    results = json.loads((out / 'results.json').read_text())
-    assert results['outputs_identical'] is True
-    assert results['speculative']['mean_accepted_length'] >= 1
-    assert (out / 'accepted_length_hist.png').exists() and (out / 'acceptance_per_depth.png').exists()
-  bad = subprocess.run([sys.executable, '-m', 'experiments.speculative', f'--workdir={run}',
-                        '--draft=model', '--num_prompts=1'], capture_output=True, text=True)
-  assert bad.returncode != 0 and 'draft_workdir' in bad.stderr
-
-
 # --- Sampling arguments: exact by default, no silent greedy mix, tau without a verify step --------
 
 def _exact_law(model, prompt_T, num_tokens, temperature, top_k):
