@@ -120,12 +120,12 @@ def make_step_fns(cfg: TrainConfig, setup: TrainSetup) -> tuple[Callable, Callab
 def copy_matching_params(source_params, params, *, source_name: str):
   """`params` with every array that `source_params` has at the same path, shape and dtype
   replaced by the source's (e.g. a trained trunk under new heads)."""
-  src = {steps_lib._path_str(p): x  # pylint: disable=protected-access
+  src = {sharding.path_to_str(p): x
          for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
   copied = []
 
   def take(path, x):
-    key = steps_lib._path_str(path)  # pylint: disable=protected-access
+    key = sharding.path_to_str(path)
     y = src.get(key)
     if y is not None and y.shape == x.shape and y.dtype == x.dtype:
       copied.append(key)
