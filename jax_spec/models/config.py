@@ -4,6 +4,34 @@ from __future__ import annotations
 import dataclasses
 
 ATTENTION_IMPLS = (None, 'pallas', 'xla', 'reference')
+ROPE_SCALING_KINDS = ('linear', 'llama3')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequency scaling for context extension (Hugging Face `rope_scaling`).
+
+  'linear': every frequency divided by `factor` (position interpolation).
+  'llama3': Llama 3.1's band-wise rule: wavelengths above `original_max_position_embeddings /
+  low_freq_factor` are divided by `factor`, below `.. / high_freq_factor` kept, smoothly in between.
+  """
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ROPE_SCALING_KINDS:
+      raise ValueError(f'rope scaling kind must be one of {ROPE_SCALING_KINDS}, got {self.kind!r}')
+    for name in ('factor', 'low_freq_factor', 'high_freq_factor',
+                 'original_max_position_embeddings'):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f'rope scaling {name} must be a positive number, got {value!r}')
+    if self.kind == 'llama3' and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f'llama3 rope scaling needs high_freq_factor > low_freq_factor, got '
+                       f'{self.high_freq_factor} <= {self.low_freq_factor}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +43,10 @@ class TransformerConfig:
   `eagle_layers` > 0 adds one EAGLE-style feature drafter of that many blocks (0 = none), applied
   autoregressively to any depth (`jax_spec.models.eagle`).
   `attention_impl=None` lets the attention dispatcher choose (pallas on GPU/TPU, xla on CPU).
+  Pretrained architectures (jax_spec.pretrained) also use: `explicit_head_dim` (Qwen3: head_dim
+  != d_model // num_heads), `qkv_bias` (Qwen2), `out_bias` (Llama `attention_bias`), `qk_norm`
+  (Qwen3: RMSNorm of q and k over head_dim before RoPE), `rope_scaling`. Their defaults are
+  today's numerics.
   """
   vocab_size: int = 259
   d_model: int = 64
@@ -34,6 +66,11 @@ class TransformerConfig:
   medusa_frozen_trunk: bool = False
   eagle_layers: int = 0
   attention_impl: str | None = None
+  explicit_head_dim: int | None = None
+  qkv_bias: bool = False
+  out_bias: bool = False
+  qk_norm: bool = False
+  rope_scaling: RopeScaling | None = None
 
   def __post_init__(self):
     positive = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff',
@@ -46,26 +83,38 @@ class TransformerConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f'{name} must be a non-negative int, got {value!r}')
-    if self.d_model % self.num_heads:
+    if self.explicit_head_dim is not None and (
+        not isinstance(self.explicit_head_dim, int) or isinstance(self.explicit_head_dim, bool)
+        or self.explicit_head_dim <= 0):
+      raise ValueError(f'explicit_head_dim must be None or a positive int, got '
+                       f'{self.explicit_head_dim!r}')
+    if self.explicit_head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f'd_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads ({self.num_heads}) must be divisible by num_kv_heads '
                        f'({self.num_kv_heads})')
     if self.head_dim % 2:
-      raise ValueError(f'head_dim = d_model // num_heads must be even for rotary embeddings, '
-                       f'got {self.head_dim}')
+      raise ValueError(f'head_dim (explicit_head_dim or d_model // num_heads) must be even for '
+                       f'rotary embeddings, got {self.head_dim}')
     for name in ('rope_theta', 'norm_eps', 'init_std'):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f'{name} must be a positive number, got {value!r}')
-    for name in ('tie_embeddings', 'medusa_shared_head', 'medusa_frozen_trunk'):
+    for name in ('tie_embeddings', 'medusa_shared_head', 'medusa_frozen_trunk', 'qkv_bias',
+                 'out_bias', 'qk_norm'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'{name} must be a bool, got {getattr(self, name)!r}')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}')
+    if isinstance(self.rope_scaling, dict):  # read back from JSON (dataclasses.asdict)
+      object.__setattr__(self, 'rope_scaling', RopeScaling(**self.rope_scaling))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f'rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}')
 
   @property
   def head_dim(self) -> int:
+    if self.explicit_head_dim is not None:
+      return self.explicit_head_dim
     return self.d_model // self.num_heads
 
   def replace(self, **overrides) -> 'TransformerConfig':
@@ -100,6 +149,8 @@ def get_config(name: str, **overrides) -> TransformerConfig:
 
 def _block_params(c: TransformerConfig) -> int:
   attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  attn += c.qkv_bias * c.head_dim * (c.num_heads + 2 * c.num_kv_heads) + c.out_bias * c.d_model
+  attn += c.qk_norm * 2 * c.head_dim
   mlp = 3 * c.d_model * c.d_ff
   return attn + mlp + 2 * c.d_model
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_spec import attention as attention_lib
-from jax_spec.models.config import TransformerConfig
+from jax_spec.models.config import RopeScaling, TransformerConfig
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -39,15 +39,21 @@ def normal_init(stddev: float):
 
 
 class Dense(nnx.Module):
-  """A kernel of any shape applied with one einsum (no bias): `out = einsum(eqn, x, kernel)`."""
+  """A kernel of any shape applied with one einsum: `out = einsum(eqn, x, kernel) [+ bias]`.
 
-  def __init__(self, kernel_shape, eqn: str, *, init, dtype, param_dtype, rngs: nnx.Rngs):
+  `bias_shape` (the output's trailing dims) adds a zero-initialised bias; None: no bias.
+  """
+
+  def __init__(self, kernel_shape, eqn: str, *, init, dtype, param_dtype, rngs: nnx.Rngs,
+               bias_shape=None):
     self.kernel = nnx.Param(init(rngs.params(), tuple(kernel_shape), param_dtype))
+    self.bias = None if bias_shape is None else nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype))
     self.eqn = eqn
     self.dtype = dtype
 
   def __call__(self, x):
-    return jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -64,10 +70,27 @@ class RMSNorm(nnx.Module):
     return (x32 * inv_rms * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x_BTHD, positions_BT, theta: float):
-  """Rotary embedding (rotate-half form), computed in fp32."""
-  head_dim = x_BTHD.shape[-1]
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None):
+  """[head_dim / 2] fp32 rotary frequencies, optionally scaled (`RopeScaling`)."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == 'linear':
+    return inv_freq / scaling.factor
+  # llama3 (as transformers' _compute_llama3_parameters): low frequencies slowed by `factor`,
+  # high ones kept, a linear blend in wavelength-space between.
+  old_len = scaling.original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  return jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor,
+                   jnp.where(wavelen < old_len / scaling.high_freq_factor, inv_freq, blended))
+
+
+def apply_rope(x_BTHD, positions_BT, theta: float, scaling: RopeScaling | None = None):
+  """Rotary embedding (rotate-half form), computed in fp32."""
+  inv_freq = rope_inv_freq(x_BTHD.shape[-1], theta, scaling)
   angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
   x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
@@ -101,16 +124,25 @@ class Attention(nnx.Module):
     init = normal_init(c.init_std)
     out_init = normal_init(c.init_std / math.sqrt(2 * c.num_layers))
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = Dense((c.d_model, c.num_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
-    self.k = Dense((c.d_model, c.num_kv_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
-    self.v = Dense((c.d_model, c.num_kv_heads, c.head_dim), 'btd,dhk->bthk', init=init, **kw)
-    self.out = Dense((c.num_heads, c.head_dim, c.d_model), 'bthk,hkd->btd', init=out_init, **kw)
+    def proj(heads):
+      return Dense((c.d_model, heads, c.head_dim), 'btd,dhk->bthk', init=init,
+                   bias_shape=(heads, c.head_dim) if c.qkv_bias else None, **kw)
+    self.q, self.k, self.v = proj(c.num_heads), proj(c.num_kv_heads), proj(c.num_kv_heads)
+    self.out = Dense((c.num_heads, c.head_dim, c.d_model), 'bthk,hkd->btd', init=out_init,
+                     bias_shape=(c.d_model,) if c.out_bias else None, **kw)
+    # Qwen3: per-head RMSNorm of q and k (over head_dim, weights shared by heads) before RoPE.
+    norm = lambda: RMSNorm(c.head_dim, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.q_norm, self.k_norm = (norm(), norm()) if c.qk_norm else (None, None)
     self.rope_theta = c.rope_theta
+    self.rope_scaling = c.rope_scaling
     self.impl = c.attention_impl
 
   def qkv(self, x_BTD, positions_BT):
-    q_BTHD = apply_rope(self.q(x_BTD), positions_BT, self.rope_theta)
-    k_BTKD = apply_rope(self.k(x_BTD), positions_BT, self.rope_theta)
+    q_BTHD, k_BTKD = self.q(x_BTD), self.k(x_BTD)
+    if self.q_norm is not None:
+      q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta, self.rope_scaling)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta, self.rope_scaling)
     return q_BTHD, k_BTKD, self.v(x_BTD)
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
