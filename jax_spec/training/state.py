@@ -18,7 +18,7 @@ from jax_spec import precision as precision_lib
 from jax_spec.models import Transformer, TransformerConfig
 from jax_spec.training import sharding
 from jax_spec.training import steps as steps_lib
-from jax_spec.training.config import TrainConfig, trainable_filter
+from jax_spec.training.config import TrainConfig, head_loss, trainable_filter
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,10 @@ def make_step_fns(cfg: TrainConfig, setup: TrainSetup) -> tuple[Callable, Callab
       setup.graphdef, setup.rest, setup.model_config, setup.tx, setup.schedule,
       loss_scale=setup.loss_scale, growth_interval=cfg.loss_scale_growth_interval,
       mtp_lambda=cfg.mtp_lambda, medusa_weight=cfg.medusa_weight,
-      trainable=trainable_filter(cfg))
+      trainable=trainable_filter(cfg), head=head_loss(cfg))
   eval_step = steps_lib.make_eval_step(setup.graphdef, setup.rest, setup.model_config,
                                        mtp_lambda=cfg.mtp_lambda,
-                                       medusa_weight=cfg.medusa_weight)
+                                       medusa_weight=cfg.medusa_weight, head=head_loss(cfg))
   return train_step, eval_step
 
 
