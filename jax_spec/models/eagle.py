@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jax_spec.attention import reference_attention
-from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL
+# The same argument checks and default draft selection as the MTP drafts.
+from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL, _argmax_select, _check_int
 from jax_spec.models.transformer import MTPModule, Transformer
 
 DRAFTER_KINDS = ('eagle', 'mtp')
@@ -164,12 +165,6 @@ def _decode(model, module, feature_BTD, tokens_BT, positions_BT, k, v, lengths_B
   return x_BTD, k, v
 
 
-def _check_int(name, x, ndim):
-  if not hasattr(x, 'ndim') or x.ndim != ndim or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f'{name} must be an integer array with {ndim} dims, got '
-                     f'{getattr(x, "dtype", type(x))} {getattr(x, "shape", "")}')
-
-
 def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
                    next_token_B, *, kind: str = 'eagle'):
   """Feeds newly committed trunk positions [n, n + num_new) to the drafter's cache.
@@ -217,11 +212,6 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   new_cache = FeatureCache(k=k, v=v, lengths=n_B + num_B,
                            feature_BD=feature_BD.astype(cache.feature_BD.dtype))
   return model.logits(new_cache.feature_BD), new_cache
-
-
-def _argmax_select(logits_BV, depth):
-  del depth
-  return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
 
 def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,
