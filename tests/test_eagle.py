@@ -124,7 +124,7 @@ def test_cached_tree_draft_equals_offline_unroll(model, fns):
     root_logits, fcache = eagle.feature_update(m, fcache, *args)
     return eagle.feature_tree_draft(m, fcache, root_logits, tree)
 
-  tokens, logits, _ = _jit(model, draft_tree)(eagle.init_feature_cache(model, 1, 32),
+  tokens, logits = _jit(model, draft_tree)(eagle.init_feature_cache(model, 1, 32),
                                               outs.hidden_BTD, prompts, jnp.asarray([n]),
                                               jnp.asarray([seq[n]]))
   tokens, logits = np.asarray(tokens[0]), np.asarray(logits[0])
