@@ -49,6 +49,8 @@ flags.DEFINE_string('data_path', None, 'Text file or directory (default: the Pyt
 flags.DEFINE_string('attention_impl', None, 'pallas | xla | reference (default: by backend).')
 flags.DEFINE_string('init_from', None, 'Workdir whose params initialise matching params '
                     '(e.g. a trained trunk for --medusa_mode=frozen_trunk).')
+flags.DEFINE_string('init_from_hf', None, 'Hugging Face model directory: its model and tokenizer '
+                    'replace --config and --tokenizer (heads: --medusa_mode=frozen_trunk).')
 flags.DEFINE_integer('log_every', 10, 'Write training metrics every N steps.')
 flags.DEFINE_integer('eval_every', 200, 'Validate every N steps (and at the end).')
 flags.DEFINE_integer('eval_batches', 8, 'Validation batches per evaluation.')
