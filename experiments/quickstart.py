@@ -12,7 +12,8 @@
    accepted), and derives a candidate tree per drafter from those accuracies.
 3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; MTP
    and Medusa chains and trees, the draft model's chain of `--draft_gamma` tokens), side by side
-   on the same held-out prompts after warm-up, both samplers in fp32 (`--decode_precision`).
+   on the same held-out prompts after warm-up, both samplers in fp32 (`--decode_precision`),
+   with `jax_spec.evaluation.speculative_benchmark.run_benchmark`.
    `best` in results.json is the fastest drafter whose output was identical to plain decoding.
 4. Prints one table and a few sampled completions; writes `results.json` and PNGs into --workdir.
 """
@@ -22,19 +23,20 @@ import dataclasses
 import json
 import logging
 import os
-import types
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import plots
-from experiments import speculative as spec_exp
+from jax_spec import cli
 from jax_spec import decoding
+from jax_spec import runtime
 from jax_spec.data import load_data
 from jax_spec.decoding import trees as trees_lib
+from jax_spec.evaluation import head_accuracy
+from jax_spec.evaluation import plots
+from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 from jax_spec.training import loop
 from jax_spec.training import restore
 from jax_spec.training.config import TrainConfig
@@ -45,9 +47,9 @@ flags.DEFINE_integer('steps', 300, 'Training steps (the schedule\'s length; the 
                      'earlier, and rerunning resumes towards it).')
 flags.DEFINE_string('config', 'small', 'Model preset.')
 flags.DEFINE_string('precision', 'bf16', 'Training precision: fp32 | bf16 | fp16.')
-flags.DEFINE_enum('decode_precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'],
-                  'Precision of both samplers in the benchmark (auto: fp32, see '
-                  'jax_spec/runtime.py: decode_precision).')
+flags.DEFINE_enum('decode_precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
+                  'Precision of both samplers in the benchmark (fp32: see '
+                  'jax_spec/evaluation/speculative_benchmark.py).')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
@@ -69,24 +71,15 @@ flags.DEFINE_integer('seed', 0, 'Seed for training and sampling.')
 FLAGS = flags.FLAGS
 
 
-def measure_heads(model, data, drafter, num_nodes):
-  """(top-k accuracies [K, k] per draft head, tree choices derived from them)."""
-  tree, acc = spec_exp.derive_tree(model, data, drafter, num_nodes, topk=8, num_batches=4)
-  return acc, [list(c) for c in tree.choices]
-
-
-def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=None,
-              num_draft=None):
-  """One side-by-side run of experiments.speculative (baseline and speculative, greedy)."""
-  ns = types.SimpleNamespace(
+def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num_draft=None):
+  """One side-by-side greedy run of the speculative benchmark; its row of the summary table."""
+  opts = benchmark_lib.BenchmarkOptions(
       workdir=workdir, draft=drafter, draft_workdir=draft_workdir, acceptance='greedy',
-      tree=tree_spec, num_draft=num_draft, derive_tree=False, tree_nodes=None, derive_topk=None,
-      derive_batches=None,
-      num_prompts=FLAGS.num_prompts, prompt_len=FLAGS.prompt_len, batch_size=1,
-      max_new_tokens=FLAGS.max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,
-      stop_at_eos=False, cache_len=None, seed=FLAGS.seed, precision=FLAGS.decode_precision,
-      output=os.path.join(out_root, f'{drafter}_{tree_name}'))
-  r = spec_exp.run(ns)
+      tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
+      max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
+      precision=f.decode_precision,
+      output=os.path.join(workdir, 'speculative', f'{drafter}_{tree_name}'))
+  r = benchmark_lib.run_benchmark(opts)
   return {'drafter': f'{drafter} ({tree_name})', 'draft': drafter, 'tree': tree_name,
           'tree_nodes': r['tree']['num_nodes'], 'tau': r['speculative']['mean_accepted_length'],
           'tokens_per_s': r['speculative']['tokens_per_s'],
@@ -94,39 +87,20 @@ def benchmark(workdir, drafter, tree_name, tree_spec, out_root, draft_workdir=No
           'outputs_identical': r['outputs_identical'],
           'compiles_while_timing': r['compiles_while_timing'],
           'acceptance_rate_per_depth': r['speculative']['acceptance_rate_per_depth'],
-          'plots': [os.path.join(ns.output, p) for p in ('accepted_length_hist.png',
-                                                          'acceptance_per_depth.png')]}
+          'plots': r['plots']}
 
 
-def completions(model, tokenizer, data, num):
+def completions(f, model, tokenizer, data, num):
   """A few sampled completions (T=0.8, top-p 0.95) from held-out prompts, decoded to text."""
-  prompts = jnp.asarray(data.validation_prompts(num, FLAGS.prompt_len))
-  out = decoding.generate(model, prompts, jnp.full((num,), FLAGS.prompt_len, jnp.int32),
-                          max_new_tokens=FLAGS.max_new_tokens, temperature=0.8, top_p=0.95,
-                          eos_id=tokenizer.eos_id, rng=jax.random.key(FLAGS.seed))
+  prompts = jnp.asarray(data.validation_prompts(num, f.prompt_len))
+  out = decoding.generate(model, prompts, jnp.full((num,), f.prompt_len, jnp.int32),
+                          max_new_tokens=f.max_new_tokens, temperature=0.8, top_p=0.95,
+                          eos_id=tokenizer.eos_id, rng=jax.random.key(f.seed))
   texts = []
   for p, t, n in zip(np.asarray(prompts), np.asarray(out.tokens_BN), np.asarray(out.lengths_B)):
     texts.append({'prompt': tokenizer.decode(p[1:].tolist()),
                   'completion': tokenizer.decode(t[:n].tolist())})
   return texts
-
-
-def plot_speedups(rows, out_png):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  names = [r['drafter'] for r in rows]
-  axes[0].bar(names, [r['speedup'] for r in rows], color='tab:blue')
-  axes[0].axhline(1.0, color='k', lw=0.8)
-  axes[0].set_ylabel('speedup over jitted greedy decoding')
-  axes[1].bar(names, [r['tau'] for r in rows], color='tab:orange')
-  axes[1].set_ylabel('tau (tokens per trunk forward)')
-  for ax in axes:
-    ax.tick_params(axis='x', labelrotation=20, labelsize=8)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
 
 
 def run(f) -> dict:
@@ -160,8 +134,8 @@ def run(f) -> dict:
   for drafter, present in (('mtp', model_config.mtp_depth), ('medusa', model_config.medusa_heads)):
     if not present:
       continue
-    acc, choices = measure_heads(model, data, drafter, f.tree_nodes)
-    tree = trees_lib.Tree.from_choices(choices, num_heads=acc.shape[0])
+    tree, acc = head_accuracy.derive_tree(model, data, drafter, f.tree_nodes)
+    choices = [list(c) for c in tree.choices]
     # acc[j, r]: probability that head j's rank-r token is the right one; top-8 sums ranks 0..7.
     heads[drafter] = {'top1_acc': acc[:, 0].tolist(), 'top8_acc': acc[:, :8].sum(-1).tolist(),
                       'tree_choices': choices,
@@ -171,12 +145,11 @@ def run(f) -> dict:
                    if f'{drafter}_{name}' in f.drafters]
 
   logging.info('3/4 benchmarking plain vs speculative decoding')
-  rows = [benchmark(workdir, d, name, spec, os.path.join(workdir, 'speculative'))
-          for d, name, spec in tree_specs]
+  rows = [benchmark(f, workdir, d, name, spec) for d, name, spec in tree_specs]
   if 'model_chain' in f.drafters:
-    rows.append(benchmark(workdir, 'model', 'chain', 'chain', os.path.join(workdir, 'speculative'),
-                          draft_workdir=draft_workdir, num_draft=f.draft_gamma))
-  texts = completions(model, tokenizer, data, f.num_completions) if f.num_completions else []
+    rows.append(benchmark(f, workdir, 'model', 'chain', 'chain', draft_workdir=draft_workdir,
+                          num_draft=f.draft_gamma))
+  texts = completions(f, model, tokenizer, data, f.num_completions) if f.num_completions else []
 
   lossless = [r for r in rows if r['outputs_identical']]  # greedy: the claim is identical output
   best = max(lossless, key=lambda r: r['speedup']) if lossless else None
@@ -189,7 +162,7 @@ def run(f) -> dict:
   with open(os.path.join(workdir, 'results.json'), 'w') as fh:
     json.dump(results, fh, indent=2)
   if rows:
-    plot_speedups(rows, os.path.join(workdir, 'speedups.png'))
+    plots.plot_speedups(rows, os.path.join(workdir, 'speedups.png'))
 
   print(f'\nvalidation bits/byte: {summary.get("val_bits_per_byte", float("nan")):.3f}  '
         f'(step {summary.get("step")})')
@@ -210,8 +183,11 @@ def run(f) -> dict:
 
 
 def main(argv):
-  spec_exp.cli_main(run, argv)
+  del argv  # cli.run rejects positional arguments
+  cli.quiet_libraries()
+  runtime.configure_xla_cpu()
+  run(FLAGS)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import os
+from typing import Any, Callable, ClassVar, Sequence
 
 from absl import app
 from absl import flags
 
 from jax_spec.rle import losses
+from jax_spec.rle import plots
 from jax_spec.rle import trainer
 
 
@@ -105,3 +107,22 @@ def options_from_flags(options_cls):
     return options_cls(**values)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+
+
+def run_compare(opts: RegressionOptions, losses_to_compare: Sequence[str], *,
+                load_data: Callable[[Any], dict], run_one: Callable[[Any, dict], dict],
+                metrics, task: str) -> dict:
+  """Every loss of `losses_to_compare` on the same data, steps and backbone, in
+  `opts.workdir/<loss>/`; writes comparison.{json,md,png} of `metrics` into `opts.workdir`."""
+  for loss in losses_to_compare:
+    if loss not in opts.LOSSES:
+      raise ValueError(f'compare_losses entries must be in {opts.LOSSES}, got {loss!r}')
+  data = load_data(opts)
+  results = {}
+  for loss in losses_to_compare:
+    sub = dataclasses.replace(opts, loss=loss, workdir=os.path.join(opts.workdir, loss))
+    results[loss] = run_one(sub, data)
+  plots.write_comparison(opts.workdir, results, metrics,
+                         f'{task} ({data["name"]}, {opts.steps} steps x {opts.batch_size}, '
+                         f'label noise {opts.label_noise})')
+  return results

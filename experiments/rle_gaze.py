@@ -21,12 +21,12 @@ import os
 import time
 
 import numpy as np
-from absl import app
 from absl import logging
 from absl import flags
 from flax import nnx
 
 from experiments import rle_common
+from jax_spec import cli
 from jax_spec.rle import gaze_data, plots, trainer
 from jax_spec.rle.models import Regressor
 
@@ -105,18 +105,8 @@ def run_one(opts: GazeOptions, data: dict | None = None) -> dict:
 
 
 def run_compare(opts: GazeOptions, losses) -> dict:
-  for loss in losses:
-    if loss not in GAZE_LOSSES:
-      raise ValueError(f'compare_losses entries must be in {GAZE_LOSSES}, got {loss!r}')
-  data = load_data(opts)
-  results = {}
-  for loss in losses:
-    sub = dataclasses.replace(opts, loss=loss, workdir=os.path.join(opts.workdir, loss))
-    results[loss] = run_one(sub, data)
-  plots.write_comparison(opts.workdir, results, GAZE_METRICS,
-                         f'gaze ({data["name"]}, {opts.steps} steps x {opts.batch_size}, '
-                         f'label noise {opts.label_noise})')
-  return results
+  return rle_common.run_compare(opts, losses, load_data=load_data, run_one=run_one,
+                                metrics=GAZE_METRICS, task='gaze')
 
 
 def define_flags():
@@ -140,4 +130,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

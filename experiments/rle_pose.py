@@ -23,12 +23,12 @@ import os
 import time
 
 import numpy as np
-from absl import app
 from absl import logging
 from absl import flags
 from flax import nnx
 
 from experiments import rle_common
+from jax_spec import cli
 from jax_spec.rle import coco, metrics, plots, pose_data, trainer
 from jax_spec.rle.models import LOSSES, Regressor
 
@@ -126,18 +126,8 @@ def run_one(opts: PoseOptions, data: dict | None = None) -> dict:
 
 
 def run_compare(opts: PoseOptions, losses) -> dict:
-  for loss in losses:
-    if loss not in LOSSES:
-      raise ValueError(f'compare_losses entries must be in {LOSSES}, got {loss!r}')
-  data = load_data(opts)
-  results = {}
-  for loss in losses:
-    sub = dataclasses.replace(opts, loss=loss, workdir=os.path.join(opts.workdir, loss))
-    results[loss] = run_one(sub, data)
-  plots.write_comparison(opts.workdir, results, POSE_METRICS,
-                   f'pose ({data["name"]}, {opts.steps} steps x {opts.batch_size}, '
-                   f'label noise {opts.label_noise})')
-  return results
+  return rle_common.run_compare(opts, losses, load_data=load_data, run_one=run_one,
+                                metrics=POSE_METRICS, task='pose')
 
 
 def define_flags():
@@ -164,4 +154,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,6 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -26,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from experiments import bench_attention
+from jax_spec import cli
+from jax_spec.evaluation import attention_benchmark as bench_lib
+from jax_spec.evaluation.attention_benchmark import AttentionShape
 from pallas_kernels.flash_attention import flash_attention
 
-# Shape, dtype, mode, repeats and --output are experiments.bench_attention's flags (imported above).
+_SHAPE_FIELDS = cli.define_flags(AttentionShape)
+flags.DEFINE_string('output', '/tmp/tune_flash_attention', 'Output directory (results.json).')
 flags.DEFINE_list('block_qs', ['64', '128'], 'block_q values.')
 flags.DEFINE_list('block_ks', ['32', '64', '128'], 'block_k values.')
 flags.DEFINE_list('num_warps', ['4', '8'], 'num_warps values.')
@@ -45,25 +47,26 @@ def rel_err(x, ref) -> float:
 
 def main(argv):
   del argv
-  if len(FLAGS.seq_lens) != 1:
-    raise app.UsageError(f'--seq_lens takes one length here, got {FLAGS.seq_lens}')
-  seq_len = int(FLAGS.seq_lens[0])
-  batch = max(1, FLAGS.batch_tokens // seq_len) if FLAGS.batch_tokens else FLAGS.batch
-  kv_heads = FLAGS.num_kv_heads or FLAGS.num_heads
-  dtype = jnp.dtype(FLAGS.dtype or 'bfloat16')
+  shape = AttentionShape(**cli.flag_values(AttentionShape, _SHAPE_FIELDS))
+  if len(shape.seq_lens) != 1:
+    raise ValueError(f'--seq_lens takes one length here, got {shape.seq_lens}')
+  seq_len = shape.seq_lens[0]
+  batch = max(1, shape.batch_tokens // seq_len) if shape.batch_tokens else shape.batch
+  kv_heads = shape.num_kv_heads or shape.num_heads
+  dtype = jnp.dtype(shape.dtype or 'bfloat16')
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q = jax.random.normal(keys[0], (batch, seq_len, FLAGS.num_heads, FLAGS.head_dim)).astype(dtype)
-  k = jax.random.normal(keys[1], (batch, seq_len, kv_heads, FLAGS.head_dim)).astype(dtype)
+  q = jax.random.normal(keys[0], (batch, seq_len, shape.num_heads, shape.head_dim)).astype(dtype)
+  k = jax.random.normal(keys[1], (batch, seq_len, kv_heads, shape.head_dim)).astype(dtype)
   v = jax.random.normal(keys[2], k.shape).astype(dtype)
   do = jax.random.normal(keys[3], q.shape, jnp.float32)
   args = (q, k, v, do)
-  flops = bench_attention.attention_flops(batch, FLAGS.num_heads, seq_len, seq_len,
-                                          FLAGS.head_dim, FLAGS.causal, FLAGS.mode)
+  flops = bench_lib.attention_flops(batch, shape.num_heads, seq_len, seq_len,
+                                          shape.head_dim, shape.causal, shape.mode)
   # The check: XLA's attention on the same (rounded) inputs, upcast to fp32.
   up = lambda *xs: [x.astype(jnp.float32) for x in xs[:3]] + list(xs[3:])
-  reference = bench_attention.benchmark_fn(
-      bench_attention.attention_fn('jax', FLAGS.causal, FLAGS.num_heads, FLAGS.head_dim),
-      FLAGS.mode)
+  reference = bench_lib.benchmark_fn(
+      bench_lib.attention_fn('jax', shape.causal, shape.num_heads, shape.head_dim),
+      shape.mode)
   want = jax.tree.leaves(reference(*up(*args)))
 
   grid = list(itertools.product(*(map(int, FLAGS[n].value) for n in
@@ -73,10 +76,10 @@ def main(argv):
     row = dict(block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages)
     rows.append(row)
     attn = lambda q, k, v, bq=block_q, bk=block_k, w=warps, s=stages: flash_attention(
-        q, k, v, causal=FLAGS.causal, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+        q, k, v, causal=shape.causal, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
     try:
       t0 = time.perf_counter()
-      compiled = bench_attention.benchmark_fn(attn, FLAGS.mode).lower(*args).compile()
+      compiled = bench_lib.benchmark_fn(attn, shape.mode).lower(*args).compile()
       row['compile_s'] = time.perf_counter() - t0
       got = jax.tree.leaves(jax.block_until_ready(compiled(*args)))
     except Exception as e:  # pylint: disable=broad-except
@@ -87,13 +90,13 @@ def main(argv):
     if not row['rel_err'] <= FLAGS.max_rel_err:
       logging.warning('%s: rejected, relative error %.3g', row, row['rel_err'])
       continue
-    row['median_s'] = bench_attention.median_seconds(compiled, args, FLAGS.repeats)
+    row['median_s'] = bench_lib.median_seconds(compiled, args, shape.repeats)
     row['tflops'] = flops / row['median_s'] / 1e12
 
   os.makedirs(FLAGS.output, exist_ok=True)
-  config = dict(batch=batch, seq_len=seq_len, num_heads=FLAGS.num_heads,
-                num_kv_heads=kv_heads, head_dim=FLAGS.head_dim, dtype=dtype.name,
-                causal=FLAGS.causal, mode=FLAGS.mode, device=jax.devices()[0].device_kind)
+  config = dict(batch=batch, seq_len=seq_len, num_heads=shape.num_heads,
+                num_kv_heads=kv_heads, head_dim=shape.head_dim, dtype=dtype.name,
+                causal=shape.causal, mode=shape.mode, device=jax.devices()[0].device_kind)
   with open(os.path.join(FLAGS.output, 'results.json'), 'w') as fh:
     json.dump(dict(config=config, rows=rows), fh, indent=1)
   print(config)
@@ -106,4 +109,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

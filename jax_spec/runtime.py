@@ -1,12 +1,12 @@
 """Process-level settings and checks for the experiments.
 
-`configure_xla_cpu` (call before JAX's first computation): 
+`configure_xla_cpu` (call before JAX's first computation):
 XLA:CPU (jaxlib 0.10) sends multi-row matmuls to its YNNPACK fusion, which on this repo's 2-core
 benchmark machine is 1.3-1.6x slower than XLA's Eigen path for the few-row matmuls of
 speculative verification (T = 4..16 query tokens), and no faster for training
 (docs/benchmarks.md, "Speculative decoding"). The experiments opt out; library code does not
-touch global flags. `decode_precision` resolves the decoding precision; `count_compiles` guards
-timed loops against compiles.
+touch global flags. `count_compiles` guards timed loops against compiles; `StepProfiler` writes a
+`jax.profiler` trace of a range of steps (`--profile_steps=A:B`).
 """
 from __future__ import annotations
 
@@ -33,21 +33,6 @@ def configure_xla_cpu(flags=CPU_FLAGS) -> str:
   return current
 
 
-def decode_precision(requested: str) -> str:
-  """'auto' decodes in fp32 on every backend.
-
-  On CPU for speed (XLA:CPU emulates bf16/fp16 matmuls: a one-token bf16 step of the small preset
-  takes 2x the fp32 one). On GPUs for exactness: a T-token verify forward and a one-token decode
-  step run differently shaped (differently tiled) bf16 matmuls whose bf16-rounded activations
-  differ in the last bit, which flips greedy near-ties, so speculative greedy output can drift from
-  plain decoding (measured on an H200: docs/benchmarks.md); fp32 keeps those differences at the
-  level of fp32 accumulation order.
-  """
-  if requested != 'auto':
-    return requested
-  return 'fp32'
-
-
 _BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
@@ -70,3 +55,57 @@ def count_compiles():
     yield count
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def parse_profile_steps(spec: str | None) -> tuple[int, int] | None:
+  """'A:B' -> (A, B) with 0 <= A < B; None -> None. Raises ValueError naming the option."""
+  if spec is None or spec == '':
+    return None
+  try:
+    start, stop = (int(x) for x in str(spec).split(':'))
+  except ValueError:
+    start, stop = -1, -1
+  if not 0 <= start < stop:
+    raise ValueError(f'profile_steps must be "A:B" with integers 0 <= A < B, got {spec!r}')
+  return start, stop
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of steps `A <= i < B` into `log_dir` (TensorBoard / Perfetto).
+
+  Call `step(i)` before running step i; use as a context manager so that a loop that ends or
+  breaks early still stops the trace. Inert when `spec` is None. Open the trace with
+  `tensorboard --logdir=<log_dir>` (Profile tab) or load `<log_dir>/plugins/profile/*/
+  *.trace.json.gz` in https://ui.perfetto.dev.
+  """
+
+  def __init__(self, spec: str | None, log_dir: str):
+    self.window = parse_profile_steps(spec)
+    self.log_dir = log_dir
+    self.trace_dir: str | None = None  # set once a trace was written
+    self._active = False
+
+  def step(self, i: int, wait_for=None) -> None:
+    """Before step `i`: starts or stops the trace (after `wait_for`, the previous step's output,
+    is computed, so that the trace holds the whole of the last traced step)."""
+    if self.window is None:
+      return
+    start, stop = self.window
+    if i == start and not self._active:
+      jax.profiler.start_trace(self.log_dir)
+      self._active = True
+    elif i == stop and self._active:
+      jax.block_until_ready(wait_for)
+      self._stop()
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._active = False
+    self.trace_dir = self.log_dir
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self._active:
+      self._stop()

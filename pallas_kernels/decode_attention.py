@@ -27,6 +27,7 @@ uses its 'xla' path on TPU. Forward only (decoding needs no gradient).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,8 +39,20 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import flash_attention_common as common
 
 _MIN_BLOCK = 16   # tl.dot needs every dimension >= 16.
-_MAX_QUERIES = 128
 _TARGET_PROGRAMS = 264  # ~2 waves of programs on a 132-SM H100/H200.
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Tiling and launch options of `decode_attention` (JAX's `BlockSizes` pattern): the typed way
+  to pass them through `jax_spec.attention.cache_attention`. Fields are `decode_attention`'s
+  keyword arguments of the same names; None means the default."""
+  block_k: int | None = None
+  block_m: int | None = None
+  num_splits: int | None = None
+  interpret: bool | None = None
+  num_warps: int | None = None
+  num_stages: int = 2
 
 
 def _next_pow2(n: int) -> int:
@@ -62,7 +75,6 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
   q = q_ref[...]
 
   def step(j, carry, masked):
-    o, m, l = carry
     start = j * block_k
     k_slice = pl.ds(start, block_k)
     s = common.dot(q, k_ref[k_slice, :], trans_b=True) * sm_scale  # [block_m, block_k]
@@ -70,15 +82,9 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
       rel = (start - length + jnp.arange(block_k))[None, :]
       offset = jnp.clip(block_k + start - length, 0, block_k + num_new)
       tree = win_ref[:, pl.ds(offset, block_k)] != 0
-      visible = (rel < 0) | ((rel < num_new) & tree)
-      s = jnp.where(visible, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1)
-    o = alpha[:, None] * o + common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
-    return o, m_new, l
+      s = jnp.where(common.cache_slot_visible(rel, num_new, tree), s, -jnp.inf)
+    pv = lambda p: common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
+    return common.online_softmax_step(*carry, s, pv, masked=masked)
 
   carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
@@ -95,7 +101,7 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
   """Attention of T new queries against a KV cache (semantics in the module docstring).
 
   Args:
-    q_BTHD: `[B, T, H, D]` queries, 1 <= T <= 128.
+    q_BTHD: `[B, T, H, D]` queries, 1 <= T <= 128 (`common.MAX_NEW_QUERIES`).
     k_cache_BSKD, v_cache_BSKD: `[B, S, K, D]` caches, `H % K == 0`; q is cast to their dtype.
     cache_lengths_B: int `[B]`, tokens in the cache before the T new ones.
     tree_mask_BTT: bool `[B, T, T]`, visibility among the new tokens.
@@ -108,21 +114,11 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
   Returns:
     `[B, T, H, D]` in q's dtype; a query that sees no slot gets zeros.
   """
+  common.validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD,
+                               cache_lengths_B=cache_lengths_B, tree_mask_BTT=tree_mask_BTT,
+                               sm_scale=sm_scale)
   batch, num_new, num_heads, head_dim = q_BTHD.shape
   _, cache_len, num_kv_heads, _ = k_cache_BSKD.shape
-  if not 1 <= num_new <= _MAX_QUERIES:
-    raise ValueError(f'q_BTHD must hold 1 <= T <= {_MAX_QUERIES} queries, got T={num_new}')
-  if k_cache_BSKD.shape != v_cache_BSKD.shape or k_cache_BSKD.shape[0] != batch or (
-      k_cache_BSKD.shape[3] != head_dim):
-    raise ValueError(f'k_cache_BSKD / v_cache_BSKD must both be [B={batch}, S, K, D={head_dim}], '
-                     f'got {k_cache_BSKD.shape} and {v_cache_BSKD.shape}')
-  if num_heads % num_kv_heads:
-    raise ValueError(f'num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})')
-  if tuple(cache_lengths_B.shape) != (batch,):
-    raise ValueError(f'cache_lengths_B must have shape ({batch},), got {cache_lengths_B.shape}')
-  if tuple(tree_mask_BTT.shape) != (batch, num_new, num_new):
-    raise ValueError(f'tree_mask_BTT must have shape {(batch, num_new, num_new)}, '
-                     f'got {tree_mask_BTT.shape}')
   on_gpu = jax.default_backend() in ('gpu', 'cuda')
   if interpret is None:
     interpret = not on_gpu

@@ -17,21 +17,41 @@ rows are sliced away and get no gradient), so any `q_len, kv_len >= 1` works.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import flash_attention_common as common
 from pallas_kernels import flash_attention_gpu
 from pallas_kernels import flash_attention_tpu
 
 AttentionConfig = common.AttentionConfig
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_INTS = (int, np.integer)
-_REALS = (int, float, np.integer, np.floating)
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BACKENDS = {'gpu': flash_attention_gpu, 'tpu': flash_attention_tpu}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashOptions:
+  """Tiling and launch options of `flash_attention` (JAX's `BlockSizes` pattern): the typed way
+  to pass them through `jax_spec.attention`. Fields are `flash_attention`'s keyword arguments of
+  the same names; None means the backend's default."""
+  block_q: int | None = None
+  block_k: int | None = None
+  backend: str | None = None
+  interpret: bool | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+  """Resolved launch settings the kernels read (hashable: a custom_vjp nondiff argument)."""
+  backend: str          # 'gpu' | 'tpu'
+  interpret: bool
+  num_warps: int | None = None    # Triton (GPU only); None: per-head_dim default
+  num_stages: int | None = None
 
 
 def _backend_module(backend: str):
@@ -72,53 +92,13 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     `[batch, q_len, num_heads, head_dim]` in q's dtype (rows with no visible key are zeros), and
     the lse if `return_lse`. Differentiable once (grad-of-grad raises NotImplementedError).
   """
-  for name, x in (('q', q), ('k', k), ('v', v)):
-    if getattr(x, 'ndim', None) != 4:
-      raise ValueError(f'{name} must have rank 4 [batch, seq, heads, head_dim], got shape '
-                       f'{getattr(x, "shape", None)}.')
-  batch, q_len, num_heads, head_dim = q.shape
-  _, kv_len, num_kv_heads, _ = k.shape
-  if k.shape != v.shape:
-    raise ValueError(f'k and v must have the same shape, got k {k.shape} and v {v.shape}.')
-  if k.shape[0] != batch:
-    raise ValueError(f'k/v batch {k.shape[0]} does not match q batch {batch}.')
-  if k.shape[-1] != head_dim:
-    raise ValueError(f'head_dim mismatch: q has {head_dim}, k/v have {k.shape[-1]}.')
-  if num_kv_heads == 0 or num_heads % num_kv_heads:
-    raise ValueError(f'num_heads ({num_heads}) of q must be divisible by num_kv_heads '
-                     f'({num_kv_heads}) of k/v.')
-  if min(q_len, kv_len, head_dim, batch) < 1:
-    raise ValueError(f'q, k, v must be non-empty, got q {q.shape}, k {k.shape}.')
-  if q.dtype not in _DTYPES:
-    raise ValueError(f'q dtype must be float32, bfloat16 or float16, got {q.dtype}.')
-  if k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.')
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    missing = 'kv_segment_ids' if kv_segment_ids is None else 'q_segment_ids'
-    raise ValueError(f'q_segment_ids and kv_segment_ids go together; {missing} is missing.')
+  common.validate_attention_inputs(
+      q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, sm_scale=sm_scale,
+      dtypes=DTYPES)
   if q_segment_ids is not None:
-    for name, ids, length in (('q_segment_ids', q_segment_ids, q_len),
-                              ('kv_segment_ids', kv_segment_ids, kv_len)):
-      if getattr(ids, 'shape', None) != (batch, length):
-        raise ValueError(f'{name} must have shape {(batch, length)}, got '
-                         f'{getattr(ids, "shape", None)}.')
-      if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f'{name} must be an integer array (int32), got {ids.dtype}.')
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
-  if sliding_window is not None:
-    if (isinstance(sliding_window, bool) or not isinstance(sliding_window, _INTS) or
-        sliding_window < 1):
-      raise ValueError(f'sliding_window must be a positive int, got {sliding_window!r}.')
-    sliding_window = int(sliding_window)
-  if logit_soft_cap is not None:
-    if not isinstance(logit_soft_cap, _REALS) or not logit_soft_cap > 0:
-      raise ValueError(f'logit_soft_cap must be a positive float, got {logit_soft_cap!r}.')
-    logit_soft_cap = float(logit_soft_cap)
-  if sm_scale is None:
-    sm_scale = head_dim ** -0.5
-  elif not isinstance(sm_scale, _REALS):
-    raise ValueError(f'sm_scale must be a static Python/NumPy float, got {sm_scale!r}.')
   if backend is None:
     backend = 'tpu' if _platform() == 'tpu' else 'gpu'
   if backend not in _BACKENDS:
@@ -128,19 +108,19 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
   for name, n in (('num_warps', num_warps), ('num_stages', num_stages)):
     if n is None:
       continue
-    if isinstance(n, bool) or not isinstance(n, _INTS) or n < 1:
+    if not common.is_positive_int(n):
       raise ValueError(f'{name} must be a positive int, got {n!r}.')
     if backend != 'gpu':
       raise ValueError(f'{name} is a Triton (GPU kernel) option; backend is {backend!r}.')
-  module = _backend_module(backend)
-  block_q, block_k = module.block_sizes(q_len, kv_len, head_dim, block_q, block_k)
-  cfg = common.AttentionConfig(
-      q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, causal=bool(causal),
-      sliding_window=sliding_window, logit_soft_cap=logit_soft_cap, sm_scale=float(sm_scale),
-      has_segments=q_segment_ids is not None, interpret=bool(interpret), backend=backend,
-      num_warps=None if num_warps is None else int(num_warps),
-      num_stages=None if num_stages is None else int(num_stages))
-  o, lse = _flash_attention(q, k, v, q_segment_ids, kv_segment_ids, cfg)
+  block_q, block_k = _backend_module(backend).block_sizes(q.shape[1], k.shape[1], q.shape[3],
+                                                          block_q, block_k)
+  cfg = common.make_config(q, k, block_q=block_q, block_k=block_k, causal=causal,
+                           q_segment_ids=q_segment_ids, sliding_window=sliding_window,
+                           logit_soft_cap=logit_soft_cap, sm_scale=sm_scale)
+  launch = _Launch(backend=backend, interpret=bool(interpret),
+                   num_warps=None if num_warps is None else int(num_warps),
+                   num_stages=None if num_stages is None else int(num_stages))
+  o, lse = _flash_attention(q, k, v, q_segment_ids, kv_segment_ids, cfg, launch)
   return (o, lse) if return_lse else o
 
 
@@ -162,19 +142,19 @@ def _pad_inputs(q, k, v, q_ids, kv_ids, cfg):
   return q, k, v, q_ids, kv_ids
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_attention(q, k, v, q_ids, kv_ids, cfg):
-  return _fwd(q, k, v, q_ids, kv_ids, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash_attention(q, k, v, q_ids, kv_ids, cfg, launch):
+  return _fwd(q, k, v, q_ids, kv_ids, cfg, launch)[0]
 
 
 def _first_order_only(fn):
   """Kernel calls have no derivative of their own: differentiating them (grad-of-grad, or jvp
   through the custom_vjp forward) raises a clear error instead of a Pallas linearization error."""
-  fn = jax.custom_jvp(fn, nondiff_argnums=(0,))
+  fn = jax.custom_jvp(fn, nondiff_argnums=(0, 1))
 
   @fn.defjvp
-  def _jvp(cfg, primals, tangents):
-    del cfg, primals, tangents
+  def _jvp(cfg, launch, primals, tangents):
+    del cfg, launch, primals, tangents
     raise NotImplementedError(
         'pallas_kernels.flash_attention supports first-order reverse-mode gradients only (its '
         'forward and backward are Pallas kernels without derivatives); use a plain-JAX '
@@ -184,22 +164,23 @@ def _first_order_only(fn):
 
 
 @_first_order_only
-def _forward(cfg, q, k, v, q_ids, kv_ids):
-  o, lse = _backend_module(cfg.backend).forward(*_pad_inputs(q, k, v, q_ids, kv_ids, cfg), cfg)
+def _forward(cfg, launch, q, k, v, q_ids, kv_ids):
+  o, lse = _backend_module(launch.backend).forward(
+      *_pad_inputs(q, k, v, q_ids, kv_ids, cfg), cfg, launch)
   return o[:, :cfg.q_len], lse[:, :, :cfg.q_len]
 
 
-def _fwd(q, k, v, q_ids, kv_ids, cfg):
-  o, lse = _forward(cfg, q, k, v, q_ids, kv_ids)
+def _fwd(q, k, v, q_ids, kv_ids, cfg, launch):
+  o, lse = _forward(cfg, launch, q, k, v, q_ids, kv_ids)
   return (o, lse), (q, k, v, q_ids, kv_ids, o, lse)
 
 
-def _bwd(cfg, res, cotangents):
-  return _backward(cfg, res, cotangents)
+def _bwd(cfg, launch, res, cotangents):
+  return _backward(cfg, launch, res, cotangents)
 
 
 @_first_order_only
-def _backward(cfg, res, cotangents):
+def _backward(cfg, launch, res, cotangents):
   q, k, v, q_ids, kv_ids, o, lse = res
   do, dlse = cotangents
   # delta = rowsum(dO * O) (fp32); an lse cotangent adds dlse * p to dS, i.e. delta -= dlse.
@@ -213,7 +194,8 @@ def _backward(cfg, res, cotangents):
   delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
   do = _pad_seq(do.astype(q.dtype), cfg.q_len_padded)
   q, k, v, q_ids, kv_ids = _pad_inputs(q, k, v, q_ids, kv_ids, cfg)
-  dq, dk, dv = _backend_module(cfg.backend).backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg)
+  dq, dk, dv = _backend_module(launch.backend).backward(q, k, v, q_ids, kv_ids, do, lse, delta,
+                                                       cfg, launch)
   return (dq[:, :cfg.q_len], dk[:, :cfg.kv_len], dv[:, :cfg.kv_len], None, None)
 
 

@@ -1,10 +1,15 @@
-"""Static configuration, mask geometry and the matmul shared by the Pallas attention kernels.
+"""What every blockwise attention implementation shares: geometry, visibility, softmax algebra.
 
-Every backend (GPU Triton, TPU Mosaic, a future Mosaic GPU one) sees the same padded problem:
-q is padded to a multiple of `block_q`, k/v to a multiple of `block_k`, and this module says which
-(query, key) pairs are visible and which key blocks a query block must visit. Positions follow
-`pallas_kernels.reference.attention_mask`: query row r sits at key position `r + kv_len - q_len`
-(bottom-right causal alignment); padded keys (`>= kv_len`) are never visible.
+Used by the Pallas kernels (GPU Triton, TPU Mosaic, decode) and by the plain-JAX blockwise
+implementations (`blockwise_attention`, `chunked_cache_attention`) alike, so the block ranges,
+the visibility rule and the online-softmax update are written once.
+
+Every implementation sees the same padded problem: q is padded to a multiple of `block_q`, k/v to
+a multiple of `block_k`, and this module says which (query, key) pairs are visible and which key
+blocks a query block must visit. Positions follow `pallas_kernels.reference.attention_mask`: query
+row r sits at key position `r + kv_len - q_len` (bottom-right causal alignment); padded keys
+(`>= kv_len`) are never visible. Padded query rows are not masked: they are sliced away, and the
+backward gives them lse = +inf (so p = 0) and dO = 0.
 
 The block ranges are written with `jnp.minimum/maximum` and `lax.div` on non-negative operands so
 that they trace inside kernels (program ids are int32 scalars) and also run on Python ints in tests.
@@ -12,14 +17,20 @@ that they trace inside kernels (program ids are int32 scalars) and also run on P
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+_INTS = (int, np.integer)
+_REALS = (int, float, np.integer, np.floating)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Everything static about one call; hashable, so it can be a custom_vjp nondiff argument."""
+  """The static problem of one call (lengths, tiles, mask, scale); hashable, so it can be a
+  custom_vjp nondiff argument. Launch options (backend, interpret, warps) live with each kernel."""
   q_len: int            # true (unpadded) lengths
   kv_len: int
   block_q: int
@@ -29,10 +40,6 @@ class AttentionConfig:
   logit_soft_cap: float | None
   sm_scale: float
   has_segments: bool
-  interpret: bool
-  backend: str          # 'gpu' | 'tpu'
-  num_warps: int | None = None    # Triton launch options (GPU only); None: per-head_dim default
-  num_stages: int | None = None
 
   @property
   def q_len_padded(self) -> int:
@@ -57,12 +64,24 @@ class AttentionConfig:
     return self.banded or self.has_segments or self.kv_len_padded != self.kv_len
 
 
+def matmul_precision(dtype):
+  """fp32 operands use full fp32 precision (no TF32), so every backend computes one fp32 function."""
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def accumulator_dtype(dtype):
+  """Statistics and accumulators: fp32 for 16/32-bit inputs, fp64 for fp64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def dot(a, b, *, trans_a=False, trans_b=False):
-  """fp32-accumulating matmul for kernel bodies; fp32 inputs use full fp32 precision (no TF32), so
-  every backend and the XLA paths compute the same fp32 function."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+  """Matmul over the last two axes (leading axes are batch axes; kernel bodies pass 2-D tiles),
+  accumulated in `accumulator_dtype`, at `matmul_precision`."""
+  n = a.ndim
+  batch = tuple(range(n - 2))
+  dims = (((n - 2 if trans_a else n - 1,), (n - 1 if trans_b else n - 2,)), (batch, batch))
+  return lax.dot_general(a, b, dims, precision=matmul_precision(a.dtype),
+                         preferred_element_type=accumulator_dtype(a.dtype))
 
 
 def _cdiv(a, b: int):
@@ -178,3 +197,174 @@ def scores(cfg: AttentionConfig, s_raw):
     return s, None
   t = jnp.tanh(s / cfg.logit_soft_cap)
   return cfg.logit_soft_cap * t, t
+
+
+def dscores(p, dp, delta, tanh):
+  """Score cotangent dS = P * (dP - delta), through the soft cap's tanh when there is one."""
+  ds = p * (dp - delta)
+  return ds if tanh is None else ds * (1.0 - tanh * tanh)
+
+
+def ids_overlap(q_ids, kv_ids, axis=None):
+  """False only where no (query, key) pair can have equal segment ids (disjoint id ranges), so
+  the block pair can be skipped. Reduces over `axis` (None: all axes)."""
+  return ((jnp.min(q_ids, axis) <= jnp.max(kv_ids, axis)) &
+          (jnp.min(kv_ids, axis) <= jnp.max(q_ids, axis)))
+
+
+def _expand(x, n):
+  del n
+  return x[..., None]
+
+
+def online_softmax_step(o, m, l, s, pv, *, masked, widen=None):
+  """One block of the online softmax: folds scores `s [..., n]` into the running state.
+
+  `o [..., d]` is the unnormalized accumulator, `m`/`l` the running max / sum per row, shaped
+  `s.shape[:-1]`; `pv(p)` returns `p @ v_block` (fp32, shaped like o). With `widen(x, n)` (TPU) the
+  row statistics keep a trailing (lane) axis and `widen` maps them to width n instead of
+  broadcasting. `masked`: s may hold -inf rows, whose max must not turn exp(s - m) into NaN.
+  Returns the new `(o, m, l)`.
+  """
+  keep = widen is not None
+  widen = _expand if widen is None else widen
+  m_next = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=keep))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
+  p = jnp.exp(s - widen(m_safe, s.shape[-1]))
+  alpha = jnp.exp(m - m_safe)
+  l = alpha * l + jnp.sum(p, axis=-1, keepdims=keep)
+  o = widen(alpha, o.shape[-1]) * o + pv(p)
+  return o, m_next, l
+
+
+def softmax_finish(o, m, l, *, widen=None):
+  """Normalized output and log-sum-exp of the running state; rows that saw no key (l = 0) give
+  o = 0 and lse = -inf."""
+  widen = _expand if widen is None else widen
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  return o / widen(l_safe, o.shape[-1]), jnp.where(empty, -jnp.inf, m + jnp.log(l_safe))
+
+
+def cache_slot_visible(rel, num_new, tree):
+  """Decode visibility of a cache slot at `rel = slot - cache_length`: the prefix (`rel < 0`), and
+  a new token `rel = t'` iff `tree` (the `[.., T, T]` mask entry of that token) says so."""
+  return (rel < 0) | ((rel < num_new) & tree)
+
+
+def cache_visibility(cache_lengths_B, tree_mask_BTT, slot_S):
+  """Boolean `[B, T, S']` visibility of cache slots `slot_S` (any int vector) for the T queries."""
+  num_new = tree_mask_BTT.shape[1]
+  rel_BS = slot_S[None, :] - cache_lengths_B[:, None]
+  idx_BTS = jnp.broadcast_to(jnp.clip(rel_BS, 0, num_new - 1)[:, None, :],
+                             (rel_BS.shape[0], num_new, rel_BS.shape[1]))
+  tree_BTS = jnp.take_along_axis(tree_mask_BTT, idx_BTS, axis=2)
+  return cache_slot_visible(rel_BS[:, None, :], num_new, tree_BTS)
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def is_positive_int(x) -> bool:
+  return isinstance(x, _INTS) and not isinstance(x, bool) and x > 0
+
+
+def validate_attention_inputs(q, k, v, *, q_segment_ids, kv_segment_ids, sliding_window,
+                              logit_soft_cap, sm_scale, dtypes):
+  """The checks every attention implementation makes (ValueError naming the argument).
+
+  `dtypes`: the float dtypes the implementation accepts; q, k and v must share one of them.
+  """
+  for name, x in (('q', q), ('k', k), ('v', v)):
+    if getattr(x, 'ndim', None) != 4:
+      raise ValueError(f'{name} must have rank 4 [batch, seq, heads, head_dim], got shape '
+                       f'{getattr(x, "shape", None)}.')
+  batch, q_len, num_heads, head_dim = q.shape
+  _, kv_len, num_kv_heads, _ = k.shape
+  if k.shape != v.shape:
+    raise ValueError(f'k and v must have the same shape, got k {k.shape} and v {v.shape}.')
+  if k.shape[0] != batch:
+    raise ValueError(f'k/v batch {k.shape[0]} does not match q batch {batch}.')
+  if k.shape[-1] != head_dim:
+    raise ValueError(f'head_dim mismatch: q has {head_dim}, k/v have {k.shape[-1]}.')
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(f'num_heads ({num_heads}) of q must be divisible by num_kv_heads '
+                     f'({num_kv_heads}) of k/v.')
+  if min(q_len, kv_len, head_dim, batch) < 1:
+    raise ValueError(f'q, k, v must be non-empty, got q {q.shape}, k {k.shape}.')
+  if not any(q.dtype == d for d in dtypes):
+    names = ', '.join(jnp.dtype(d).name for d in dtypes)
+    raise ValueError(f'q dtype must be one of {names}, got {q.dtype}.')
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}.')
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    missing = 'kv_segment_ids' if kv_segment_ids is None else 'q_segment_ids'
+    raise ValueError(f'q_segment_ids and kv_segment_ids go together; {missing} is missing.')
+  if q_segment_ids is not None:
+    for name, ids, length in (('q_segment_ids', q_segment_ids, q_len),
+                              ('kv_segment_ids', kv_segment_ids, kv_len)):
+      if tuple(getattr(ids, 'shape', ())) != (batch, length):
+        raise ValueError(f'{name} must have shape {(batch, length)}, got '
+                         f'{getattr(ids, "shape", None)}.')
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f'{name} must be an integer array (int32), got {ids.dtype}.')
+  if sliding_window is not None and not is_positive_int(sliding_window):
+    raise ValueError(f'sliding_window must be a positive int, got {sliding_window!r}.')
+  if logit_soft_cap is not None and not (isinstance(logit_soft_cap, _REALS) and
+                                         logit_soft_cap > 0):
+    raise ValueError(f'logit_soft_cap must be a positive float, got {logit_soft_cap!r}.')
+  if sm_scale is not None and not (isinstance(sm_scale, _REALS) and math.isfinite(sm_scale)):
+    raise ValueError(f'sm_scale must be a finite static Python/NumPy float, got {sm_scale!r}.')
+
+
+def make_config(q, k, *, block_q, block_k, causal, q_segment_ids, sliding_window,
+                logit_soft_cap, sm_scale) -> AttentionConfig:
+  """The AttentionConfig of validated inputs (default scale `head_dim ** -0.5`)."""
+  head_dim = q.shape[-1]
+  return AttentionConfig(
+      q_len=q.shape[1], kv_len=k.shape[1], block_q=int(block_q), block_k=int(block_k),
+      causal=bool(causal),
+      sliding_window=None if sliding_window is None else int(sliding_window),
+      logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+      sm_scale=float(head_dim ** -0.5 if sm_scale is None else sm_scale),
+      has_segments=q_segment_ids is not None)
+
+
+MAX_NEW_QUERIES = 128   # cache attention: T new queries per row (a decode step or a tree)
+
+
+def validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree_mask_BTT,
+                          sm_scale):
+  """The checks every cache-attention implementation makes (ValueError naming the argument)."""
+  for name, x in (('q_BTHD', q_BTHD), ('k_cache_BSKD', k_cache_BSKD),
+                  ('v_cache_BSKD', v_cache_BSKD)):
+    if getattr(x, 'ndim', None) != 4:
+      raise ValueError(f'{name} must have rank 4, got shape {getattr(x, "shape", None)}')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'{name} must be a float array, got {x.dtype}')
+  batch, num_new, num_heads, head_dim = q_BTHD.shape
+  if k_cache_BSKD.shape != v_cache_BSKD.shape:
+    raise ValueError(f'k_cache_BSKD and v_cache_BSKD must have the same shape, got '
+                     f'{k_cache_BSKD.shape} and {v_cache_BSKD.shape}')
+  if k_cache_BSKD.dtype != v_cache_BSKD.dtype:
+    raise ValueError(f'k_cache_BSKD and v_cache_BSKD must share a dtype, got '
+                     f'{k_cache_BSKD.dtype} and {v_cache_BSKD.dtype}')
+  cb, cache_len, kvh, cd = k_cache_BSKD.shape
+  if cb != batch or cd != head_dim:
+    raise ValueError(f'k_cache_BSKD must be [batch={batch}, S, K, head_dim={head_dim}], '
+                     f'got {k_cache_BSKD.shape}')
+  if not 1 <= num_new <= MAX_NEW_QUERIES:
+    raise ValueError(f'q_BTHD must hold 1 <= T <= {MAX_NEW_QUERIES} new queries, got T={num_new}')
+  if num_new > cache_len:
+    raise ValueError(f'the cache length ({cache_len}) must be >= T ({num_new})')
+  if kvh < 1 or num_heads % kvh:
+    raise ValueError(f'num_heads ({num_heads}) must be divisible by the cache num_kv_heads ({kvh})')
+  if tuple(getattr(cache_lengths_B, 'shape', ())) != (batch,) or not jnp.issubdtype(
+      cache_lengths_B.dtype, jnp.integer):
+    raise ValueError(f'cache_lengths_B must be an integer array of shape ({batch},), got '
+                     f'{getattr(cache_lengths_B, "shape", None)} '
+                     f'{getattr(cache_lengths_B, "dtype", type(cache_lengths_B))}')
+  if tuple(getattr(tree_mask_BTT, 'shape', ())) != (batch, num_new, num_new):
+    raise ValueError(f'tree_mask_BTT must have shape {(batch, num_new, num_new)}, got '
+                     f'{getattr(tree_mask_BTT, "shape", None)}')
+  if sm_scale is not None and not (isinstance(sm_scale, _REALS) and math.isfinite(sm_scale)):
+    raise ValueError(f'sm_scale must be a finite float or None, got {sm_scale!r}')

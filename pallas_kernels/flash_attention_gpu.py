@@ -53,11 +53,6 @@ def block_sizes(q_len: int, kv_len: int, head_dim: int, block_q, block_k):
   return block_q, block_k
 
 
-def _ids_overlap(q_ids, kv_ids):
-  """Cheap segment skip: id ranges that do not intersect cannot hold an equal pair."""
-  return (jnp.min(q_ids) <= jnp.max(kv_ids)) & (jnp.min(kv_ids) <= jnp.max(q_ids))
-
-
 def _run_blocks(cfg, lo, full_lo, full_hi, hi, step, carry, skip=None):
   """Runs `step(idx, carry, masked)` over masked [lo, full_lo), plain [full_lo, full_hi) and
   masked [full_hi, hi). `skip(idx)` (segments) may veto a masked block."""
@@ -90,7 +85,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
   q_pos = q_start + jnp.arange(block_q)[:, None]
 
   def step(j, carry, masked):
-    o, m, l = carry
     k_slice = pl.ds(j * block_k, block_k)
     s, _ = common.scores(cfg, common.dot(q, k_ref[k_slice, :], trans_b=True))  # [bq, bk]
     if masked:
@@ -98,29 +92,23 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
       k_pos = j * block_k + jnp.arange(block_k)[None, :]
       mask = common.visible(cfg, q_pos, k_pos, None if q_ids is None else q_ids[:, None], kv_ids)
       s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1)
-    o = alpha[:, None] * o + common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
-    return o, m_new, l
+    pv = lambda p: common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
+    return common.online_softmax_step(*carry, s, pv, masked=masked)
 
   skip = None
   if cfg.has_segments:
-    skip = lambda j: ~_ids_overlap(q_ids, kv_ids_ref[pl.ds(j * block_k, block_k)])
+    skip = lambda j: ~common.ids_overlap(q_ids, kv_ids_ref[pl.ds(j * block_k, block_k)])
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
   carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  o, m, l = _run_blocks(cfg, lo, full_lo, full_hi, hi, step, carry, skip)
-  empty = l == 0.0   # rows with no visible key: o = 0, lse = -inf
-  o_ref[...] = (o / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  o, lse = common.softmax_finish(*_run_blocks(cfg, lo, full_lo, full_hi, hi, step, carry, skip))
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
-def _compiler_params(cfg, head_dim):
-  num_warps = cfg.num_warps or (4 if head_dim <= 128 else 8)
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages or 2)
+def _compiler_params(launch, head_dim):
+  num_warps = launch.num_warps or (4 if head_dim <= 128 else 8)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=launch.num_stages or 2)
 
 
 def _pad_head_dim(*xs):
@@ -131,7 +119,7 @@ def _pad_head_dim(*xs):
   return tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) for x in xs)
 
 
-def forward(q, k, v, q_ids, kv_ids, cfg):
+def forward(q, k, v, q_ids, kv_ids, cfg, launch):
   """Padded q `[B, Tq, H, D]`, k/v `[B, Tk, K, D]` -> (o `[B, Tq, H, D]`, lse `[B, H, Tq]` fp32)."""
   head_dim = q.shape[-1]
   q, k, v = _pad_head_dim(q, k, v)
@@ -153,8 +141,8 @@ def forward(q, k, v, q_ids, kv_ids, cfg):
       out_specs=[q_spec, pl.BlockSpec((None, None, cfg.block_q), lambda i, b, h: (b, h, qi(i)))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-      compiler_params=_compiler_params(cfg, d),
-      interpret=cfg.interpret,
+      compiler_params=_compiler_params(launch, d),
+      interpret=launch.interpret,
       name='flash_attention_fwd',
   )(q, k, v, q_ids, kv_ids)
   return o[..., :head_dim], lse
@@ -182,14 +170,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
       mask = common.visible(cfg, q_pos, k_pos, None if q_ids is None else q_ids[:, None], kv_ids)
       s = jnp.where(mask, s, -jnp.inf)
     p = jnp.exp(s - lse)
-    ds = p * (common.dot(do, v, trans_b=True) - delta)
-    if t is not None:
-      ds = ds * (1.0 - t * t)
+    ds = common.dscores(p, common.dot(do, v, trans_b=True), delta, t)
     return dq + common.dot(ds.astype(k.dtype), k)
 
   skip = None
   if cfg.has_segments:
-    skip = lambda j: ~_ids_overlap(q_ids, kv_ids_ref[pl.ds(j * block_k, block_k)])
+    skip = lambda j: ~common.ids_overlap(q_ids, kv_ids_ref[pl.ds(j * block_k, block_k)])
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
   dq = _run_blocks(cfg, lo, full_lo, full_hi, hi, step,
                    jnp.zeros(dq_ref.shape, jnp.float32), skip)
@@ -220,15 +206,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
         s = jnp.where(mask, s, -jnp.inf)
       p = jnp.exp(s - lse)
       dv = dv + common.dot(p.astype(do.dtype), do, trans_a=True)
-      ds = p * (common.dot(do, v, trans_b=True) - delta)
-      if t is not None:
-        ds = ds * (1.0 - t * t)
+      ds = common.dscores(p, common.dot(do, v, trans_b=True), delta, t)
       dk = dk + common.dot(ds.astype(q.dtype), q, trans_a=True)
       return dk, dv
 
     skip = None
     if cfg.has_segments:
-      skip = lambda i: ~_ids_overlap(q_ids_ref[pl.ds(i * block_q, block_q)], kv_ids)
+      skip = lambda i: ~common.ids_overlap(q_ids_ref[pl.ds(i * block_q, block_q)], kv_ids)
     return _run_blocks(cfg, lo, full_lo, full_hi, hi, step, carry, skip)
 
   zeros = jnp.zeros(dk_ref.shape, jnp.float32)
@@ -237,7 +221,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
+def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg, launch):
   """Padded inputs; lse and delta `[B, H, Tq]` fp32 (lse = +inf on rows to ignore).
 
   Returns dq, dk, dv in the dtypes of q, k, v.
@@ -248,7 +232,7 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   nq, nk = q_len // cfg.block_q, kv_len // cfg.block_k
-  params = _compiler_params(cfg, d)
+  params = _compiler_params(launch, d)
 
   qi = functools.partial(_q_block_index, cfg, num_q_blocks=nq)
   q_spec = pl.BlockSpec((None, cfg.block_q, None, d), lambda i, b, h: (b, qi(i), h, 0))
@@ -265,7 +249,7 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
-      interpret=cfg.interpret,
+      interpret=launch.interpret,
       name='flash_attention_bwd_dq',
   )(q, k, v, q_ids, kv_ids, do, lse, delta)
 
@@ -284,7 +268,7 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
       out_specs=[kv_block_spec, kv_block_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
-      interpret=cfg.interpret,
+      interpret=launch.interpret,
       name='flash_attention_bwd_dkv',
   )(q, k, v, q_ids, kv_ids, do, lse, delta)
   return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]

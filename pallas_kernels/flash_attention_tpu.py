@@ -100,7 +100,7 @@ def _segment_inputs(q_ids, kv_ids):
   return q_ids, kv_ids
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, cfg, name):
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, launch, name):
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -108,7 +108,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, cfg,
           scratch_shapes=scratch),
       out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-      interpret=cfg.interpret,
+      interpret=launch.interpret,
       name=name,
   )
 
@@ -118,7 +118,6 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, cfg,
 def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
                 m_scr, l_scr, acc_scr, *, cfg):
   block_q, block_k = cfg.block_q, cfg.block_k
-  head_dim = acc_scr.shape[-1]
   i, j = pl.program_id(2), pl.program_id(3)
   q_start, k_start = i * block_q, j * block_k
 
@@ -133,29 +132,22 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
     s, _ = common.scores(cfg, common.dot(q, k, trans_b=True))
     if masked:
       s = jnp.where(_mask(cfg, q_start, k_start, q_ids_ref, kv_ids_ref), s, -jnp.inf)
-    m_prev = m_scr[...]                                           # [bq, 128]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-    p = jnp.exp(s - _lanes(m_safe, block_k))
-    alpha = jnp.exp(m_prev - m_safe)
-    m_scr[...] = m_next
-    l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    pv = common.dot(p.astype(v.dtype), v)
-    acc_scr[...] = _lanes(alpha, head_dim) * acc_scr[...] + pv
+    # Row statistics are lane-replicated [bq, 128]; `_lanes` widens them.
+    acc_scr[...], m_scr[...], l_scr[...] = common.online_softmax_step(
+        acc_scr[...], m_scr[...], l_scr[...], s, lambda p: common.dot(p.astype(v.dtype), v),
+        masked=masked, widen=_lanes)
 
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
   _when_in_band(cfg, j, lo, full_lo, full_hi, hi, body)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
-    l = l_scr[...]
-    empty = l == 0.0   # rows with no visible key: o = 0, lse = -inf
-    l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc_scr[...] / _lanes(l_safe, head_dim)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, m_scr[...] + jnp.log(l_safe))
+    o, lse = common.softmax_finish(acc_scr[...], m_scr[...], l_scr[...], widen=_lanes)
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
-def forward(q, k, v, q_ids, kv_ids, cfg):
+def forward(q, k, v, q_ids, kv_ids, cfg, launch):
   """Padded q `[B, Tq, H, D]`, k/v `[B, Tk, K, D]` -> (o `[B, Tq, H, D]`, lse `[B, H, Tq]` fp32)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -184,7 +176,7 @@ def forward(q, k, v, q_ids, kv_ids, cfg):
       scratch=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                pltpu.VMEM((bq, head_dim), jnp.float32)],
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary'),
-      cfg=cfg, name='flash_attention_fwd_tpu',
+      launch=launch, name='flash_attention_fwd_tpu',
   )(_to_bhtd(q), _to_bhtd(k), _to_bhtd(v), *_segment_inputs(q_ids, kv_ids))
   return _to_bhtd(o), lse[..., 0]
 
@@ -197,11 +189,6 @@ def _probs(cfg, q, k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked):
   if masked:
     s = jnp.where(_mask(cfg, q_start, k_start, q_ids_ref, kv_ids_ref), s, -jnp.inf)
   return jnp.exp(s - lse), t
-
-
-def _dscores(p, dp, delta, t):
-  ds = p * (dp - delta)
-  return ds if t is None else ds * (1.0 - t * t)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delta_ref,
@@ -219,7 +206,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, delt
     lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]       # [bq, 1]
     p, t = _probs(cfg, q_ref[...], k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked)
     dp = common.dot(do, v, trans_b=True)
-    ds = _dscores(p, dp, delta, t)
+    ds = common.dscores(p, dp, delta, t)
     dq_scr[...] += common.dot(ds.astype(k.dtype), k)
 
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
@@ -247,7 +234,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
     p, t = _probs(cfg, q, k, lse, q_start, k_start, q_ids_ref, kv_ids_ref, masked)
     dv_scr[...] += common.dot(p.T.astype(do.dtype), do)
     dp = common.dot(do, v, trans_b=True)
-    ds = _dscores(p, dp, delta, t)
+    ds = common.dscores(p, dp, delta, t)
     dk_scr[...] += common.dot(ds.T.astype(q.dtype), q)
 
   lo, full_lo, full_hi, hi = common.q_block_range(cfg, k_start, block_k, block_q)
@@ -259,7 +246,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref, del
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
+def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg, launch):
   """Padded inputs; lse and delta `[B, H, Tq]` fp32 (lse = +inf on rows to ignore)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -291,7 +278,7 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
       out_shape=jax.ShapeDtypeStruct(q_t.shape, q.dtype),
       scratch=[pltpu.VMEM((bq, head_dim), jnp.float32)],
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary'),
-      cfg=cfg, name='flash_attention_bwd_dq_tpu',
+      launch=launch, name='flash_attention_bwd_dq_tpu',
   )(q_t, k_t, v_t, q_ids_t, kv_ids_t, do_t, lse, delta)
 
   # dk/dv: grid (batch, kv_heads, kv_blocks, group, q_blocks); query head = kh * group + g.
@@ -316,6 +303,6 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg):
       out_shape=[jax.ShapeDtypeStruct(k_t.shape, k.dtype), jax.ShapeDtypeStruct(v_t.shape, v.dtype)],
       scratch=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
       semantics=('parallel', 'parallel', 'parallel', 'arbitrary', 'arbitrary'),
-      cfg=cfg, name='flash_attention_bwd_dkv_tpu',
+      launch=launch, name='flash_attention_bwd_dkv_tpu',
   )(q_t, k_t, v_t, q_ids_t, kv_ids_t, do_t, lse, delta)
   return _to_bhtd(dq), _to_bhtd(dk), _to_bhtd(dv)

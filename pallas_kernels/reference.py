@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import flash_attention_common as common
+
 
 def attention_mask(q_len: int, kv_len: int, *, causal: bool = False, q_segment_ids=None,
                    kv_segment_ids=None, sliding_window: int | None = None):
@@ -60,3 +62,12 @@ def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
     return o
   lse = jnp.where(l[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
   return o, lse.reshape(batch, num_heads, q_len).astype(jnp.float32)
+
+
+def reference_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B,
+                              tree_mask_BTT, sm_scale=None):
+  """Cache attention (`decode_attention`'s semantics) through the materialized softmax."""
+  visible_BTS = common.cache_visibility(cache_lengths_B, tree_mask_BTT,
+                                        jnp.arange(k_cache_BSKD.shape[1]))
+  return reference_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, sm_scale=sm_scale,
+                             mask=visible_BTS[:, None])

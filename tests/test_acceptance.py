@@ -8,7 +8,7 @@ from jax_spec.decoding import acceptance, trees
 
 
 _greedy = jax.jit(acceptance.accept_greedy, static_argnums=0)
-_typical = jax.jit(acceptance.accept_typical, static_argnums=0)
+_typical = jax.jit(acceptance.accept_typical, static_argnums=0, static_argnames=('eps', 'delta'))
 _rejection = jax.jit(acceptance.accept_rejection, static_argnums=0)
 _walk = jax.jit(acceptance.rejection_walk, static_argnums=0)
 
@@ -90,6 +90,29 @@ def test_typical_threshold():
   tokens = jnp.array([[0, 0], [0, 1], [0, 2]])
   acc = _typical(tree, jax.random.key(0), tokens, p_BTV)
   np.testing.assert_array_equal(acc.num_accepted_B, [0, 1, 1])
+
+
+@pytest.mark.parametrize('eps, delta', [(0.09, 0.3), (0.3, 0.5)])
+def test_typical_accepts_exactly_above_its_threshold(eps, delta):
+  """Every token x of many hand-made p: accepted iff p(x) > min(eps, delta * exp(-H(p))) (float64
+  reference), over peaked and flat p so that both sides of the min decide somewhere."""
+  vocab, num_p = 6, 64
+  rng = np.random.default_rng(0)
+  concentration = np.repeat([0.1, 0.5, 2.0, 20.0], num_p // 4)
+  p_PV = np.stack([rng.dirichlet(np.full(vocab, c)) for c in concentration])
+  entropy_P = -np.sum(p_PV * np.log(np.maximum(p_PV, 1e-300)), axis=1)
+  threshold_P = np.minimum(eps, delta * np.exp(-entropy_P))
+  assert np.any(threshold_P == eps) and np.any(threshold_P < eps)
+  expected_PV = p_PV > threshold_P[:, None]
+  assert 0.1 < expected_PV.mean() < 0.9
+  far_PV = np.abs(p_PV - threshold_P[:, None]) > 1e-5     # float32 cannot decide exact ties
+  tree = trees.chain(1)
+  tokens_BT = jnp.asarray(np.stack([np.zeros(num_p * vocab), np.tile(np.arange(vocab), num_p)], 1),
+                          jnp.int32)
+  p_BTV = jnp.asarray(np.repeat(p_PV, vocab, axis=0)[:, None].repeat(2, axis=1), jnp.float32)
+  acc = _typical(tree, jax.random.key(0), tokens_BT, p_BTV, eps=eps, delta=delta)
+  accepted_PV = np.asarray(acc.num_accepted_B).reshape(num_p, vocab) == 1
+  np.testing.assert_array_equal(accepted_PV[far_PV], expected_PV[far_PV])
 
 
 # --- Empirical distribution of the emitted tokens -------------------------------------------------

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jax_spec import attention
-from jax_spec.attention import dot_product_attention
-from pallas_kernels.reference import attention_mask, reference_attention
+from jax_spec.attention import BlockwiseOptions, FlashOptions, dot_product_attention
+from pallas_kernels.reference import reference_attention
 
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
 # Max error relative to max |reference| against a float64 reference on the same rounded inputs.
@@ -32,7 +32,11 @@ def _inputs(seed, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, segmen
   return q, k, v, do, dlse, ids
 
 
-def _vjp(impl, q, k, v, do, dlse, ids, kw):
+def _vjp(impl, q, k, v, do, dlse, ids, kw, blocks=None):
+  """Output, lse and input cotangents; `blocks=(block_q, block_k)` as the implementation's options."""
+  if blocks is not None:
+    kw = dict(kw, options={'xla': BlockwiseOptions, 'pallas': FlashOptions}[impl](*blocks))
+
   def fn(q, k, v, do, dlse, ids):
     (o, lse), vjp = jax.vjp(lambda q, k, v: dot_product_attention(
         q, k, v, return_lse=True, implementation=impl, **ids, **kw), q, k, v)
@@ -77,7 +81,7 @@ def test_xla_matches_reference_float64(case):
     q, k, v, do, dlse, ids = _inputs(len(str(case)), batch, q_len, kv_len, heads, kv_heads,
                                      head_dim, jnp.float64, segments)
     dlse = dlse.astype(jnp.float32)
-    out = _vjp('xla', q, k, v, do, dlse, ids, dict(opts, block_q=bq, block_k=bk))
+    out = _vjp('xla', q, k, v, do, dlse, ids, opts, (bq, bk))
     ref = _vjp('reference', q, k, v, do, dlse, ids, opts)
   _check(out, ref, TOL[jnp.float64])
 
@@ -87,7 +91,7 @@ def test_xla_low_precision(dtype):
   """fp32 statistics with bf16/fp16 matmuls stay within the dtype's tolerance of float64."""
   opts = dict(causal=True, sliding_window=50)
   q, k, v, do, dlse, ids = _inputs(3, 1, 70, 95, 4, 2, 64, dtype, segments=True)
-  out = _vjp('xla', q, k, v, do, dlse, ids, dict(opts, block_q=32, block_k=16))
+  out = _vjp('xla', q, k, v, do, dlse, ids, opts, (32, 16))
   assert out[0].dtype == dtype and out[1].dtype == jnp.float32
   assert all(g.dtype == dtype for g in out[2])
   with jax.enable_x64(True):
@@ -101,7 +105,8 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
   ids = dict(q_segment_ids=jnp.zeros((1, 40), jnp.int32).at[:, :5].set(7),
              kv_segment_ids=jnp.zeros((1, 8), jnp.int32))
   f = lambda q, k, v: dot_product_attention(q, k, v, causal=True, return_lse=True,
-                                            implementation='xla', block_q=16, block_k=16, **ids)
+                                            implementation='xla',
+                                            options=BlockwiseOptions(16, 16), **ids)
   (o, lse), vjp = jax.vjp(f, q, k, v)
   dq, dk, dv = vjp((do, jnp.ones_like(lse)))
   # Causal with q_len > kv_len: query i sits at key position i - 32, so rows < 32 see nothing;
@@ -111,42 +116,6 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
   assert np.all(np.asarray(dq)[:, dead] == 0)
   assert np.all(np.isfinite(np.asarray(dk))) and np.all(np.isfinite(np.asarray(dv)))
   assert np.any(np.asarray(o)[:, ~dead] != 0)
-
-
-@pytest.mark.parametrize('causal,window,segmented', [
-    (False, None, False), (True, None, False), (True, 5, False), (True, 40, False),
-    (False, None, True)])
-@pytest.mark.parametrize('q_len,kv_len,bq,bk', [(37, 37, 8, 16), (20, 53, 16, 8), (53, 20, 8, 8)])
-def test_block_ranges_cover_the_mask(causal, window, segmented, q_len, kv_len, bq, bk):
-  """Skipped blocks hold no visible pair; unmasked ('full') blocks are entirely visible."""
-  cfg = attention._Config(q_len=q_len, kv_len=kv_len, num_heads=1, num_kv_heads=1,
-                          causal=causal or window is not None, window=window, soft_cap=None,
-                          sm_scale=1.0, block_q=bq, block_k=bk, segmented=segmented)
-  nq, nk = cfg.num_q_blocks, cfg.num_k_blocks
-  vis = np.zeros((nq * bq, nk * bk), bool)
-  vis[:q_len, :kv_len] = np.asarray(attention_mask(q_len, kv_len, causal=causal,
-                                                   sliding_window=window))[0]
-  vis = vis.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)
-  for qi in range(nq):
-    lo, full_lo, full_hi, hi = map(int, attention._kv_range(cfg, qi))
-    assert lo <= full_lo <= full_hi <= hi
-    for kj in range(nk):
-      if vis[qi, kj].any():
-        assert lo <= kj < hi, (qi, kj)
-      if full_lo <= kj < full_hi:
-        assert vis[qi, kj].all(), (qi, kj)
-  for kj in range(nk):
-    lo, full_lo, full_hi, hi = map(int, attention._q_range(cfg, kj))
-    assert lo <= full_lo <= full_hi <= hi
-    for qi in range(nq):
-      if vis[qi, kj].any():
-        assert lo <= qi < hi, (qi, kj)
-      if full_lo <= qi < full_hi:
-        assert vis[qi, kj].all(), (qi, kj)
-  if not segmented and causal and window is None and q_len == kv_len == 37:
-    # The band is really exploited: some blocks skipped, some run without a mask.
-    assert int(attention._kv_range(cfg, 0)[3]) < nk
-    assert int(attention._kv_range(cfg, nq - 2)[2]) > 0  # (the last q block is padded)
 
 
 def _max_intermediate_size(jaxpr):
@@ -164,7 +133,8 @@ def test_xla_memory_is_linear_in_sequence_length():
   seq, heads, head_dim = 2048, 2, 16
   q = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.float32)
   loss = lambda impl: lambda q, k, v: jnp.sum(dot_product_attention(
-      q, k, v, causal=True, implementation=impl, block_q=64, block_k=64) if impl == 'xla' else
+      q, k, v, causal=True, implementation=impl, options=BlockwiseOptions(64, 64))
+      if impl == 'xla' else
       dot_product_attention(q, k, v, causal=True, implementation=impl))
   grad_xla = jax.make_jaxpr(jax.grad(loss('xla'), argnums=(0, 1, 2)))(q, q, q)
   grad_ref = jax.make_jaxpr(jax.grad(loss('reference'), argnums=(0, 1, 2)))(q, q, q)
@@ -176,8 +146,9 @@ def test_jit_vmap_and_default_implementation():
   q, k, v, _, _, _ = _inputs(5, 2, 33, 21, 4, 2, 32, jnp.float32)
   on_accelerator = jax.default_backend() in ('gpu', 'tpu')
   assert attention.default_implementation() == ('pallas' if on_accelerator else 'xla')
+  options = {'xla': BlockwiseOptions, 'pallas': FlashOptions}[attention.default_implementation()]
   f = jax.jit(jax.vmap(lambda q, k, v: dot_product_attention(
-      q[None], k[None], v[None], causal=True, sliding_window=9, block_q=16, block_k=16)[0]))
+      q[None], k[None], v[None], causal=True, sliding_window=9, options=options(16, 16))[0]))
   out = f.lower(q, k, v).compile(_FAST_COMPILE)(q, k, v)
   ref = reference_attention(q, k, v, causal=True, sliding_window=9)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
@@ -189,7 +160,12 @@ def test_jit_vmap_and_default_implementation():
     (dict(k=np.zeros((2, 5, 3, 16), np.float32), v=np.zeros((2, 5, 3, 16), np.float32)),
      'divisible'),
     (dict(k=np.zeros((2, 5, 2, 8), np.float32), v=np.zeros((2, 5, 2, 8), np.float32)), 'head_dim'),
-    (dict(q=np.zeros((2, 4, 4, 16), np.int32)), 'q must be float'),
+    (dict(q=np.zeros((2, 4, 4, 16), np.int32)), 'q dtype must be one of float16'),
+    (dict(q=np.zeros((2, 4, 4, 16), np.float64)), 'share one dtype'),
+    (dict(implementation='pallas', q=np.zeros((2, 4, 4, 16), np.float64),
+          k=np.zeros((2, 5, 2, 16), np.float64), v=np.zeros((2, 5, 2, 16), np.float64)),
+     'q dtype must be one of float32, bfloat16, float16'),
+    (dict(sm_scale=float('nan')), 'sm_scale'),
     (dict(sliding_window=0), 'sliding_window'),
     (dict(sliding_window=2.5), 'sliding_window'),
     (dict(logit_soft_cap=-1.0), 'logit_soft_cap'),
@@ -198,8 +174,10 @@ def test_jit_vmap_and_default_implementation():
      'q_segment_ids must have shape'),
     (dict(q_segment_ids=np.zeros((2, 4)), kv_segment_ids=np.zeros((2, 5))), 'integer'),
     (dict(implementation='cudnn'), 'implementation'),
-    (dict(block_q=0), 'block_q'),
-    (dict(interpret=True), 'block_q and block_k only'),
+    (dict(options=BlockwiseOptions(block_q=0)), 'block_q'),
+    (dict(options=FlashOptions(interpret=True)), 'options must be BlockwiseOptions'),
+    (dict(implementation='pallas', options=BlockwiseOptions()), 'options must be FlashOptions'),
+    (dict(implementation='reference', options=BlockwiseOptions()), 'no options'),
 ])
 def test_bad_inputs_raise(kwargs, match):
   args = dict(q=np.zeros((2, 4, 4, 16), np.float32), k=np.zeros((2, 5, 2, 16), np.float32),
@@ -211,35 +189,12 @@ def test_bad_inputs_raise(kwargs, match):
 
 
 def test_pallas_route_matches_xla():
-  try:
-    from pallas_kernels.flash_attention import flash_attention  # pylint: disable=unused-import
-  except ImportError as e:
-    pytest.skip(f'pallas_kernels.flash_attention not available: {e}')
   q, k, v, do, dlse, ids = _inputs(7, 1, 19, 33, 2, 1, 32, jnp.float32, segments=True)
   opts = dict(causal=True, logit_soft_cap=5.0)
-  pallas = _vjp('pallas', q, k, v, do, dlse, ids, dict(opts, block_q=16, block_k=16))
-  xla = _vjp('xla', q, k, v, do, dlse, ids, dict(opts, block_q=16, block_k=16))
+  pallas = _vjp('pallas', q, k, v, do, dlse, ids, opts, (16, 16))
+  xla = _vjp('xla', q, k, v, do, dlse, ids, opts, (16, 16))
   _check(pallas, xla, TOL[jnp.float32])
 
-
-def test_benchmark_smoke(tmp_path):
-  from experiments import bench_attention  # pylint: disable=g-import-not-at-top
-  results = bench_attention.run_benchmark(
-      [48, 96], ['xla', 'reference', 'cudnn'], batch=None, batch_tokens=200, num_heads=2,
-      num_kv_heads=1, head_dim=16, dtype=jnp.float32, causal=True, mode='fwd_bwd', repeats=2,
-      max_memory_bytes=2**30)
-  assert [r['implementation'] for r in results] == ['xla', 'reference'] * 2  # cudnn: no GPU here
-  assert [r['batch'] for r in results] == [4, 4, 2, 2]   # 200 tokens // seq_len
-  for r in results:
-    assert r['executed'] and len(r['times_s']) == 2 and r['tflops'] > 0
-    assert 1 <= r['calls_per_sample'] <= 100
-    assert r['memory']['peak_estimate'] >= r['memory']['arguments'] > 0
-  assert bench_attention.attention_flops(1, 2, 48, 48, 16, True, 'fwd_bwd') == (
-      3.5 * 0.5 * 4 * 2 * 48 * 48 * 16)
-  assert bench_attention.calls_per_sample(1e-4) == 100 and bench_attention.calls_per_sample(1.0) == 1
-  assert bench_attention.calls_per_sample(0.004) == 5
-  bench_attention.plot_results(results, tmp_path / 'plot.png', 'smoke')
-  assert (tmp_path / 'plot.png').stat().st_size > 0
 
 
 def test_tune_flash_attention_smoke(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jax_spec import attention
-from jax_spec.attention import cache_attention, dot_product_attention
+from jax_spec.attention import ChunkOptions, DecodeOptions, cache_attention, dot_product_attention
 from pallas_kernels.decode_attention import combine_splits, decode_attention
 
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -61,10 +61,10 @@ def _numpy_reference(q, k, v, lengths, mask, sm_scale=None):
 
 # (batch, T, S, heads, kv_heads, head_dim, lengths, tree, pallas kwargs)
 CASES = [
-    (2, 5, 64, 4, 2, 32, [10, 40], 'chain', dict(block_k=16, num_splits=2)),       # GQA
-    (3, 7, 48, 3, 1, 16, [17, 0, 41], 'tree', dict(block_k=16, num_splits=3)),     # MQA, len 0
-    (2, 9, 80, 2, 2, 64, [74, 33], 'tree', dict(block_k=16, block_m=16)),  # MHA, past the end
-    (1, 1, 40, 8, 2, 24, [39], 'chain', dict()),                                   # decode, S%16, D
+    (2, 5, 64, 4, 2, 32, [10, 40], 'chain', DecodeOptions(block_k=16, num_splits=2)),   # GQA
+    (3, 7, 48, 3, 1, 16, [17, 0, 41], 'tree', DecodeOptions(block_k=16, num_splits=3)),  # MQA
+    (2, 9, 80, 2, 2, 64, [74, 33], 'tree', DecodeOptions(block_k=16, block_m=16)),  # past the end
+    (1, 1, 40, 8, 2, 24, [39], 'chain', None),                             # decode, S%16, D
 ]
 
 
@@ -79,12 +79,12 @@ def test_cache_attention_matches_float64(case):
                           implementation='reference')
   np.testing.assert_allclose(ref, want, atol=1e-12)
   q32, k32, v32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
-  for impl, extra in (('xla', dict(chunk=16)), ('xla', dict()), ('pallas', kw)):
+  for impl, options in (('xla', ChunkOptions(chunk=16)), ('xla', None), ('pallas', kw)):
     fn = jax.jit(lambda q, k, v, l, m: cache_attention(
-        q, k, v, cache_lengths_B=l, tree_mask_BTT=m, implementation=impl, **extra))
+        q, k, v, cache_lengths_B=l, tree_mask_BTT=m, implementation=impl, options=options))
     out = fn.lower(q32, k32, v32, lens, mask).compile(_FAST_COMPILE)(q32, k32, v32, lens, mask)
     assert out.dtype == jnp.float32 and out.shape == q.shape
-    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5, err_msg=f'{impl} {extra}')
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5, err_msg=f'{impl} {options}')
 
 
 @pytest.mark.parametrize('dtype,tol', [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
@@ -171,9 +171,11 @@ def test_default_implementation_is_the_kernel_on_gpu_only():
     (dict(cache_lengths_B=np.zeros((2,), np.float32)), 'cache_lengths_B'),
     (dict(tree_mask_BTT=np.ones((2, 3, 4), bool)), 'tree_mask_BTT'),
     (dict(implementation='cudnn'), 'implementation'),
-    (dict(implementation='pallas', block_k=24), 'block_k'),
-    (dict(implementation='pallas', num_splits=0), 'num_splits'),
-    (dict(implementation='xla', block_k=16), 'chunk only'),
+    (dict(implementation='pallas', options=DecodeOptions(block_k=24)), 'block_k'),
+    (dict(implementation='pallas', options=DecodeOptions(num_splits=0)), 'num_splits'),
+    (dict(implementation='xla', options=DecodeOptions(block_k=16)), 'options must be ChunkOptions'),
+    (dict(implementation='xla', options=ChunkOptions(chunk=0)), 'chunk must be a positive int'),
+    (dict(implementation='reference', options=ChunkOptions()), 'no options'),
 ])
 def test_bad_cache_inputs_raise(kwargs, match):
   args = dict(q=np.zeros((2, 3, 4, 16), np.float32), k=np.zeros((2, 32, 2, 16), np.float32),
@@ -183,3 +185,24 @@ def test_bad_cache_inputs_raise(kwargs, match):
   q, k, v = args.pop('q'), args.pop('k'), args.pop('v')
   with pytest.raises(ValueError, match=match):
     cache_attention(q, k, v, **args)
+
+
+def test_on_tpu_pallas_runs_xla_and_decode_options_raise(monkeypatch):
+  """The decode kernel is Triton-only: on TPU 'pallas' is the 'xla' path, options never switch."""
+  q, k, v, lens, mask = _inputs(4, 1, 3, 32, 2, 1, 16, [9], 'tree')
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+  calls = []
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'tpu')
+  monkeypatch.setattr(attention, 'decode_attention', lambda *a, **kw: calls.append('kernel'))
+  real = attention.chunked_cache_attention
+  monkeypatch.setattr(attention, 'chunked_cache_attention',
+                      lambda *a, **kw: calls.append('xla') or real(*a, **kw))
+  args = dict(cache_lengths_B=lens, tree_mask_BTT=mask, implementation='pallas')
+  out = cache_attention(q, k, v, **args)
+  assert calls == ['xla']
+  np.testing.assert_allclose(out, _numpy_reference(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                                                   lens, np.asarray(mask)), atol=2e-5)
+  cache_attention(q, k, v, **args, options=ChunkOptions(chunk=16))
+  with pytest.raises(ValueError, match="on TPU 'pallas' runs the 'xla' cache path"):
+    cache_attention(q, k, v, **args, options=DecodeOptions(interpret=True))
+  assert calls == ['xla', 'xla']

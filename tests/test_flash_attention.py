@@ -4,6 +4,7 @@ Interpret mode compiles every kernel into an XLA while loop, which takes seconds
 configuration on CPU, so each fast case packs several features into one compile; the full sweep
 is `pytest -m slow tests/test_flash_attention.py`.
 """
+import dataclasses
 import functools
 import itertools
 
@@ -203,7 +204,7 @@ def test_block_ranges_cover_every_visible_pair_and_full_blocks_need_no_mask():
   for q_len, kv_len, bq, bk, causal, window in _geometry_configs():
     cfg = common.AttentionConfig(q_len=q_len, kv_len=kv_len, block_q=bq, block_k=bk,
                                  causal=causal, sliding_window=window, logit_soft_cap=None,
-                                 sm_scale=1.0, has_segments=False, interpret=True, backend='gpu')
+                                 sm_scale=1.0, has_segments=False)
     vis = np.zeros((cfg.q_len_padded, cfg.kv_len_padded), bool)
     vis[:q_len, :kv_len] = _numpy_mask(q_len, kv_len, causal, window)
     # The kernels' own mask agrees with the reference mask on real rows.
@@ -218,6 +219,11 @@ def test_block_ranges_cover_every_visible_pair_and_full_blocks_need_no_mask():
       rows = min(bq, q_len - i * bq)
       all_vis[i, j] = blocks[i, :rows, j, :].all()
     tight = q_len % bq == 0 and kv_len % bk == 0
+    seg = dataclasses.replace(cfg, has_segments=True)   # every visited block is masked
+    for i in range(nq):
+      lo, flo, fhi, hi = (int(x) for x in common.kv_block_range(seg, i * bq, bq, bk))
+      assert flo == fhi == hi and (lo, hi) == tuple(
+          int(x) for x in common.kv_block_range(cfg, i * bq, bq, bk))[::3]
     for i in range(nq):
       lo, flo, fhi, hi = (int(x) for x in common.kv_block_range(cfg, i * bq, bq, bk))
       assert lo <= flo <= fhi <= hi, (cfg, i)
@@ -241,7 +247,7 @@ def test_block_ranges_cover_every_visible_pair_and_full_blocks_need_no_mask():
 def test_causal_block_skipping_visits_about_half_the_blocks():
   cfg = common.AttentionConfig(q_len=512, kv_len=512, block_q=64, block_k=64, causal=True,
                                sliding_window=None, logit_soft_cap=None, sm_scale=1.0,
-                               has_segments=False, interpret=True, backend='gpu')
+                               has_segments=False)
   visited = unmasked = 0
   for i in range(8):
     lo, flo, fhi, hi = (int(x) for x in common.kv_block_range(cfg, i * 64, 64, 64))
@@ -267,6 +273,7 @@ def _bad(**overrides):
     (dict(k=jnp.zeros((1, 8, 3, 32)), v=jnp.zeros((1, 8, 3, 32))), 'num_heads'),
     (dict(v=jnp.zeros((1, 9, 2, 32))), 'k and v'),
     (dict(q=jnp.zeros((1, 8, 4, 32), jnp.int32)), 'dtype'),
+    (dict(q=np.zeros((1, 8, 4, 32), np.float64)), 'q dtype must be one of float32'),
     (dict(q=jnp.zeros((1, 8, 4, 32), jnp.bfloat16)), 'share one dtype'),
     (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), 'kv_segment_ids is missing'),
     (dict(q_segment_ids=jnp.zeros((1, 7), jnp.int32), kv_segment_ids=jnp.zeros((1, 8), jnp.int32)),
@@ -296,15 +303,15 @@ def test_default_backend_and_interpret(monkeypatch):
   seen = {}
   real = fa._flash_attention
 
-  def spy(q, k, v, q_ids, kv_ids, cfg):
-    seen['cfg'] = cfg
-    return real(q, k, v, q_ids, kv_ids, cfg)
+  def spy(q, k, v, q_ids, kv_ids, cfg, launch):
+    seen['cfg'], seen['launch'] = cfg, launch
+    return real(q, k, v, q_ids, kv_ids, cfg, launch)
 
   monkeypatch.setattr(fa, '_flash_attention', spy)
   jax.eval_shape(lambda q: fa.flash_attention(q, q, q), jnp.zeros((1, 4, 1, 16)))
   platform = jax.default_backend()
   backend = 'tpu' if platform == 'tpu' else 'gpu'
-  assert seen['cfg'].backend == backend and seen['cfg'].interpret == (platform != backend)
+  assert seen['launch'].backend == backend and seen['launch'].interpret == (platform != backend)
   if backend == 'gpu':
     assert (seen['cfg'].block_q, seen['cfg'].block_k) == (16, 16)   # clamped to the short sequence
 

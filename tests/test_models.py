@@ -36,7 +36,7 @@ def test_param_count_matches_formula():
   mtp = 2 * (2 * 64 + 2 * 64 * 64 + block)
   medusa = 2 * (64 * 64 + 64)
   tiny = M.get_config('tiny')
-  assert M.param_count(tiny) == {'trunk': trunk, 'mtp': mtp, 'medusa': medusa,
+  assert M.param_count(tiny) == {'trunk': trunk, 'mtp': mtp, 'medusa': medusa, 'eagle': 0,
                                  'total': trunk + mtp + medusa}
   for cfg in (tiny, CFG, tiny.replace(tie_embeddings=False, medusa_shared_head=False,
                                       medusa_num_layers=2, mtp_depth=0),

@@ -35,11 +35,6 @@ def test_count_compiles():
   assert n[0] == 0
 
 
-def test_decode_precision():
-  assert runtime.decode_precision('bf16') == 'bf16'
-  assert runtime.decode_precision('auto') == 'fp32'
-
-
 def test_bench_verify_smoke(tmp_path):
   cmd = [sys.executable, '-m', 'experiments.bench_verify', f'--workdir={tmp_path}', '--config=tiny',
          '--precisions=fp32', '--tokens=2', '--steps=2', '--repeats=1', '--cache_len=32',

@@ -1,5 +1,7 @@
 """speculative_generate: greedy identical to generate for every drafter, chain and tree; stats;
 partial acceptance and cache commit; EOS; rejection sampling end to end; no retracing."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,36 +178,92 @@ def test_bad_arguments(model, prompts):
                               tree='chain2', max_new_tokens=4)
 
 
-# --- experiments.speculative ----------------------------------------------------------------------
+# --- Sampling arguments: exact by default, no silent greedy mix, tau without a verify step --------
 
-def test_experiment_rejects_missing_runs(tmp_path):
-  from experiments import speculative as experiment
-  with pytest.raises(ValueError, match='not a directory'):
-    experiment.load_run(str(tmp_path / 'nope'), 'workdir')
-  with pytest.raises(ValueError, match='train_config.json'):
-    experiment.load_run(str(tmp_path), 'workdir')
+def _exact_law(model, prompt_T, num_tokens, temperature, top_k):
+  """{(x_1..x_n): P} of the target's first n sampled tokens after `prompt_T`, by enumeration:
+  level by level, one full forward (one compiled shape) of every prefix in the support."""
+  from jax_spec.decoding import sampling   # pylint: disable=g-import-not-at-top
+  width, rows = len(prompt_T) + num_tokens - 1, top_k ** (num_tokens - 1)
+  probs_fn = jax.jit(lambda t: sampling.target_probs(model(t).logits_BTV, temperature=temperature,
+                                                     top_k=top_k))
+  law = {(): 1.0}
+  for level in range(num_tokens):
+    prefixes = list(law)
+    tokens = np.zeros((rows, width), np.int32)       # causal: the padding after a prefix is unseen
+    for i, p in enumerate(prefixes):
+      tokens[i, :len(prompt_T) + level] = list(prompt_T) + list(p)
+    probs = np.asarray(probs_fn(jnp.asarray(tokens))[:, len(prompt_T) + level - 1], np.float64)
+    law = {p + (int(x),): law[p] * probs[i, x] for i, p in enumerate(prefixes)
+           for x in np.flatnonzero(probs[i])}
+  return law
 
 
-@pytest.mark.slow
-def test_experiment_end_to_end(tmp_path):
-  """Trains a tiny run for a few steps, then runs the experiment on it (minutes on a CPU)."""
-  import json
-  import subprocess
-  import sys
-  run = tmp_path / 'run'
-  subprocess.run([sys.executable, '-m', 'experiments.train', f'--workdir={run}', '--config=tiny',
-                  '--steps=4', '--batch_size=4', '--seq_len=64', '--eval_every=4',
-                  '--checkpoint_every=4', '--progress=false'], check=True)
-  out = tmp_path / 'out'
-  for draft, tree in (('mtp', 'derived'), ('medusa', 'default')):
-    subprocess.run([sys.executable, '-m', 'experiments.speculative', f'--workdir={run}',
-                    f'--draft={draft}', f'--tree={tree}', '--tree_nodes=4', '--derive_batches=1',
-                    '--num_prompts=2', '--prompt_len=8', '--max_new_tokens=12', f'--output={out}'],
-                   check=True)
-    results = json.loads((out / 'results.json').read_text())
-    assert results['outputs_identical'] is True
-    assert results['speculative']['mean_accepted_length'] >= 1
-    assert (out / 'accepted_length_hist.png').exists() and (out / 'acceptance_per_depth.png').exists()
-  bad = subprocess.run([sys.executable, '-m', 'experiments.speculative', f'--workdir={run}',
-                        '--draft=model', '--num_prompts=1'], capture_output=True, text=True)
-  assert bad.returncode != 0 and 'draft_workdir' in bad.stderr
+def _greedy_after_first_law(law):
+  """The law of 'sample the first token, then decode greedily' (the old temperature > 0 default)."""
+  wrong = {}
+  for first in {seq[0] for seq in law}:
+    path = (first,)
+    while len(path) < len(next(iter(law))):
+      marginal = collections.Counter()
+      for seq, prob in law.items():
+        if seq[:len(path)] == path:
+          marginal[seq[len(path)]] += prob
+      path += (max(marginal, key=marginal.get),)
+    wrong[path] = sum(prob for seq, prob in law.items() if seq[0] == first)
+  return wrong
+
+
+def _tv_to(law, samples_NK):
+  counts = collections.Counter(map(tuple, np.asarray(samples_NK).tolist()))
+  keys = set(law) | set(counts)
+  return 0.5 * sum(abs(law.get(k, 0.0) - counts.get(k, 0) / len(samples_NK)) for k in keys)
+
+
+LAW_SAMPLES = 2000
+LAW_TV_BOUND = 0.1      # expected TV of 2000 samples over the 27 cells here is ~0.04
+
+
+def _check_law(model, generate_fn, *, temperature=1.0, top_k=3, num_tokens=3):
+  """The first `num_tokens` sampled tokens of `generate_fn(prompts, lengths)` (2000 rows, one
+  prompt) follow the target's exact law; the bound is one that the old greedy-after-the-first-
+  token mix fails by far."""
+  prompt = [5, 17, 200, 3]
+  law = _exact_law(model, prompt, num_tokens, temperature, top_k)
+  wrong = _greedy_after_first_law(law)
+  keys = set(law) | set(wrong)
+  assert 0.5 * sum(abs(law.get(k, 0) - wrong.get(k, 0)) for k in keys) > 3 * LAW_TV_BOUND
+  out = generate_fn(jnp.tile(jnp.asarray(prompt, jnp.int32), (LAW_SAMPLES, 1)),
+                    jnp.full((LAW_SAMPLES,), len(prompt), jnp.int32))
+  assert _tv_to(law, out.tokens_BN[:, :num_tokens]) < LAW_TV_BOUND
+  return out
+
+
+def test_temperature_defaults_to_exact_rejection_sampling(model):
+  """No `acceptance` at temperature > 0: distributed as the target (a noisy draft model, so drafts
+  are both accepted and rejected)."""
+  out = _check_law(model, lambda p, n: spec.speculative_generate(
+      model, p, n, drafter='model', draft_model=_noisy_copy(model, 0.1, 0), tree=trees.chain(2),
+      temperature=1.0, top_k=3, max_new_tokens=3, rng=jax.random.key(0)))
+  assert 1.2 < spec.summarize(out.stats)['mean_accepted_length'] < 2.9
+
+
+def test_greedy_acceptance_with_temperature_is_an_error(model, prompts):
+  with pytest.raises(ValueError, match=r"acceptance='greedy' needs temperature=0.*temperature=0\.7"):
+    spec.speculative_generate(model, *prompts, drafter='medusa', acceptance='greedy',
+                              temperature=0.7, rng=jax.random.key(0), max_new_tokens=4)
+
+
+def test_tau_without_a_verify_step(model, prompts, baseline):
+  one = spec.speculative_generate(model, *prompts, drafter='medusa', max_new_tokens=1)
+  np.testing.assert_array_equal(one.tokens_BN, baseline.tokens_BN[:, :1])
+  s = spec.summarize(one.stats)
+  assert s['verify_steps'] == 0 and s['mean_accepted_length'] == 1.0, s
+  # EOS as the first token (same shapes as test_batch_one_and_no_retrace: no new compile).
+  tokens, lengths = prompts
+  first = int(baseline.tokens_BN[1, 0])
+  out = spec.speculative_generate(model, tokens[1:, :4], lengths[1:], drafter='medusa',
+                                  tree='chain', max_new_tokens=MAX_NEW, eos_id=first)
+  np.testing.assert_array_equal(out.lengths_B, [1])
+  s = spec.summarize(out.stats)
+  assert s['verify_steps'] == 0 and s['mean_accepted_length'] == 1.0, s

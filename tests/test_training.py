@@ -71,12 +71,25 @@ def test_train_config_validation(tmp_path, override, match):
     TrainConfig(workdir=str(tmp_path), **override)
 
 
-def test_cli_rejects_bad_flag_before_training(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.train', f'--workdir={tmp_path}/w', '--precision=fp8'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert "precision must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'" in proc.stderr
+def _usage_error(args):
+  """(exit status, stderr lines) of experiments.train with `args`."""
+  proc = subprocess.run([sys.executable, '-m', 'experiments.train', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize('args, message', [
+    # A flag that does not parse (an enum).
+    (['--precision=fp8'], 'flag --precision=fp8: value should be one of <bf16|fp16|fp32>'),
+    # Values found invalid after parsing: the config's own message naming the field.
+    (['--steps=0'], 'steps must be an int >= 1, got 0'),
+    (['--model.d_model=30'], 'd_model (30) must be divisible by num_heads'),
+])
+def test_cli_bad_value_is_a_one_line_usage_error(tmp_path, args, message):
+  code, lines = _usage_error([f'--workdir={tmp_path}/w', *args])
+  assert code == 2
+  assert len(lines) == 1 and lines[0].startswith('experiments.train: error: '), lines
+  assert message in lines[0]
   assert not os.path.exists(tmp_path / 'w')
 
 
@@ -143,12 +156,27 @@ def test_frozen_trunk_trains_only_the_heads(tmp_path):
 # Subprocess runs: kill-and-resume, sharded
 # ------------------------------------------------------------------------------------------------
 
-def _command(workdir, corpus, extra=()):
-  return [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}', '--config=tiny',
-          '--mtp_depth=0', '--medusa_heads=1', '--steps=16', '--batch_size=8', '--seq_len=32',
-          '--warmup_steps=4', '--learning_rate=3e-3', '--log_every=1', '--eval_every=8',
-          '--eval_batches=1', '--checkpoint_every=4', f'--data_path={corpus}', '--noprogress',
-          *extra]
+# The runs start from a config file; flags given on the command line override it (steps) and a
+# dotted flag overrides a TransformerConfig field (model.num_layers).
+CONFIG_FILE_TEXT = """
+def get_config():
+  return {'config': 'tiny', 'mtp_depth': 0, 'medusa_heads': 1, 'steps': 100, 'batch_size': 8,
+          'seq_len': 32, 'warmup_steps': 4, 'learning_rate': 3e-3, 'model': {'d_ff': 96}}
+"""
+
+
+@pytest.fixture(scope='module')
+def config_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp('configs') / 'run.py'
+  path.write_text(CONFIG_FILE_TEXT)
+  return str(path)
+
+
+def _command(workdir, corpus, config_file, extra=()):
+  return [sys.executable, '-m', 'experiments.train', f'--workdir={workdir}',
+          f'--config={config_file}', '--steps=16', '--model.num_layers=1', '--log_every=1',
+          '--eval_every=8', '--eval_batches=1', '--checkpoint_every=4', f'--data_path={corpus}',
+          '--noprogress', *extra]
 
 
 def _env(cache_dir, devices=None):
@@ -167,15 +195,15 @@ def _deterministic(records):
 
 
 @pytest.fixture(scope='module')
-def reference_run(corpus, tmp_path_factory):
+def reference_run(corpus, config_file, tmp_path_factory):
   """An uninterrupted single-device run (also the baseline of the sharded test)."""
   root = tmp_path_factory.mktemp('runs')
   cache = str(root / 'jax_cache')
   workdir = str(root / 'reference')
-  proc = subprocess.run(_command(workdir, corpus), cwd=REPO, env=_env(cache),
+  proc = subprocess.run(_command(workdir, corpus, config_file), cwd=REPO, env=_env(cache),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return {'workdir': workdir, 'cache': cache, 'root': root,
+  return {'workdir': workdir, 'cache': cache, 'root': root, 'config_file': config_file,
           'summary': json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
@@ -200,6 +228,13 @@ def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
   model, tokenizer, config = restore.load_model_from_workdir(workdir)
   assert tokenizer.kind == 'byte' and config.vocab_size == tokenizer.vocab_size
   assert config.mtp_depth == 0 and config.medusa_heads == 1
+  # The config file's model override and the dotted flag reached the model that was trained.
+  assert config.d_ff == 96 and config.num_layers == 1
+  assert len(model.layers) == 1
+  info = workdir_lib.read_run_info(workdir)
+  assert info['train']['steps'] == 16  # the flag overrode the file's 100
+  assert info['train']['model'] == {'d_ff': 96, 'num_layers': 1}
+  assert info['model']['d_ff'] == 96 and info['model']['num_layers'] == 1
   data = data_lib.load_data('byte', workdir, corpus)
   batch = data.validation_batches(8, 32, num_batches=1)[0]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -214,7 +249,7 @@ def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
 def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
   workdir = str(reference_run['root'] / 'killed')
   env = _env(reference_run['cache'])
-  cmd = _command(workdir, corpus)
+  cmd = _command(workdir, corpus, reference_run['config_file'])
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   first_ckpt = os.path.join(workdir, 'checkpoints', '4', 'commit_success.txt')
@@ -245,11 +280,18 @@ def test_resume_with_different_config_is_refused(reference_run, corpus):
   cfg = TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})
   with pytest.raises(ValueError, match='different configuration.*learning_rate'):
     loop.train(cfg)
+  # From the command line: one line naming the differing fields, exit status 2.
+  code, lines = _usage_error(_command(reference_run['workdir'], corpus,
+                                      reference_run['config_file'],
+                                      ['--learning_rate=0.01', '--model.d_ff=64'])[3:])
+  assert code == 2 and len(lines) == 1, lines
+  assert 'train.learning_rate: saved 0.003, now 0.01' in lines[0]
+  assert 'model.d_ff: saved 96, now 64' in lines[0]
 
 
 def test_sharded_run_matches_single_device(reference_run, corpus):
   workdir = str(reference_run['root'] / 'sharded')
-  cmd = _command(workdir, corpus, ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2',
+  cmd = _command(workdir, corpus, reference_run['config_file'], ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2',
                                    '--checkpoint_every=16'])
   proc = subprocess.run(cmd, cwd=REPO, env=_env(reference_run['cache'], devices=8),
                         capture_output=True, text=True, timeout=600)
@@ -267,7 +309,7 @@ def test_sharded_run_matches_single_device(reference_run, corpus):
 def test_time_budget_saves_and_stops(reference_run, corpus):
   """--minutes stops after the current step with a checkpoint (same program: cache hit)."""
   workdir = str(reference_run['root'] / 'budget')
-  proc = subprocess.run(_command(workdir, corpus, ['--minutes=1e-6']), cwd=REPO,
+  proc = subprocess.run(_command(workdir, corpus, reference_run['config_file'], ['--minutes=1e-6']), cwd=REPO,
                         env=_env(reference_run['cache']), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

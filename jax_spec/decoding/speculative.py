@@ -27,7 +27,7 @@ temperature / top-k / top-p, and q is that distribution. At temperature 0 every 
 Statistics: `tau` (mean accepted length) = tokens emitted per trunk verify forward, bonus token
 included, i.e. the mean of (accepted draft tokens + 1) over the (row, step) pairs where the row was
 still generating, counted before truncation at EOS / max_new_tokens. The token sampled from the
-prefill logits is not part of any verify step and is excluded.
+prefill logits is not part of any verify step and is excluded. With no verify step tau is 1.0.
 """
 from __future__ import annotations
 
@@ -65,7 +65,11 @@ class SpeculativeOutput(NamedTuple):
 
 
 def summarize(stats: SpeculativeStats, lengths_B=None) -> dict:
-  """Host-side summary: tau, per-depth acceptance rates and the accepted-length histogram."""
+  """Host-side summary: tau, per-depth acceptance rates and the accepted-length histogram.
+
+  With no verify step (every row ended on its first token: max_new_tokens=1 or EOS first) tau is
+  1.0 and every acceptance rate 0.0 (no draft was accepted); `verify_steps == 0` tells that case.
+  """
   steps = int(np.sum(stats.verify_steps_B))
   accepted = int(np.sum(stats.accepted_B))
   hist = np.asarray(stats.accepted_hist_A, np.int64)
@@ -74,7 +78,8 @@ def summarize(stats: SpeculativeStats, lengths_B=None) -> dict:
       'verify_steps': steps,
       'loop_steps': int(stats.loop_steps),
       'accepted_tokens': accepted,
-      'mean_accepted_length': (accepted + steps) / max(steps, 1),
+      # No verify step (max_new_tokens=1, EOS first): 1.0, as for a drafter that never helps.
+      'mean_accepted_length': (accepted + steps) / steps if steps else 1.0,
       'accepted_length_hist': hist.tolist(),
       # P(depth d accepted | depth d - 1 accepted), and P(depth d accepted), for d = 1..max_depth.
       'acceptance_rate_per_depth': [float(at_least[d] / max(at_least[d - 1], 1))
@@ -98,7 +103,7 @@ def _check_tree(tree, drafter_cls, model):
 
 def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 'mtp',
                          draft_model=None, tree='chain', num_draft: int | None = None,
-                         acceptance: str = 'greedy', max_new_tokens: int,
+                         acceptance: str | None = None, max_new_tokens: int,
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          eos_id: int | None = None, pad_id: int = 0, rng=None,
                          sample_drafts: bool | None = None, typical_eps: float = 0.09,
@@ -107,6 +112,9 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   """Speculative sampling from `model` (see the module docstring).
 
   drafter: a name registered in `jax_spec.decoding.drafters` ('mtp', 'medusa', 'model', ...).
+  acceptance: 'greedy', 'rejection' (exact: the output is distributed as the processed target) or
+    'typical' (Medusa's, not exact). Default: 'greedy' at temperature 0, 'rejection' otherwise;
+    'greedy' with temperature > 0 is an error (it would decode greedily after a sampled first token).
   tree: a `Tree`, a list of rank paths, or a name for `trees.get_tree` ('chain', 'chainN',
     'default', 'default:N'); names are resolved against `num_draft` draft positions (default: the
     drafter's: MTP depth, Medusa heads; 4 for a draft model).
@@ -117,8 +125,8 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   drafter_cls = drafters_lib.registered().get(drafter) if isinstance(drafter, str) else None
   if drafter_cls is None:
     raise ValueError(f'drafter must be one of {sorted(drafters_lib.registered())}, got {drafter!r}')
-  if acceptance not in ACCEPTANCE_RULES:
-    raise ValueError(f'acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}')
+  if acceptance is not None and acceptance not in ACCEPTANCE_RULES:
+    raise ValueError(f'acceptance must be None or one of {ACCEPTANCE_RULES}, got {acceptance!r}')
   config = model.config
   drafter_cls.check_model(model, draft_model)
   if num_draft is None:
@@ -126,6 +134,12 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   tree = get_tree(tree, num_draft)
   _check_tree(tree, drafter_cls, model)
   sc = sampling.SamplingConfig(temperature, top_k, top_p)
+  if acceptance is None:
+    acceptance = 'greedy' if sc.greedy else 'rejection'
+  elif acceptance == 'greedy' and not sc.greedy:
+    raise ValueError(f"acceptance='greedy' needs temperature=0, got temperature={temperature!r}: use "
+                     f"acceptance='rejection' (the default at temperature > 0) to sample exactly "
+                     f"from the target, or temperature=0")
   if rng is None:
     if not sc.greedy:
       raise ValueError('rng must be a jax.random key when temperature > 0')

@@ -2,13 +2,16 @@
 from jax_spec.models.config import PRESETS, TransformerConfig, get_config, param_count
 from jax_spec.models.kv_cache import (DecodeOutputs, KVCache, MTPCache, MTPDraft, advance, commit,
                                       extend, init_cache, init_mtp_cache, medusa_logits, mtp_draft, prefill)
-from jax_spec.models.losses import compute_losses, cross_entropy, shifted_targets
+from jax_spec.models.losses import (HEAD_TARGETS, HeadLoss, compute_losses, cross_entropy,
+                                    shifted_targets, trunk_agreement)
 from jax_spec.models.transformer import ModelOutputs, Transformer
+from jax_spec.models import eagle  # feature drafters: EAGLE module, MTP module 1 recursively
 
 __all__ = [
     'PRESETS', 'TransformerConfig', 'get_config', 'param_count', 'Transformer', 'ModelOutputs',
-    'compute_losses', 'cross_entropy', 'shifted_targets', 'KVCache', 'MTPCache', 'MTPDraft',
+    'compute_losses', 'cross_entropy', 'shifted_targets', 'HeadLoss', 'HEAD_TARGETS',
+    'trunk_agreement', 'KVCache', 'MTPCache', 'MTPDraft',
     'DecodeOutputs', 'init_cache', 'prefill', 'extend', 'commit', 'advance', 'init_mtp_cache',
     'mtp_draft',
-    'medusa_logits',
+    'medusa_logits', 'eagle',
 ]

@@ -40,6 +40,8 @@ class TransformerConfig:
 
   `mtp_depth` DeepSeek-V3 MTP modules (0 = none) and `medusa_heads` Medusa heads (0 = none) can be
   combined. `medusa_frozen_trunk=True` is Medusa-1: the heads see `stop_gradient(hidden)`.
+  `eagle_layers` > 0 adds one EAGLE-style feature drafter of that many blocks (0 = none), applied
+  autoregressively to any depth (`jax_spec.models.eagle`).
   `attention_impl=None` lets the attention dispatcher choose (pallas on GPU/TPU, xla on CPU).
   Pretrained architectures (jax_spec.pretrained) also use: `explicit_head_dim` (Qwen3: head_dim
   != d_model // num_heads), `qkv_bias` (Qwen2), `out_bias` (Llama `attention_bias`), `qk_norm`
@@ -62,6 +64,7 @@ class TransformerConfig:
   medusa_num_layers: int = 1
   medusa_shared_head: bool = True
   medusa_frozen_trunk: bool = False
+  eagle_layers: int = 0
   attention_impl: str | None = None
   explicit_head_dim: int | None = None
   qkv_bias: bool = False
@@ -76,7 +79,7 @@ class TransformerConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
-    for name in ('mtp_depth', 'medusa_heads'):
+    for name in ('mtp_depth', 'medusa_heads', 'eagle_layers'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f'{name} must be a non-negative int, got {value!r}')
@@ -153,9 +156,12 @@ def _block_params(c: TransformerConfig) -> int:
 
 
 def param_count(c: TransformerConfig) -> dict[str, int]:
-  """Closed-form parameter counts: {'trunk', 'mtp', 'medusa', 'total'}."""
+  """Closed-form parameter counts: {'trunk', 'mtp', 'medusa', 'eagle', 'total'}."""
   d, v = c.d_model, c.vocab_size
   trunk = v * d + c.num_layers * _block_params(c) + d + (0 if c.tie_embeddings else d * v)
   mtp = c.mtp_depth * (2 * d + 2 * d * d + _block_params(c))
   medusa = c.medusa_heads * (c.medusa_num_layers * (d * d + d) + (0 if c.medusa_shared_head else d * v))
-  return {'trunk': trunk, 'mtp': mtp, 'medusa': medusa, 'total': trunk + mtp + medusa}
+  # The EAGLE module is an MTP module (combine + block) with eagle_layers - 1 more blocks.
+  eagle = (2 * d + 2 * d * d + c.eagle_layers * _block_params(c)) if c.eagle_layers else 0
+  return {'trunk': trunk, 'mtp': mtp, 'medusa': medusa, 'eagle': eagle,
+          'total': trunk + mtp + medusa + eagle}

@@ -32,6 +32,10 @@ class MTPModule(nnx.Module):
                       rngs=rngs, **kw)
     self.block = Block(config, rngs=rngs, **kw)
 
+  @property
+  def blocks(self) -> tuple[Block, ...]:
+    return (self.block,)
+
   def combine(self, h_BTD, e_BTD):
     return self.proj(jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1))
 
@@ -41,6 +45,29 @@ class MTPModule(nnx.Module):
   def decode(self, h_BTD, e_BTD, positions_BT, k_cache, v_cache, layer, lengths_B, tree_mask_BTT):
     return self.block.decode(self.combine(h_BTD, e_BTD), positions_BT, k_cache, v_cache, layer,
                              lengths_B, tree_mask_BTT)
+
+
+class EagleModule(MTPModule):
+  """EAGLE-style feature drafter: the MTP combine, then `config.eagle_layers` blocks.
+
+  One module applied autoregressively (`jax_spec.models.eagle`): its final-normed output is the
+  predicted next trunk feature, read through the shared LM head and fed back for the next depth.
+  """
+
+  def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.extra_blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                  for _ in range(config.eagle_layers - 1)])
+
+  @property
+  def blocks(self) -> tuple[Block, ...]:
+    return (self.block, *self.extra_blocks)
+
+  def __call__(self, h_BTD, e_BTD, positions_BT, segment_ids_BT=None):
+    x_BTD = self.combine(h_BTD, e_BTD)
+    for block in self.blocks:
+      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)[0]
+    return x_BTD
 
 
 class ResBlock(nnx.Module):
@@ -74,7 +101,8 @@ class MedusaHead(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Trunk (RMSNorm, RoPE, GQA, SwiGLU) plus optional MTP modules and Medusa heads."""
+  """Trunk (RMSNorm, RoPE, GQA, SwiGLU) plus optional MTP modules, Medusa heads and an EAGLE
+  module (its outputs come from `jax_spec.models.eagle`, not from `__call__`)."""
 
   def __init__(self, config: TransformerConfig, *, policy: str | Policy = 'fp32', rngs: nnx.Rngs):
     if not isinstance(config, TransformerConfig):
@@ -94,6 +122,7 @@ class Transformer(nnx.Module):
     head_VD = self.embed.embedding[...] if c.tie_embeddings else self.lm_head.kernel[...].T
     self.medusa = nnx.List([MedusaHead(c, rngs=rngs, head_init_VD=head_VD, **kw)
                             for _ in range(c.medusa_heads)])
+    self.eagle = EagleModule(c, rngs=rngs, **kw) if c.eagle_layers else None
 
   @property
   def dtype(self):

@@ -34,6 +34,9 @@ def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=Non
 
   build = lambda: build_model(model_config, policy, cfg.seed)
   graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
                                     read_only=True)
   try:

@@ -15,7 +15,6 @@ step-indexed batches reproduces an uninterrupted run bit for bit on CPU.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import jax
@@ -24,28 +23,26 @@ import optax
 from flax import nnx
 
 from jax_spec import precision as precision_lib
+from jax_spec.models import eagle as eagle_lib
+from jax_spec.models.losses import HeadLoss, compute_losses, trunk_agreement
+from jax_spec.training.sharding import path_to_str
 
 State = dict[str, Any]
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name != 'value':
-        parts.append(k.name)
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
+# Top-level parameter groups of the draft heads; `freeze_trunk` trains only these.
+HEAD_PARAM_GROUPS = ('mtp', 'medusa', 'eagle')
+
+# TODO(eagle): loop.py still calls `_path_str`; drop this alias once it uses `path_to_str`.
+_path_str = path_to_str
 
 
-def medusa_only(path: str) -> bool:
-  """Trainable filter of the Medusa-1 (`frozen_trunk`) mode: only Medusa head parameters."""
-  return re.search(r'medusa', path) is not None
+def head_params(path: str) -> bool:
+  """Trainable filter of the frozen-trunk setting (Medusa-1, EAGLE): only draft-head parameters.
+
+  Every other parameter (embedding, blocks, final norm, LM head) gets `stop_gradient` in the loss,
+  so there is no backward pass through the trunk, and zero updates."""
+  return path.split('/', 1)[0] in HEAD_PARAM_GROUPS
 
 
 def _labels(params, trainable: Callable[[str], bool] | None):
@@ -105,22 +102,31 @@ def set_loss_scale(state: State, scale: float) -> State:
   return state
 
 
-def _forward_losses(graphdef, rest, params, batch, model_config, mtp_lambda, medusa_weight):
-  from jax_spec.models import compute_losses  # pylint: disable=g-import-not-at-top
+def _forward_losses(graphdef, rest, params, batch, model_config, mtp_lambda, medusa_weight,
+                    head: HeadLoss):
+  """-> (loss, metrics, ModelOutputs, EAGLE `Unrolled` or None)."""
   model = nnx.merge(graphdef, params, rest)
-  outputs = model(batch['tokens'], positions_BT=batch['positions'],
-                  segment_ids_BT=batch['segment_ids'])
-  loss, metrics = compute_losses(outputs, batch['tokens'], batch['segment_ids'], model_config,
-                                 mtp_lambda=mtp_lambda, medusa_weight=medusa_weight)
-  return loss, metrics, outputs
+  tokens, positions, seg = batch['tokens'], batch['positions'], batch['segment_ids']
+  outputs = model(tokens, positions_BT=positions, segment_ids_BT=seg)
+  eagle = None
+  if model_config.eagle_layers:
+    eagle = eagle_lib.unroll(model, outputs.hidden_BTD, tokens, steps=head.eagle_steps,
+                             positions_BT=positions, segment_ids_BT=seg)
+  loss, metrics = compute_losses(outputs, tokens, seg, model_config, mtp_lambda=mtp_lambda,
+                                 medusa_weight=medusa_weight, eagle=eagle, head=head)
+  return loss, metrics, outputs, eagle
 
 
 def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, loss_scale: str = 'none',
                     growth_interval: int = precision_lib.DEFAULT_GROWTH_INTERVAL,
                     mtp_lambda: float = 0.3, medusa_weight: float = 0.8,
-                    trainable: Callable[[str], bool] | None = None):
+                    trainable: Callable[[str], bool] | None = None, head: HeadLoss = HeadLoss()):
   """Returns `train_step(state, batch) -> (state, metrics)` (not jitted; see `jit_train_step`).
+
+  trainable: a filter on parameter paths (e.g. `head_params` for a frozen trunk); the others get
+  `stop_gradient` (no backward pass into them) and zero updates (see `make_optimizer`).
+  head: the head-loss options (targets, EAGLE steps and weights).
 
   loss_scale='dynamic': the loss is multiplied by the current scale before the backward pass,
   gradients are unscaled in fp32, and a non-finite gradient skips the update (params and optimizer
@@ -137,11 +143,11 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
     params = state['params']
 
     def loss_fn(p):
-      if trainable is not None:  # Medusa-1: no gradient (and no backward pass) into the trunk
+      if trainable is not None:  # e.g. a frozen trunk: no gradient (and no backward pass) into it
         p = jax.tree_util.tree_map_with_path(
-            lambda path, x: x if trainable(_path_str(path)) else jax.lax.stop_gradient(x), p)
-      loss, metrics, _ = _forward_losses(graphdef, rest, p, batch, model_config, mtp_lambda,
-                                         medusa_weight)
+            lambda path, x: x if trainable(path_to_str(path)) else jax.lax.stop_gradient(x), p)
+      loss, metrics, _, _ = _forward_losses(graphdef, rest, p, batch, model_config, mtp_lambda,
+                                            medusa_weight, head)
       return loss, metrics
 
     if dynamic:
@@ -185,16 +191,18 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
 
 
 def make_eval_step(graphdef, rest, model_config, *, mtp_lambda: float = 0.3,
-                   medusa_weight: float = 0.8):
+                   medusa_weight: float = 0.8, head: HeadLoss = HeadLoss()):
   """Returns `eval_step(params, batch) -> sums` for bits-per-token validation.
 
   `nll_sum` / `count` are over the main head's predicted tokens: a target counts iff it is in the
-  same (non-padding) document as its context token. Head metrics are batch means.
+  same (non-padding) document as its context token. Head metrics are batch means: besides the
+  training metrics, `{kind}_trunk_acc_k` (`models.trunk_agreement`), each head's agreement with the
+  trunk's argmax, beside its accuracy against the data `{kind}_acc_k`.
   """
 
   def eval_step(params, batch):
-    loss, metrics, outputs = _forward_losses(graphdef, rest, params, batch, model_config,
-                                             mtp_lambda, medusa_weight)
+    loss, metrics, outputs, eagle = _forward_losses(graphdef, rest, params, batch, model_config,
+                                                    mtp_lambda, medusa_weight, head)
     tokens, seg = batch['tokens'], batch['segment_ids']
     logp_BTV = jax.nn.log_softmax(outputs.logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -202,6 +210,7 @@ def make_eval_step(graphdef, rest, model_config, *, mtp_lambda: float = 0.3,
     sums = {'nll_sum': jnp.sum(jnp.where(mask_BT, nll_BT, 0.0)),
             'count': jnp.sum(mask_BT.astype(jnp.int32))}
     means = dict(metrics)
+    means.update(trunk_agreement(outputs, tokens, seg, model_config, eagle))
     means['loss'] = loss
     return sums, means
 

@@ -4,7 +4,8 @@ Chains only. The draft cache follows the trunk's: it holds every committed token
 and, on rows whose whole previous chain was accepted ("pending"), except that chain's last draft
 (never fed to the draft model). `propose` appends `[last draft, root]` (pending rows) or just the
 root, then runs gamma - 1 one-token forwards; `update` cuts the cache back to the root plus the
-min(a, gamma - 1) accepted drafts whose K/V it computed. So a step costs gamma draft forwards.
+min(a, gamma - 1) accepted drafts whose K/V it computed (finished rows: back to the trunk's
+length, so their cache stops growing). So a step costs gamma draft forwards.
 """
 from __future__ import annotations
 
@@ -111,7 +112,9 @@ class DraftModelDrafter(base.Drafter):
     depth = self.tree.max_depth
     num_B = verify.num_accepted_B
     keep_B = verify.root_position_B + 1 + jnp.minimum(num_B, depth - 1)
-    lengths_B = jnp.where(verify.active_B, keep_B, state.cache.lengths)
+    # A finished row's cache goes back to its committed tokens: `propose` ran on it too (fixed
+    # shapes), but it must not grow (the cache attention would scan up to the longest row).
+    lengths_B = jnp.where(verify.active_B, keep_B, verify.root_position_B)
     return DraftModelState(state.cache.replace(lengths=lengths_B),
                            pending_B=verify.active_B & (num_B == depth),
                            last_draft_B=verify.tokens_BT[:, -1])

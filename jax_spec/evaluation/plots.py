@@ -1,19 +1,22 @@
-"""Training-curve plots from `metrics.jsonl` (matplotlib, Agg backend), reusable by experiments.
+"""Plots of training runs and of the speculative benchmark (matplotlib, Agg backend).
 
 `plot_training_curves(workdir_or_jsonl, out_png)` draws one panel per metric group: the losses
 (total, main and every head), head accuracies, validation bits per token/byte, learning rate,
 gradient norm, loss scale and throughput; panels with no data are left out.
+`plot_acceptance(stats, out_dir, title)`: accepted-length histogram and per-depth acceptance of a
+speculative run; `plot_speedups(rows, out_png)`: speedup and tau per drafter.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 
 from jax_spec.io.metrics import read_metrics  # pylint: disable=wrong-import-position
 
@@ -86,21 +89,46 @@ def plot_training_curves(source: str, out_png: str, *, panels: Sequence = DEFAUL
   return out_png
 
 
-def plot_compare(sources: dict[str, str], key: str, out_png: str, *, title: str | None = None,
-                 logy: bool = False) -> str:
-  """One metric (e.g. 'loss') from several runs on one axis: {label: workdir_or_jsonl}."""
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, src in sources.items():
-    xs, ys = _series(read_metrics(src), key)
-    ax.plot(xs, ys, label=label)
-  ax.set_xlabel('step')
-  ax.set_ylabel(key)
-  if logy:
-    ax.set_yscale('log')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  ax.set_title(title or key)
+def plot_acceptance(stats: dict[str, Any], out_dir: str, title: str) -> list[str]:
+  """`accepted_length_hist.png` and `acceptance_per_depth.png` of `decoding.summarize` stats."""
+  hist = np.asarray(stats['accepted_length_hist'], np.float64)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.bar(np.arange(len(hist)) + 1, hist / max(hist.sum(), 1))
+  ax.set_xlabel('tokens emitted per verify step (accepted drafts + 1)')
+  ax.set_ylabel('fraction of verify steps')
+  ax.set_title(f'{title}\ntau = {stats["mean_accepted_length"]:.2f}', fontsize=9)
   fig.tight_layout()
-  fig.savefig(out_png, dpi=110)
+  paths = [os.path.join(out_dir, 'accepted_length_hist.png'),
+           os.path.join(out_dir, 'acceptance_per_depth.png')]
+  fig.savefig(paths[0], dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  depths = np.arange(1, len(hist))
+  ax.plot(depths, stats['acceptance_rate_per_depth'], 'o-', label='P(accept d | accepted d-1)')
+  ax.plot(depths, stats['acceptance_per_depth'], 's--', label='P(accept d)')
+  ax.set_xlabel('draft depth d')
+  ax.set_ylim(0, 1.05)
+  ax.set_xticks(depths)
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(paths[1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def plot_speedups(rows: Sequence[dict[str, Any]], out_png: str) -> str:
+  """Speedup over plain decoding and tau per drafter (rows: 'drafter', 'speedup', 'tau')."""
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  names = [r['drafter'] for r in rows]
+  axes[0].bar(names, [r['speedup'] for r in rows], color='tab:blue')
+  axes[0].axhline(1.0, color='k', lw=0.8)
+  axes[0].set_ylabel('speedup over jitted greedy decoding')
+  axes[1].bar(names, [r['tau'] for r in rows], color='tab:orange')
+  axes[1].set_ylabel('tau (tokens per trunk forward)')
+  for ax in axes:
+    ax.tick_params(axis='x', labelrotation=20, labelsize=8)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
   plt.close(fig)
   return out_png

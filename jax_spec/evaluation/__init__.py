@@ -1,0 +1,1 @@
+"""Measuring trained runs: draft-head accuracies, the speculative decoding benchmark, plots."""

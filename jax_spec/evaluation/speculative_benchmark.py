@@ -1,0 +1,271 @@
+"""Speculative decoding against the autoregressive baseline on a trained run, side by side.
+
+`run_benchmark(BenchmarkOptions(workdir=...))` loads the run's latest checkpoint, takes prompts
+from the validation split, compiles both samplers (warm-up), then times the jitted baseline
+(`decoding.generate`) and the speculative sampler on the same prompts, interleaved prompt batch by
+prompt batch so both see the same machine load. It writes `results.json`,
+`accepted_length_hist.png` and `acceptance_per_depth.png` into the output directory and returns
+the results. `experiments.speculative` (one configuration from flags) and
+`experiments.quickstart` (every drafter of a fresh run) call it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jax_spec import decoding
+from jax_spec import runtime
+from jax_spec.data import load_data
+from jax_spec.decoding import drafters as drafters_lib
+from jax_spec.decoding import trees as trees_lib
+from jax_spec.evaluation import head_accuracy
+from jax_spec.evaluation import plots
+from jax_spec.training import restore
+from jax_spec.training import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+DECODE_PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+
+def _opt(default, help_text, choices=None, **kwargs):
+  return dataclasses.field(default=default, metadata={'help': help_text, 'choices': choices},
+                           **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkOptions:
+  """One benchmark configuration (`experiments.speculative` has one flag per field)."""
+  workdir: str = _opt(None, 'A trained run of experiments.train (the target model).')
+  draft: str = _opt('mtp', 'Drafter: a name registered in jax_spec.decoding.drafters.')
+  draft_workdir: str | None = _opt(None, 'Trained run of the draft model (--draft=model).')
+  acceptance: str | None = _opt(None, "Acceptance rule: greedy | rejection | typical (default: "
+                                "the sampler's).")
+  tree: str | None = _opt(None, "chain | chainN | default | default:N | derived | JSON rank "
+                          "paths | path to a .json file (default: 'default' for medusa, 'chain' "
+                          "otherwise).")
+  num_draft: int | None = _opt(None, "Draft positions for named trees (default: the drafter's "
+                               "heads / MTP depth; 4 for a draft model).")
+  derive_tree: bool = _opt(False, 'Derive the tree from measured per-head accuracies.')
+  tree_nodes: int = _opt(10, 'Non-root nodes of a derived tree.')
+  derive_topk: int = _opt(8, 'Ranks measured per head when deriving a tree.')
+  derive_batches: int = _opt(4, 'Validation batches (8 x 256 tokens) for --derive_tree.')
+  num_prompts: int = _opt(8, 'Validation prompts.')
+  prompt_len: int = _opt(64, 'Prompt length in tokens (bos + document start).')
+  batch_size: int = _opt(1, 'Prompts per sampler call.')
+  max_new_tokens: int = _opt(128, 'Tokens to generate per prompt.')
+  temperature: float = _opt(0.0, 'Sampling temperature (0 = greedy).')
+  top_k: int = _opt(0, 'Top-k filter (0 = off).')
+  top_p: float = _opt(1.0, 'Top-p filter (1 = off).')
+  stop_at_eos: bool = _opt(True, "Rows stop at the tokenizer's EOS.")
+  cache_len: int | None = _opt(None, "KV cache slots (default: the model's max_seq_len).")
+  seed: int = _opt(0, 'Sampling seed.')
+  # fp32 by default on every backend. On CPU for speed: XLA:CPU emulates bf16/fp16 matmuls (a
+  # one-token bf16 step of the small preset takes 2x the fp32 one). On GPUs for exactness: a
+  # T-token verify forward and a one-token decode step run differently tiled bf16 matmuls whose
+  # rounded activations differ in the last bit, which flips greedy near-ties (docs/benchmarks.md).
+  precision: str = _opt('fp32', 'Decoding precision of both samplers (fp32: see '
+                        'jax_spec/evaluation/speculative_benchmark.py).', DECODE_PRECISIONS)
+  output: str | None = _opt(None, 'Output directory (default: <workdir>/speculative/<name>).')
+  profile_steps: str | None = _opt(None, 'A:B: write a jax.profiler trace of the timed prompt '
+                                   'batches A <= i < B into <output>/profile.')
+
+  def __post_init__(self):
+    if not self.workdir or not os.path.isdir(self.workdir):
+      raise ValueError(f'workdir {self.workdir!r} is not a directory (a workdir of '
+                       'experiments.train)')
+    if self.draft not in drafters_lib.registered():
+      raise ValueError(f'draft must be one of {sorted(drafters_lib.registered())}, '
+                       f'got {self.draft!r}')
+    if self.draft == 'model' and not self.draft_workdir:
+      raise ValueError('draft=model needs draft_workdir (a trained, smaller run)')
+    if self.precision not in DECODE_PRECISIONS:
+      raise ValueError(f'precision must be one of {DECODE_PRECISIONS}, got {self.precision!r}')
+    for name in ('num_prompts', 'prompt_len', 'batch_size', 'max_new_tokens', 'tree_nodes',
+                 'derive_topk', 'derive_batches'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be an int >= 1, got {value!r}')
+    if self.num_prompts % self.batch_size:
+      raise ValueError(f'num_prompts={self.num_prompts} must be a multiple of '
+                       f'batch_size={self.batch_size}')
+    if (self.derive_tree or self.tree == 'derived') and self.draft not in head_accuracy.HEAD_DRAFTERS:
+      raise ValueError(f'derive_tree needs draft heads (draft one of {head_accuracy.HEAD_DRAFTERS})')
+    runtime.parse_profile_steps(self.profile_steps)
+
+  @property
+  def tree_spec(self) -> str:
+    if self.derive_tree:
+      return 'derived'
+    return self.tree or ('default' if self.draft == 'medusa' else 'chain')
+
+  @property
+  def name(self) -> str:
+    return (f'{self.draft}_{self.acceptance or "default"}_{self.tree_spec.replace(":", "")}'
+            f'_T{self.temperature:g}')
+
+  @property
+  def output_dir(self) -> str:
+    return self.output or os.path.join(self.workdir, 'speculative', self.name)
+
+
+def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
+  """(model, tokenizer, model_config, run_info) of a trained run; errors name the option `what`."""
+  if not workdir or not os.path.isdir(workdir):
+    raise ValueError(f'{what}={workdir!r} is not a directory (a workdir of experiments.train)')
+  info = workdir_lib.read_run_info(workdir)
+  try:
+    model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
+  except ValueError:
+    raise
+  except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint
+    raise ValueError(f'{what}={workdir!r}: the checkpoint does not match the run\'s model '
+                     f'config ({type(e).__name__}: {e})') from e
+  return model, tokenizer, model_config, info
+
+
+def resolve_tree(spec: str, num_draft: int) -> trees_lib.Tree:
+  """A tree name (trees.get_tree), a JSON list of rank paths, or a path to such a .json file."""
+  if spec.startswith('[') or spec.endswith('.json'):
+    if spec.endswith('.json'):
+      with open(spec) as f:
+        spec = f.read()
+    return trees_lib.Tree.from_choices(json.loads(spec), num_heads=num_draft)
+  return trees_lib.get_tree(spec, num_draft)
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - t0
+
+
+def _merge_stats(all_stats) -> decoding.SpeculativeStats:
+  return decoding.SpeculativeStats(
+      np.concatenate([np.asarray(s.verify_steps_B) for s in all_stats]),
+      np.concatenate([np.asarray(s.accepted_B) for s in all_stats]),
+      np.sum([np.asarray(s.accepted_hist_A) for s in all_stats], axis=0),
+      np.sum([int(s.loop_steps) for s in all_stats]))
+
+
+def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
+  """Runs the side-by-side benchmark of `opts`; writes and returns the results dict."""
+  model, tokenizer, model_config, info = load_run(opts.workdir, 'workdir', opts.precision)
+  draft_model = None
+  if opts.draft == 'model':
+    draft_model, draft_tok, _, _ = load_run(opts.draft_workdir, 'draft_workdir', opts.precision)
+    if draft_tok.fingerprint != tokenizer.fingerprint:
+      raise ValueError(f'draft_workdir uses tokenizer {draft_tok.fingerprint}, the target '
+                       f'{tokenizer.fingerprint}: they must match')
+  drafter_cls = drafters_lib.registered()[opts.draft]
+  drafter_cls.check_model(model, draft_model)
+  tree_spec = opts.tree_spec
+  num_draft = opts.num_draft or drafter_cls.default_depth(model, draft_model, tree_spec)
+
+  train_info = info['train']
+  data = load_data(tokenizer=tokenizer.kind, workdir=opts.workdir,
+                   data_path=train_info.get('data_path'), vocab_size=train_info.get('vocab_size'))
+  derived_acc = None
+  if tree_spec == 'derived':
+    tree, derived_acc = head_accuracy.derive_tree(model, data, opts.draft, opts.tree_nodes,
+                                                  topk=opts.derive_topk,
+                                                  num_batches=opts.derive_batches)
+  else:
+    tree = resolve_tree(tree_spec, num_draft)
+  prompts = data.validation_prompts(opts.num_prompts, opts.prompt_len)
+
+  out_dir = opts.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  if derived_acc is not None:
+    with open(os.path.join(out_dir, 'tree.json'), 'w') as fh:
+      json.dump({'choices': [list(c) for c in tree.choices],
+                 'topk_accuracies': np.round(derived_acc, 5).tolist(),
+                 'expected_tau': trees_lib.expected_accepted_length(tree, derived_acc)}, fh)
+  common = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                top_k=opts.top_k, top_p=opts.top_p,
+                eos_id=tokenizer.eos_id if opts.stop_at_eos else None,
+                cache_len=opts.cache_len or model_config.max_seq_len)
+  spec_kwargs = {} if opts.acceptance is None else {'acceptance': opts.acceptance}
+
+  def baseline(p_BT, key):
+    return decoding.generate(model, p_BT, jnp.full((p_BT.shape[0],), opts.prompt_len, jnp.int32),
+                             rng=key, **common)
+
+  def speculative(p_BT, key):
+    return decoding.speculative_generate(
+        model, p_BT, jnp.full((p_BT.shape[0],), opts.prompt_len, jnp.int32), drafter=opts.draft,
+        draft_model=draft_model, tree=tree, rng=key, **spec_kwargs, **common)
+
+  batches = [jnp.asarray(prompts[i:i + opts.batch_size])
+             for i in range(0, opts.num_prompts, opts.batch_size)]
+  keys = [jax.random.fold_in(jax.random.key(opts.seed), i + 1) for i in range(len(batches))]
+  log.info('warm-up (compiling both samplers)')
+  # The warm-up is the first timed call itself (same arrays), so nothing is left to compile.
+  _, compile_base = _timed(lambda: baseline(batches[0], keys[0]))
+  _, compile_spec = _timed(lambda: speculative(batches[0], keys[0]))
+  base_time = spec_time = 0.0
+  base_tokens = spec_tokens = 0
+  identical = True
+  all_stats = []
+  profiler = runtime.StepProfiler(opts.profile_steps, os.path.join(out_dir, 'profile'))
+  with runtime.count_compiles() as compiles, profiler:
+    for i, (p_BT, key) in enumerate(zip(tqdm(batches, desc='prompts'), keys)):
+      profiler.step(i)
+      b_out, dt = _timed(lambda: baseline(p_BT, key))
+      base_time += dt
+      base_tokens += int(np.asarray(b_out.lengths_B).sum())  # host sum: no jax op, no compile
+      s_out, dt = _timed(lambda: speculative(p_BT, key))
+      spec_time += dt
+      spec_tokens += int(np.asarray(s_out.lengths_B).sum())
+      all_stats.append(s_out.stats)
+      identical &= bool(np.array_equal(b_out.tokens_BN, s_out.tokens_BN)
+                        and np.array_equal(b_out.lengths_B, s_out.lengths_B))
+  if compiles[0]:
+    log.warning('%d XLA compile(s) inside the timed loop: the timings include them', compiles[0])
+  stats = decoding.summarize(_merge_stats(all_stats))
+  results = {
+      'config': {k: getattr(opts, k) for k in (
+          'workdir', 'draft', 'draft_workdir', 'acceptance', 'num_prompts', 'prompt_len',
+          'batch_size', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_at_eos')},
+      'precision': model.policy.name,
+      'tree': {'name': tree_spec, 'choices': [list(c) for c in tree.choices],
+               'num_nodes': tree.num_nodes, 'max_depth': tree.max_depth},
+      'device': str(jax.devices()[0].device_kind),
+      'baseline': {'tokens_per_s': base_tokens / base_time, 'tokens': base_tokens,
+                   'seconds': base_time, 'compile_s': compile_base},
+      'speculative': {'tokens_per_s': spec_tokens / spec_time, 'tokens': spec_tokens,
+                      'seconds': spec_time, 'compile_s': compile_spec, **stats},
+      'speedup': (spec_tokens / spec_time) / (base_tokens / base_time),
+      'compiles_while_timing': compiles[0],
+      'outputs_identical': identical if opts.temperature == 0 else None,
+      'output_dir': out_dir,
+  }
+  if profiler.trace_dir is not None:
+    results['profile_dir'] = profiler.trace_dir
+  with open(os.path.join(out_dir, 'results.json'), 'w') as fh:
+    json.dump(results, fh, indent=2)
+  results['plots'] = plots.plot_acceptance(
+      stats, out_dir, f'{opts.draft} / {opts.acceptance or "default"} / tree {tree_spec} '
+      f'({tree.num_nodes} nodes) / T={opts.temperature:g}')
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The printed summary of one benchmark."""
+  stats = results['speculative']
+  return '\n'.join([
+      f'{"":<12}{"tokens/s":>10}{"tau":>7}{"speedup":>9}   identical',
+      f'{"baseline":<12}{results["baseline"]["tokens_per_s"]:>10.1f}{1.0:>7.2f}{1.0:>9.2f}',
+      f'{"speculative":<12}{stats["tokens_per_s"]:>10.1f}{stats["mean_accepted_length"]:>7.2f}'
+      f'{results["speedup"]:>9.2f}   {results["outputs_identical"]}',
+      f'per-depth acceptance: {np.round(stats["acceptance_rate_per_depth"], 3).tolist()}; '
+      f'results in {results["output_dir"]}'])

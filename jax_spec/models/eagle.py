@@ -1,0 +1,307 @@
+"""EAGLE-style feature drafting: one module applied autoregressively to any depth.
+
+A *feature drafter* is a module `f = final_norm(Blocks(W [RMSNorm(h); RMSNorm(Emb(t))]))` (the
+DeepSeek-V3 MTP combine): from the trunk's (final-normed) hidden state at position i and the
+embedding of token t_{i+1} it predicts the trunk's hidden state at i + 1; the prediction is read
+through the shared LM head (`model.logits`) and fed back as the feature for the next depth. Two
+modules qualify (`kind`):
+- 'eagle': the model's `EagleModule` (`config.eagle_layers` blocks), trained for this;
+- 'mtp':   MTP module 1 reused recursively (vLLM's reuse of a DeepSeek MTP module), so the MTP
+           drafter can draft deeper than `config.mtp_depth`.
+
+Indexing (as for MTP module k / Medusa head k): unrolled step s (from 1) at *chain start* i reads
+t_{i+s}, sits at position i + s - 1, predicts the trunk feature h_{i+s} and the token t_{i+s+1}.
+Step 1 reads the trunk's own h_i; step s > 1 reads step s - 1's prediction at the same chain start.
+Attention is what decoding sees: step s at chain start i attends to the step-1 entries of chain
+starts j <= i (exact: their features come from the trunk) and to its own chain's entries of steps
+2..s (the drafts before it), the EAGLE-3 "training-time test" mask. `unroll` computes this for a
+whole sequence (training, and the offline reference of the tests); `feature_draft` /
+`feature_tree_draft` compute the same thing incrementally with a KV cache inside the sampler.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jax_spec.attention import reference_attention
+from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL
+from jax_spec.models.transformer import MTPModule, Transformer
+
+DRAFTER_KINDS = ('eagle', 'mtp')
+
+
+class Unrolled(NamedTuple):
+  """`features_SBTD[s - 1]` at chain start i predicts h_{i+s}; `logits_SBTV` (fp32) t_{i+s+1}."""
+  features_SBTD: jax.Array
+  logits_SBTV: jax.Array
+
+
+@struct.dataclass
+class FeatureCache:
+  """A feature drafter's KV cache.
+
+  `k`, `v`: [L, B, S, K, Dh] (L = the module's blocks); `lengths`: [B] exact entries, equal to the
+  trunk's length n (entry j reads h_j and t_{j+1}, and t_n, the root, is known); `feature_BD`: the
+  module's prediction of h_n (its output at entry n - 1), the feature depth 1 drafts from.
+  Slots >= lengths hold the last call's drafts and are overwritten by the next update.
+  """
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  feature_BD: jax.Array
+
+
+class FeatureDraft(NamedTuple):
+  """`tokens_BD[:, d - 1]` drafts t_{n+d}; `logits_BDV` (fp32) the distribution it came from."""
+  tokens_BD: jax.Array
+  logits_BDV: jax.Array
+
+
+def drafter_module(model: Transformer, kind: str) -> MTPModule:
+  """The module a feature drafter of `kind` ('eagle' | 'mtp') applies recursively."""
+  if not isinstance(model, Transformer):
+    raise ValueError(f'model must be a jax_spec.models.Transformer, got {type(model).__name__}')
+  if kind not in DRAFTER_KINDS:
+    raise ValueError(f'kind must be one of {DRAFTER_KINDS}, got {kind!r}')
+  if kind == 'eagle':
+    if model.eagle is None:
+      raise ValueError("kind='eagle' needs a model with an EAGLE module (config.eagle_layers == 0)")
+    return model.eagle
+  if not model.config.mtp_depth:
+    raise ValueError("kind='mtp' needs a model with MTP modules (config.mtp_depth == 0)")
+  return model.mtp[0]
+
+
+def _read(model, x_BTD):
+  """Module output -> (predicted final-normed feature, fp32 logits through the shared head)."""
+  feature = model.final_norm(x_BTD)
+  return feature, model.logits(feature)
+
+
+def _shift(tokens_BT, offset):
+  """t_{i+offset}, zero-padded past the row end (those predictions are masked by the losses)."""
+  seq_len = tokens_BT.shape[1]
+  return jnp.pad(tokens_BT[:, offset:], ((0, 0), (0, min(offset, seq_len))))[:, :seq_len]
+
+
+def _block_with_attention(block, x_BTD, positions_BT, attend):
+  """`Block.__call__` with the attention replaced by `attend(q, k, v) -> o`; returns (x, k, v)."""
+  q_BTHD, k_BTKD, v_BTKD = block.attn.qkv(block.attn_norm(x_BTD), positions_BT)
+  x_BTD = x_BTD + block.attn.out(attend(q_BTHD, k_BTKD, v_BTKD).astype(x_BTD.dtype))
+  return x_BTD + block.mlp(block.mlp_norm(x_BTD)), k_BTKD, v_BTKD
+
+
+def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str = 'eagle',
+           positions_BT=None, segment_ids_BT=None) -> Unrolled:
+  """Full-sequence forward of the feature drafter unrolled on its own predictions for `steps`.
+
+  hidden_BTD: the trunk's final-normed hidden states (`ModelOutputs.hidden_BTD`). Step 1 is the
+  ordinary causal forward (EAGLE-1 training); steps > 1 are EAGLE-3's training-time test.
+  """
+  module = drafter_module(model, kind)
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    raise ValueError(f'steps must be a positive int, got {steps!r}')
+  batch, seq_len = tokens_BT.shape
+  if hidden_BTD.shape[:2] != (batch, seq_len):
+    raise ValueError(f'hidden_BTD {hidden_BTD.shape} does not match tokens_BT {tokens_BT.shape}')
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+  seg_BT = jnp.ones_like(tokens_BT) if segment_ids_BT is None else segment_ids_BT
+  # Step s's query at chain start i sees step-1 keys j <= i of its document, and its own chain's
+  # keys of steps 2..s (one per step, at the same chain start i).
+  exact_BTT = (jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
+               & (seg_BT[:, :, None] == seg_BT[:, None, :]))
+  own_BTT = jnp.broadcast_to(jnp.eye(seq_len, dtype=bool), exact_BTT.shape)
+
+  feature_BTD, features, logits = hidden_BTD, [], []
+  kv_by_step = []   # kv_by_step[s - 1][l] = (k, v) of block l at step s
+  for s in range(1, steps + 1):
+    x_BTD = module.combine(feature_BTD, model.embed_tokens(_shift(tokens_BT, s)))
+    pos_BT = positions_BT + (s - 1)
+    step_kv = []
+    for l, block in enumerate(module.blocks):
+      if s == 1:
+        x_BTD, k_BTKD, v_BTKD = block(x_BTD, pos_BT, segment_ids_BT)
+      else:
+        def attend(q, k, v, l=l):
+          ks = [kv_by_step[0][l][0]] + [kv[l][0] for kv in kv_by_step[1:]] + [k]
+          vs = [kv_by_step[0][l][1]] + [kv[l][1] for kv in kv_by_step[1:]] + [v]
+          mask_BTS = jnp.concatenate([exact_BTT] + [own_BTT] * (s - 1), axis=2)
+          return reference_attention(q, jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
+                                     mask=mask_BTS[:, None])
+        x_BTD, k_BTKD, v_BTKD = _block_with_attention(block, x_BTD, pos_BT, attend)
+      step_kv.append((k_BTKD, v_BTKD))
+    kv_by_step.append(step_kv)
+    feature_BTD, logits_BTV = _read(model, x_BTD)
+    features.append(feature_BTD)
+    logits.append(logits_BTV)
+  return Unrolled(jnp.stack(features), jnp.stack(logits))
+
+
+def init_feature_cache(model: Transformer, batch_size: int, max_len: int, *,
+                       kind: str = 'eagle') -> FeatureCache:
+  """An empty feature-drafter cache; use the trunk cache's `max_len`."""
+  module = drafter_module(model, kind)
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+  if not isinstance(max_len, int) or max_len <= 0:
+    raise ValueError(f'max_len must be a positive int, got {max_len!r}')
+  c = model.config
+  shape = (len(module.blocks), batch_size, max_len, c.num_kv_heads, c.head_dim)
+  return FeatureCache(k=jnp.zeros(shape, model.dtype), v=jnp.zeros(shape, model.dtype),
+                      lengths=jnp.zeros((batch_size,), jnp.int32),
+                      feature_BD=jnp.zeros((batch_size, c.d_model), model.dtype))
+
+
+def _decode(model, module, feature_BTD, tokens_BT, positions_BT, k, v, lengths_B, mask_BTT):
+  """The module on T new entries written at slots [lengths, lengths + T) -> (x, k, v)."""
+  x_BTD = module.combine(feature_BTD, model.embed_tokens(tokens_BT))
+  for l, block in enumerate(module.blocks):
+    x_BTD, k, v = block.decode(x_BTD, positions_BT, k, v, l, lengths_B, mask_BTT)
+  return x_BTD, k, v
+
+
+def _check_int(name, x, ndim):
+  if not hasattr(x, 'ndim') or x.ndim != ndim or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f'{name} must be an integer array with {ndim} dims, got '
+                     f'{getattr(x, "dtype", type(x))} {getattr(x, "shape", "")}')
+
+
+def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
+                   next_token_B, *, kind: str = 'eagle'):
+  """Feeds newly committed trunk positions [n, n + num_new) to the drafter's cache.
+
+  Args (as for `models.mtp_draft`): hidden_BAD / tokens_BA: the trunk's hidden states and tokens
+  at positions [n, n + A), n = `cache.lengths` (after a prefill: the padded prompt; after a verify:
+  the accepted path); num_new_B: the valid entries per row (may be 0); next_token_B: the token
+  at n' = n + num_new.
+  Returns (logits_BV of depth 1, i.e. of t_{n'+1}, cache with lengths n' and feature_BD = h_{n'}).
+  """
+  module = drafter_module(model, kind)
+  _check_int('tokens_BA', tokens_BA, 2)
+  _check_int('num_new_B', num_new_B, 1)
+  _check_int('next_token_B', next_token_B, 1)
+  batch, width = tokens_BA.shape
+  if hidden_BAD.shape != (batch, width, model.config.d_model):
+    raise ValueError(f'hidden_BAD must have shape {(batch, width, model.config.d_model)}, got '
+                     f'{hidden_BAD.shape}')
+  if num_new_B.shape != (batch,) or next_token_B.shape != (batch,) or cache.k.shape[1] != batch:
+    raise ValueError(f'num_new_B {num_new_B.shape}, next_token_B {next_token_B.shape} and the '
+                     f'cache batch {cache.k.shape[1]} must match tokens_BA batch {batch}')
+  num_B = jnp.clip(num_new_B.astype(jnp.int32), 0, width)
+  n_B = cache.lengths
+  # Entry n + a reads t_{n+a+1}: the next committed token, or next_token after the last one.
+  a_A = jnp.arange(width)
+  next_BA = jnp.pad(tokens_BA[:, 1:].astype(jnp.int32), ((0, 0), (0, 1)))
+  next_BA = jnp.where(a_A[None] == num_B[:, None] - 1, next_token_B[:, None].astype(jnp.int32),
+                      next_BA)
+  positions_BA = n_B[:, None] + a_A.astype(jnp.int32)
+  k, v, outs = cache.k, cache.v, []
+  # The decode kernel takes <= 128 queries: longer windows (a prefill) go in causal chunks.
+  for start in range(0, width, MAX_NEW_TOKENS_PER_CALL):
+    stop = min(start + MAX_NEW_TOKENS_PER_CALL, width)
+    mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((stop - start,) * 2, bool)),
+                                (batch, stop - start, stop - start))
+    x_BCD, k, v = _decode(model, module, hidden_BAD[:, start:stop].astype(model.dtype),
+                          next_BA[:, start:stop], positions_BA[:, start:stop], k, v,
+                          n_B + start, mask_BCC)
+    outs.append(x_BCD)
+  x_BAD = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  last_BD = jnp.take_along_axis(x_BAD, jnp.clip(num_B - 1, 0, width - 1)[:, None, None],
+                                axis=1)[:, 0]
+  feature_BD, _ = _read(model, last_BD)
+  feature_BD = jnp.where((num_B > 0)[:, None], feature_BD, cache.feature_BD)
+  new_cache = FeatureCache(k=k, v=v, lengths=n_B + num_B,
+                           feature_BD=feature_BD.astype(cache.feature_BD.dtype))
+  return model.logits(new_cache.feature_BD), new_cache
+
+
+def _argmax_select(logits_BV, depth):
+  del depth
+  return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,
+                  kind: str = 'eagle', select_fn: Callable | None = None):
+  """A chain of `depth` drafts t_{n'+1} .. t_{n'+depth} from the cache left by `feature_update`.
+
+  logits_BV: the depth-1 logits `feature_update` returned. select_fn: `(logits_BV, d) -> tokens_B`
+  picks draft d (from 1); default argmax. Draft d > 1 runs one cached step at slot n' + d - 2,
+  which sees the exact entries and the chain before it. Returns (FeatureDraft, cache); the
+  drafts' slots are past `lengths`.
+  """
+  if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+    raise ValueError(f'depth must be a positive int, got {depth!r}')
+  module = drafter_module(model, kind)
+  select_fn = select_fn or _argmax_select
+  batch = logits_BV.shape[0]
+  token_B = select_fn(logits_BV, 1).astype(jnp.int32)
+  tokens, logits = [token_B], [logits_BV]
+  feature_BD, k, v = cache.feature_BD, cache.k, cache.v
+  one_B11 = jnp.ones((batch, 1, 1), bool)
+  for d in range(2, depth + 1):
+    slot_B = cache.lengths + (d - 2)
+    x_B1D, k, v = _decode(model, module, feature_BD[:, None], token_B[:, None], slot_B[:, None],
+                          k, v, slot_B, one_B11)
+    feature_B1D, logits_B1V = _read(model, x_B1D)
+    feature_BD, logits_BV = feature_B1D[:, 0], logits_B1V[:, 0]
+    token_B = select_fn(logits_BV, d).astype(jnp.int32)
+    tokens.append(token_B)
+    logits.append(logits_BV)
+  draft = FeatureDraft(jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1))
+  return draft, cache.replace(k=k, v=v)
+
+
+def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
+                  next_token_B, *, depth: int, kind: str = 'eagle',
+                  select_fn: Callable | None = None):
+  """`feature_update`, then `feature_chain` (the `models.mtp_draft` contract, to any depth)."""
+  logits_BV, cache = feature_update(model, cache, hidden_BAD, tokens_BA, num_new_B, next_token_B,
+                                    kind=kind)
+  return feature_chain(model, cache, logits_BV, depth=depth, kind=kind, select_fn=select_fn)
+
+
+def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, tree, *,
+                       kind: str = 'eagle'):
+  """Drafts a static tree from the cache left by `feature_update` (root = t_{n'}, node 0).
+
+  tree: a `decoding.trees.Tree` (anything with numpy `parent_T`, `depth_T`, `rank_T`,
+  `ancestor_mask_TT`; nodes in breadth-first order). Node t at depth d gets the rank_t-th most
+  likely token of its parent's distribution (the root's is `root_logits_BV`); its own
+  distribution comes from one step of the module at position n' + d - 1 reading its parent's
+  predicted feature and its token, attending to the exact entries and its ancestors. The nodes of
+  depths <= d (a breadth-first prefix, slots n' + t - 1, past `lengths`) go in one call per depth.
+  Returns (tokens_BT with slot 0 left 0 for the root, logits_BTV: each node's distribution over
+  its children (fp32; 0 for the leaves at the maximum depth), cache).
+  """
+  module = drafter_module(model, kind)
+  depth_np = [int(x) for x in tree.depth_T]
+  num_nodes, max_depth = len(depth_np), max(depth_np)
+  batch, vocab = root_logits_BV.shape
+  parent_T, rank_T = jnp.asarray(tree.parent_T), jnp.asarray(tree.rank_T)
+  tokens_BT = jnp.zeros((batch, num_nodes), jnp.int32)
+  logits_BTV = jnp.zeros((batch, num_nodes, vocab), jnp.float32).at[:, 0].set(root_logits_BV)
+  features_BTD = jnp.zeros((batch, num_nodes, model.config.d_model), model.dtype)
+  features_BTD = features_BTD.at[:, 0].set(cache.feature_BD.astype(model.dtype))
+  kmax = max(int(r) for r in tree.rank_T) + 1
+  k, v = cache.k, cache.v
+  for d in range(1, max_depth + 1):
+    level = [t for t in range(num_nodes) if depth_np[t] == d]
+    lvl = jnp.asarray(level)
+    topk_BLk = jax.lax.top_k(logits_BTV[:, parent_T[lvl]], kmax)[1]
+    tokens_BT = tokens_BT.at[:, lvl].set(
+        jnp.take_along_axis(topk_BLk, rank_T[lvl][None, :, None], axis=2)[..., 0].astype(jnp.int32))
+    if d == max_depth:
+      break
+    m = max(level) + 1   # nodes 1 .. m - 1: every node of depth <= d
+    mask_BMM = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT[1:m, 1:m]), (batch, m - 1, m - 1))
+    positions_BM = cache.lengths[:, None] + jnp.asarray(tree.depth_T[1:m], jnp.int32)[None] - 1
+    x_BMD, k, v = _decode(model, module, features_BTD[:, parent_T[1:m]], tokens_BT[:, 1:m],
+                          positions_BM, k, v, cache.lengths, mask_BMM)
+    f_BMD, l_BMV = _read(model, x_BMD)
+    features_BTD = features_BTD.at[:, 1:m].set(f_BMD.astype(features_BTD.dtype))
+    logits_BTV = logits_BTV.at[:, 1:m].set(l_BMV)
+  return tokens_BT, logits_BTV, cache.replace(k=k, v=v)

@@ -1,0 +1,57 @@
+"""The Drafter interface: registry, and each drafter's state contract (beyond the end-to-end tests
+of tests/test_speculative.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_spec import models
+from jax_spec.decoding import drafters, sampling, trees
+from jax_spec.decoding.acceptance import Accepted
+
+
+def test_registry_holds_every_drafter_module():
+  registered = drafters.registered()
+  assert {'medusa', 'mtp', 'model'} <= set(registered)
+  assert all(issubclass(cls, drafters.Drafter) and cls.name == name
+             for name, cls in registered.items())
+  with pytest.raises(ValueError, match='already registered'):
+    drafters.register(registered['medusa'])
+
+
+def test_finished_rows_draft_cache_stops_growing():
+  """Row 1 is finished: propose still runs on it (fixed shapes), but after update its draft cache
+  length is its committed length again, step after step; row 0 keeps root + min(a, gamma - 1)."""
+  model = models.Transformer(models.get_config('tiny', num_layers=1), rngs=nnx.Rngs(0))
+  gamma, steps = 3, 3
+  drafter = drafters.registered()['model'](tree=trees.chain(gamma),
+                                           sampling=sampling.SamplingConfig(), sample_drafts=False,
+                                           cache_len=32)
+  prompts_BT = jnp.array([[1, 2, 3, 4], [5, 6, 7, 0]], jnp.int32)
+  lengths_B = jnp.array([4, 3], jnp.int32)
+  active_B = jnp.array([True, False])
+  accepted_S = jnp.array([1, gamma, 0])       # row 0's accepted drafts per step
+
+  @jax.jit
+  def run(prompts_BT, lengths_B):
+    ctx = drafters.Context(model, model)
+    outs, _ = models.prefill(model, prompts_BT, lengths_B, models.init_cache(model, 2, 32))
+    root_B = jnp.argmax(outs.logits_BTV[jnp.arange(2), lengths_B - 1], -1).astype(jnp.int32)
+    state = drafter.init(ctx, drafters.Prefill(outs, prompts_BT, lengths_B, root_B, None))
+    position_B, seen = lengths_B, []
+    for step in range(steps):
+      candidates, state = drafter.propose(ctx, state, root_B, None)
+      num_B = jnp.where(active_B, accepted_S[step], 0)
+      path_BP = jnp.broadcast_to(jnp.arange(gamma + 1), (2, gamma + 1))
+      acc = Accepted(num_B, path_BP, root_B)
+      state = drafter.update(ctx, state, drafters.Verify(
+          None, candidates.tokens_BT, acc, active_B, num_B, position_B, None))
+      seen.append((state.cache.lengths, position_B))
+      position_B = position_B + jnp.where(active_B, num_B + 1, 0)
+    return seen
+
+  for step, (cache_len_B, position_B) in enumerate(run(prompts_BT, lengths_B)):
+    cache_len_B, position_B = np.asarray(cache_len_B), np.asarray(position_B)
+    assert cache_len_B[1] == 3, (step, cache_len_B)          # never grows
+    assert cache_len_B[0] == position_B[0] + 1 + min(int(accepted_S[step]), gamma - 1)
