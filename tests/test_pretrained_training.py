@@ -5,9 +5,11 @@ import json
 import os
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from jax_spec import pretrained
+from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 from jax_spec.pretrained import architectures as arch
 from jax_spec.training import config as train_config
 from jax_spec.training import loop
@@ -46,9 +48,20 @@ def test_train_heads_on_frozen_pretrained_trunk_and_resume(tmp_path):
   assert all(not np.array_equal(before[p], after[p]) for p in set(after) - trunk
              if p[-1] == 'kernel')  # every head trained
 
+  # Benchmark the trained heads on the user's own prompts (experiments.speculative --prompt_file).
+  (tmp_path / 'prompts.txt').write_text('def f(x):\n\nimport json, os\n')
+  results = benchmark_lib.run_benchmark(benchmark_lib.BenchmarkOptions(
+      workdir=str(tmp_path / 'run'), draft='medusa', prompt_file=str(tmp_path / 'prompts.txt'),
+      batch_size=2, max_new_tokens=6, output=str(tmp_path / 'bench')))
+  assert results['outputs_identical'] is True and results['config']['num_prompts'] == 2
+  with pytest.raises(ValueError, match='multiple of batch_size=3'):
+    benchmark_lib.BenchmarkOptions(workdir=str(tmp_path / 'run'), draft='medusa', batch_size=3,
+                                   prompt_file=str(tmp_path / 'prompts.txt'))
+  with pytest.raises(ValueError, match='is not a file'):
+    benchmark_lib.BenchmarkOptions(workdir=str(tmp_path / 'run'), prompt_file=str(tmp_path))
+
 
 def test_init_from_hf_config_errors(tmp_path):
-  import pytest
   base = dict(workdir=str(tmp_path), init_from_hf=FIXTURE)
   with pytest.raises(ValueError, match='not a Hugging Face model directory'):
     train_config.TrainConfig(workdir=str(tmp_path), init_from_hf=str(tmp_path))
