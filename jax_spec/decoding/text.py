@@ -98,6 +98,9 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   if min(map(len, encoded)) == 0:
     raise ValueError('a prompt encodes to no tokens')
   eos_id = tokenizer.eos_id if stop_at_eos else None
+  # The samplers stop at one EOS id; other stop ids (e.g. Llama 3's <|eot_id|> besides
+  # <|end_of_text|>, from generation_config.json) end the row here, on the host.
+  stop_ids = set(getattr(tokenizer, 'eos_ids', ())) | {eos_id} if stop_at_eos else set()
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
   batch, width = len(encoded), max(map(len, encoded)) + max_new_tokens
   if width > model.config.max_seq_len:
@@ -129,10 +132,10 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
     for b in range(batch):
       if done[b]:
         continue
-      take = min(int(new_len_B[b]), max_new_tokens - len(generated[b]))
-      generated[b].extend(int(t) for t in new_BN[b, :take])
-      hit_eos = eos_id is not None and eos_id in generated[b]
-      done[b] = hit_eos or len(generated[b]) >= max_new_tokens
+      new = [int(t) for t in new_BN[b, :min(int(new_len_B[b]), max_new_tokens - len(generated[b]))]]
+      stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+      generated[b].extend(new if stop is None else new[:stop + 1])
+      done[b] = stop is not None or len(generated[b]) >= max_new_tokens
       if on_text is not None:
         text = _stable_text(tokenizer, generated[b], final=done[b])
         if len(text) > len(shown[b]) and text.startswith(shown[b]):
