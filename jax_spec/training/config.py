@@ -102,6 +102,11 @@ def _check_profile_steps(name, v):
   runtime.parse_profile_steps(v)
 
 
+def _check_init_from_hf(name, v):
+  if v is not None and not os.path.isfile(os.path.join(v, 'config.json')):
+    raise ValueError(f'{name} {v!r} is not a Hugging Face model directory (no config.json)')
+
+
 def _check_workdir(name, v):
   if not isinstance(v, str) or not v:
     raise ValueError(f'{name} must be a non-empty path, got {v!r}')
@@ -191,6 +196,9 @@ class TrainConfig:
   init_from: str | None = _field(None, 'Workdir whose params initialise matching params (e.g. a '
                                  'trained trunk for --medusa_mode=frozen_trunk).',
                                  _check_init_from)
+  init_from_hf: str | None = _field(None, 'Hugging Face model directory: its model and tokenizer '
+                                    'replace the preset and --tokenizer (train heads on it with '
+                                    '--medusa_mode=frozen_trunk).', _check_init_from_hf)
   log_every: int = _field(10, 'Write training metrics every N steps.', int_at_least(1))
   eval_every: int = _field(200, 'Validate every N steps (and at the end).', int_at_least(1))
   eval_batches: int = _field(8, 'Validation batches per evaluation.', int_at_least(1))
@@ -239,6 +247,9 @@ class TrainConfig:
     if self.tokenizer == 'bpe' and (not _is_int(self.vocab_size) or self.vocab_size < min_bpe):
       raise ValueError(f'vocab_size must be an int >= {min_bpe} (bytes + specials) for '
                        f'tokenizer=bpe, got {self.vocab_size!r}')
+    if self.init_from_hf is not None and (self.init_from is not None or self.tokenizer == 'bpe'):
+      raise ValueError('init_from_hf brings its own weights and tokenizer: it excludes init_from '
+                       'and tokenizer=bpe')
     max_seq_len = self.model.get('max_seq_len')
     if max_seq_len is not None and _is_int(max_seq_len) and max_seq_len < self.seq_len:
       raise ValueError(f'model.max_seq_len ({max_seq_len}) must be >= seq_len ({self.seq_len})')
@@ -257,8 +268,17 @@ class TrainConfig:
 
 
 def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config_lib.TransformerConfig:
-  """The run's TransformerConfig: the preset, `cfg.model`, and the fields the run derives."""
-  preset = model_config_lib.get_config(cfg.config)
+  """The run's TransformerConfig: the preset (or `init_from_hf`'s config.json, whose vocabulary
+  stays the model's), `cfg.model`, and the fields the run derives."""
+  if cfg.init_from_hf is not None:
+    from jax_spec import pretrained  # pylint: disable=g-import-not-at-top
+    preset = pretrained.read_config(cfg.init_from_hf)
+    vocab_size = preset.vocab_size
+    fixed = sorted(set(cfg.model) & set(pretrained.TRUNK_FIELDS) - {'max_seq_len'})
+    if fixed:
+      raise ValueError(f'model: {fixed} are set by {cfg.init_from_hf}/config.json')
+  else:
+    preset = model_config_lib.get_config(cfg.config)
   overrides = dict(cfg.model)
   overrides.update(vocab_size=vocab_size, medusa_frozen_trunk=trunk_frozen(cfg))
   if 'max_seq_len' not in overrides:
@@ -266,6 +286,8 @@ def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config_lib.Tra
   for name in ('mtp_depth', 'medusa_heads', 'eagle_layers', 'attention_impl'):
     if getattr(cfg, name) is not None:
       overrides[name] = getattr(cfg, name)
+  if cfg.init_from_hf is not None:
+    return preset.replace(**overrides)
   return model_config_lib.get_config(cfg.config, **overrides)
 
 
