@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jax_spec import data as data_lib
 from jax_spec import runtime
+from jax_spec import pretrained
 from jax_spec.io import checkpointing
 from jax_spec.io import metrics as metrics_lib
 from jax_spec.training import sharding
@@ -66,10 +67,14 @@ def _restore_or_start(cfg: TrainConfig, setup, checkpointer) -> tuple[int, dict[
     log.info('Resumed from the checkpoint at step %d in %s.', start_step, checkpointer.directory)
   else:
     start_step = 0
+    source = None
     if cfg.init_from:
       source, _, _ = load_model_from_workdir(cfg.init_from)
+    elif cfg.init_from_hf:
+      source, _, _ = pretrained.from_pretrained(cfg.init_from_hf, tokenizer=False, heads=False)
+    if source is not None:
       params = copy_matching_params(nnx.state(source, nnx.Param), state['params'],
-                                    source_name=cfg.init_from)
+                                    source_name=cfg.init_from or cfg.init_from_hf)
       state = dict(state, params=jax.device_put(params, shardings['params']))
       state['opt_state'] = jax.jit(setup.tx.init,
                                    out_shardings=shardings['opt_state'])(state['params'])
@@ -100,7 +105,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   workdir = os.path.abspath(cfg.workdir)
   os.makedirs(workdir, exist_ok=True)
 
-  data = data_lib.load_data(cfg.tokenizer_kind, workdir, cfg.data_path, cfg.vocab_size)
+  tokenizer = cfg.tokenizer_kind
+  if cfg.init_from_hf:
+    tokenizer = pretrained.load_tokenizer(cfg.init_from_hf)
+  data = data_lib.load_data(tokenizer, workdir, cfg.data_path, cfg.vocab_size)
   model_config = make_model_config(cfg, data.vocab_size)
   run_info = workdir_lib.run_info(cfg, model_config, data.tokenizer)
   config_path = os.path.join(workdir, CONFIG_FILE)
