@@ -33,10 +33,6 @@ State = dict[str, Any]
 # Top-level parameter groups of the draft heads; `freeze_trunk` trains only these.
 HEAD_PARAM_GROUPS = ('mtp', 'medusa', 'eagle')
 
-# TODO(eagle): loop.py still calls `_path_str`; drop this alias once it uses `path_to_str`.
-_path_str = path_to_str
-
-
 def head_params(path: str) -> bool:
   """Trainable filter of the frozen-trunk setting (Medusa-1, EAGLE): only draft-head parameters.
 
@@ -47,7 +43,7 @@ def head_params(path: str) -> bool:
 
 def _labels(params, trainable: Callable[[str], bool] | None):
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: 'train' if trainable is None or trainable(_path_str(p)) else 'frozen', params)
+      lambda p, _: 'train' if trainable is None or trainable(path_to_str(p)) else 'frozen', params)
 
 
 def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
