@@ -136,9 +136,9 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   info = workdir_lib.read_run_info(workdir)
   try:
     model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
-  except ValueError:
-    raise
   except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint
+    if isinstance(e, ValueError):
+      raise  # the loader's own errors already name what is wrong
     raise ValueError(f'{what}={workdir!r}: the checkpoint does not match the run\'s model '
                      f'config ({type(e).__name__}: {e})') from e
   return model, tokenizer, model_config, info
