@@ -23,11 +23,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app
 from absl import flags
 from absl import logging
+import matplotlib
 from flax import nnx
 
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jax_spec import cli  # pylint: disable=wrong-import-position
 from jax_spec import models
 from jax_spec import precision as precision_lib
 from jax_spec import runtime
@@ -73,9 +77,6 @@ def make_verify_loop(model, num_tokens: int, cache_len: int, prefix_len: int, st
 
 
 def plot(rows, out_png):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
   for precision in dict.fromkeys(r['precision'] for r in rows):
     rs = [r for r in rows if r['precision'] == precision]
@@ -97,19 +98,19 @@ def plot(rows, out_png):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise ValueError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
+    raise ValueError('--workdir is required')
   tokens = sorted({int(t) for t in FLAGS.tokens} | {1})
   if tokens[0] < 1 or tokens[-1] > kv_cache.MAX_NEW_TOKENS_PER_CALL:
-    raise app.UsageError(f'--tokens must lie in [1, {kv_cache.MAX_NEW_TOKENS_PER_CALL}]')
+    raise ValueError(f'--tokens must lie in [1, {kv_cache.MAX_NEW_TOKENS_PER_CALL}]')
   if FLAGS.prefix_len + FLAGS.steps + tokens[-1] > FLAGS.cache_len:
-    raise app.UsageError('--prefix_len + --steps + max(--tokens) must fit in --cache_len')
+    raise ValueError('--prefix_len + --steps + max(--tokens) must fit in --cache_len')
   if not FLAGS.ynn_dots:
     runtime.configure_xla_cpu()
   os.makedirs(FLAGS.workdir, exist_ok=True)
   if FLAGS.config not in models.PRESETS:
-    raise app.UsageError(f'--config must be one of {sorted(models.PRESETS)}')
+    raise ValueError(f'--config must be one of {sorted(models.PRESETS)}')
   config = models.PRESETS[FLAGS.config]
 
   runs = {}
@@ -150,4 +151,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

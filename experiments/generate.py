@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax_spec import cli
 from jax_spec import pretrained
 from jax_spec.decoding import text as text_lib
+from jax_spec.training import restore
 from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
@@ -61,8 +62,7 @@ def load(f):
     model, tokenizer, _ = pretrained.from_pretrained(f.init_from_hf, policy=policy,
                                                      param_dtype=jnp.dtype(f.param_dtype))
     return model, tokenizer
-  from jax_spec.training import loop  # pylint: disable=g-import-not-at-top
-  model, tokenizer, _ = loop.load_model_from_workdir(f.workdir, policy=policy)
+  model, tokenizer, _ = restore.load_model_from_workdir(f.workdir, policy=policy)
   return model, tokenizer
 
 

@@ -26,6 +26,7 @@ from jax_spec import decoding
 from jax_spec import runtime
 from jax_spec.data import load_data
 from jax_spec.decoding import drafters as drafters_lib
+from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding import text as text_lib
 from jax_spec.decoding import trees as trees_lib
 from jax_spec.evaluation import head_accuracy
@@ -52,8 +53,9 @@ class BenchmarkOptions:
   acceptance: str | None = _opt(None, "Acceptance rule: greedy | rejection | typical (default: "
                                 "the sampler's).")
   tree: str | None = _opt(None, "chain | chainN | default | default:N | derived | JSON rank "
-                          "paths | path to a .json file (default: 'default' for medusa, 'chain' "
-                          "otherwise).")
+                          "paths | path to a .json file | dynamic[:N[:K]] (EAGLE-2 dynamic tree "
+                          "of N nodes, K children per node, depth num_draft) (default: 'default' "
+                          "for medusa, 'chain' otherwise).")
   num_draft: int | None = _opt(None, "Draft positions for named trees (default: the drafter's "
                                "heads / MTP depth; 4 for a draft model).")
   derive_tree: bool = _opt(False, 'Derive the tree from measured per-head accuracies.')
@@ -142,8 +144,11 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   return model, tokenizer, model_config, info
 
 
-def resolve_tree(spec: str, num_draft: int) -> trees_lib.Tree:
-  """A tree name (trees.get_tree), a JSON list of rank paths, or a path to such a .json file."""
+def resolve_tree(spec: str, num_draft: int):
+  """A tree name (trees.get_tree), a JSON list of rank paths, a path to such a .json file, or a
+  dynamic tree ('dynamic[:N[:K]]', `dynamic_tree.parse`)."""
+  if spec.startswith('dynamic'):
+    return dynamic_tree.parse(spec, num_draft)
   if spec.startswith('[') or spec.endswith('.json'):
     if spec.endswith('.json'):
       with open(spec) as f:
@@ -266,7 +271,8 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
           'prompt_len',
           'batch_size', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_at_eos')},
       'precision': model.policy.name,
-      'tree': {'name': tree_spec, 'choices': [list(c) for c in tree.choices],
+      'tree': {'name': tree_spec, 'choices': ([list(c) for c in tree.choices]
+                                              if isinstance(tree, trees_lib.Tree) else None),
                'num_nodes': tree.num_nodes, 'max_depth': tree.max_depth},
       'device': str(jax.devices()[0].device_kind),
       'baseline': {'tokens_per_s': base_tokens / base_time, 'tokens': base_tokens,
