@@ -4,7 +4,7 @@
 model.safetensors.index.json) with the `safetensors` package, and tokenizer.json. Nothing imports
 torch or transformers. The trunk is built abstractly (`nnx.eval_shape`) and filled tensor by
 tensor in `param_dtype`, so a bf16 trunk never exists in fp32: a 7B model needs ~14 GB, not 28.
-Heads (Medusa, MTP, ...) are not in Hugging Face checkpoints: they are initialised fresh (fp32,
+Heads (Medusa, MTP, EAGLE) are not in Hugging Face checkpoints: they are initialised fresh (fp32,
 the policy's param dtype) or read from `heads.safetensors`, which `save_pretrained` writes beside
 the trunk together with their config under config.json's "jax_spec_heads" key (transformers
 ignores both).
@@ -35,7 +35,8 @@ INDEX_FILE = 'model.safetensors.index.json'
 HEADS_FILE = 'heads.safetensors'
 HEADS_CONFIG_KEY = 'jax_spec_heads'
 # Head fields saved with the heads (and checked on load); other non-trunk fields are free overrides.
-HEAD_FIELDS = ('mtp_depth', 'medusa_heads', 'medusa_num_layers', 'medusa_shared_head')
+HEAD_FIELDS = ('mtp_depth', 'medusa_heads', 'medusa_num_layers', 'medusa_shared_head',
+               'eagle_layers')
 PARAM_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
