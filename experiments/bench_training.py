@@ -18,10 +18,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 
+from jax_spec import cli
 from jax_spec import data as data_lib
 from jax_spec.training import state as train_state
 from jax_spec.training.config import TrainConfig, make_model_config
@@ -79,7 +79,7 @@ def _build(v: Variant, vocab_size: int, batch):
 def main(argv):
   del argv
   if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
+    raise ValueError('--workdir is required')
   os.makedirs(FLAGS.workdir, exist_ok=True)
   data = data_lib.load_data('byte', FLAGS.workdir, FLAGS.data_path)
   batches = [jax.device_put(data.get_batch(0, s, FLAGS.batch_size, FLAGS.seq_len))
@@ -141,4 +141,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -14,9 +14,9 @@ cost_model.png into --workdir.
 """
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
+from jax_spec import cli
 from jax_spec import runtime
 from jax_spec.evaluation import cost_model
 
@@ -44,25 +44,21 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run rejects extra arguments
   if not FLAGS.workdir:
-    raise app.UsageError('--workdir is required')
+    raise ValueError('--workdir is required')
   if not FLAGS.ynn_dots:
     runtime.configure_xla_cpu()
   ints = lambda xs: tuple(int(x) for x in xs)
-  try:
-    opts = cost_model.CostOptions(
-        config=FLAGS.config, precision=FLAGS.precision, draft_config=FLAGS.draft_config,
-        verify_tokens=ints(FLAGS.tokens), tree_tokens=ints(FLAGS.tree_tokens),
-        drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, cache_len=FLAGS.cache_len,
-        prefix_len=FLAGS.prefix_len, steps=FLAGS.steps, repeats=FLAGS.repeats,
-        prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  opts = cost_model.CostOptions(
+      config=FLAGS.config, precision=FLAGS.precision, draft_config=FLAGS.draft_config,
+      verify_tokens=ints(FLAGS.tokens), tree_tokens=ints(FLAGS.tree_tokens),
+      drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, cache_len=FLAGS.cache_len,
+      prefix_len=FLAGS.prefix_len, steps=FLAGS.steps, repeats=FLAGS.repeats,
+      prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile)
   results = cost_model.run_cost_model(opts, FLAGS.workdir)
   print(cost_model.format_tables(results))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

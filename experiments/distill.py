@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from jax_spec import cli
 from jax_spec import pretrained
-from jax_spec import runtime
 from jax_spec.decoding import text as text_lib
+from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +40,8 @@ def define_flags():
   flags.DEFINE_float('top_p', 1.0, 'Top-p filter (1 = off).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (batch i uses seed + i).')
   flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'], 'Trunk storage dtype.')
-  flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Compute precision.')
+  flags.DEFINE_enum('precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
+                    'Compute precision (fp32: see jax_spec/evaluation/speculative_benchmark.py).')
 
 
 def run(f) -> dict:
@@ -58,7 +59,7 @@ def run(f) -> dict:
   if not prompts:
     raise ValueError(f'--prompts={f.prompts!r} has no non-empty line')
   model, tokenizer, _ = pretrained.from_pretrained(
-      f.init_from_hf, policy=runtime.decode_precision(f.precision),
+      f.init_from_hf, policy=f.precision,
       param_dtype=jnp.dtype(f.param_dtype), heads=False)
   jobs = [p for p in prompts for _ in range(f.samples_per_prompt)]
   out_dir = os.path.join(f.workdir, 'texts')
@@ -91,15 +92,10 @@ def run(f) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  try:
-    run(FLAGS)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  del argv
+  run(FLAGS)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

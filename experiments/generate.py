@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 
 from absl import app
@@ -22,9 +21,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from jax_spec import cli
 from jax_spec import pretrained
-from jax_spec import runtime
 from jax_spec.decoding import text as text_lib
+from jax_spec.training import restore
+from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
 DRAFTS = ('none', 'medusa', 'mtp')
@@ -46,7 +47,8 @@ def define_flags():
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'], 'Trunk storage dtype '
                     '(--init_from_hf).')
-  flags.DEFINE_enum('precision', 'auto', ['auto', 'fp32', 'bf16', 'fp16'], 'Compute precision.')
+  flags.DEFINE_enum('precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
+                    'Compute precision (fp32: see jax_spec/evaluation/speculative_benchmark.py).')
   flags.DEFINE_integer('chunk_tokens', 16, 'Tokens per streamed chunk.')
   flags.DEFINE_integer('repeats', 3, 'Timed repetitions of each sampler (medians reported).')
   flags.DEFINE_string('results', None, 'Write the figures as JSON here.')
@@ -55,13 +57,12 @@ def define_flags():
 def load(f):
   if bool(f.init_from_hf) == bool(f.workdir):
     raise app.UsageError('give exactly one of --init_from_hf and --workdir')
-  policy = runtime.decode_precision(f.precision)
+  policy = f.precision
   if f.init_from_hf:
     model, tokenizer, _ = pretrained.from_pretrained(f.init_from_hf, policy=policy,
                                                      param_dtype=jnp.dtype(f.param_dtype))
     return model, tokenizer
-  from jax_spec.training import loop  # pylint: disable=g-import-not-at-top
-  model, tokenizer, _ = loop.load_model_from_workdir(f.workdir, policy=policy)
+  model, tokenizer, _ = restore.load_model_from_workdir(f.workdir, policy=policy)
   return model, tokenizer
 
 
@@ -131,15 +132,10 @@ def run(f) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  try:
-    run(FLAGS)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  del argv
+  run(FLAGS)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,10 +25,11 @@ from jax_spec.training import loop
 from jax_spec.training.config import DERIVED_MODEL_FIELDS, TrainConfig
 
 # One flag per TrainConfig field; --model.<field> for every TransformerConfig field the run does
-# not derive itself. --config takes a preset name or a config file.
+# not derive itself (rope_scaling, a RopeScaling, comes from a preset, a config file or
+# --init_from_hf's config.json). --config takes a preset name or a config file.
 _TRAIN_FIELDS = cli.define_flags(TrainConfig, skip=('config', 'model'))
 _MODEL_FIELDS = cli.define_flags(
-    TransformerConfig, prefix='model.', skip=DERIVED_MODEL_FIELDS,
+    TransformerConfig, prefix='model.', skip=DERIVED_MODEL_FIELDS + ('rope_scaling',),
     defaults={f.name: None for f in dataclasses.fields(TransformerConfig)},
     help_suffix=" (TransformerConfig field; default: the preset's value)")
 flags.DEFINE_string(

@@ -102,20 +102,23 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def define_flags(cls, *, prefix: str = '', skip=(), defaults: dict[str, Any] | None = None,
-                 help_suffix: str = '', flag_values=FLAGS) -> list[str]:
+                 help_suffix: str = '', flag_values=FLAGS, module_name: str | None = None
+                 ) -> list[str]:
   """Defines one flag per field of dataclass `cls` (except `skip`); returns the field names.
 
   Flag `prefix + name`; default `defaults[name]` if given, else the field's default; help from
   `metadata['help']` (else the field name) plus `help_suffix`; `metadata['choices']` makes an
-  enum. Supported field types: bool, int, float, str (each optionally `| None`) and
-  `tuple[int | float | str, ...]` (a comma-separated list). Other types raise TypeError: give
-  such a field a flag by hand and skip it here.
+  enum. Supported field types: bool, int, float, str (each optionally `| None`),
+  `tuple[int | float | str, ...]` (a comma-separated list) and a nested dataclass (one dotted flag
+  `name.sub` per field of it, returned as 'name.sub'; unset sub-flags are left out). Other types
+  raise TypeError: give such a field a flag by hand and skip it here.
   """
   hints = typing.get_type_hints(cls)
-  # --help lists flags under the module that defines them: the caller, not this module.
-  module_name = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
-  if module_name == '__main__':
-    module_name = sys.argv[0]
+  if module_name is None:
+    # --help lists flags under the module that defines them: the caller, not this module.
+    module_name = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
+    if module_name == '__main__':
+      module_name = sys.argv[0]
   kwargs = {'flag_values': flag_values, 'module_name': module_name}
   names = []
   for field in dataclasses.fields(cls):
@@ -126,6 +129,13 @@ def define_flags(cls, *, prefix: str = '', skip=(), defaults: dict[str, Any] | N
     default = (defaults or {}).get(field.name, _default(field))
     help_text = field.metadata.get('help', field.name) + help_suffix
     choices = field.metadata.get('choices')
+    if dataclasses.is_dataclass(kind):
+      sub = define_flags(kind, prefix=name + '.', flag_values=flag_values,
+                         defaults={f.name: None for f in dataclasses.fields(kind)},
+                         help_suffix=f' ({kind.__name__} field of {name})',
+                         module_name=module_name)
+      names += [f'{field.name}.{n}' for n in sub]
+      continue
     if choices is not None:
       flags.DEFINE_enum(name, default, [c for c in choices if c is not None], help_text,
                         **kwargs)
@@ -147,9 +157,17 @@ def define_flags(cls, *, prefix: str = '', skip=(), defaults: dict[str, Any] | N
   return names
 
 
+def _field_kind(cls, path: str):
+  """The (None-stripped) type of field `path` ('a' or 'a.b' for nested dataclasses) of `cls`."""
+  kind = cls
+  for part in path.split('.'):
+    kind, _ = _base_type(typing.get_type_hints(kind)[part])
+  return kind
+
+
 def _convert(cls, name: str, value: Any) -> Any:
   """A list flag's strings to the field's tuple element type."""
-  kind, _ = _base_type(typing.get_type_hints(cls)[name])
+  kind = _field_kind(cls, name)
   if value is None or typing.get_origin(kind) is not tuple:
     return value
   element = typing.get_args(kind)[0]
@@ -163,13 +181,21 @@ def _convert(cls, name: str, value: Any) -> Any:
 def flag_values(cls, names, *, prefix: str = '', only_present: bool = False,
                 flag_values=FLAGS) -> dict[str, Any]:  # pylint: disable=redefined-outer-name
   """{field: value} of the flags `define_flags` defined; `only_present`: only the flags that
-  were given on the command line."""
+  were given on the command line. Nested dataclass fields come back as dicts of the sub-fields
+  that were set."""
   out = {}
   for name in names:
     flag = flag_values[prefix + name]
     if only_present and not flag.present:
       continue
-    out[name] = _convert(cls, name, flag.value)
+    value = _convert(cls, name, flag.value)
+    if '.' in name:
+      if not flag.present and value is None:
+        continue
+      outer, inner = name.split('.', 1)
+      out.setdefault(outer, {})[inner] = value
+    else:
+      out[name] = value
   return out
 
 

@@ -1,13 +1,19 @@
-"""Mixed-precision policies.
+"""Mixed-precision policies and the one loss-scaled optimizer update every trainer uses.
 
 Parameters, gradients and optimizer state stay fp32 (master weights); matmuls run in
 `compute_dtype`; norms, softmax statistics, logits and losses are fp32 (`output_dtype`).
+`loss_scaled_update` is the fp16-aware step of both the language-model trainer
+(`jax_spec.training.steps`) and the RLE trainer (`jax_spec.rle.trainer`).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import optax
+from flax.training.dynamic_scale import DynamicScale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +69,6 @@ def make_dynamic_scale(initial_scale: float = DEFAULT_INITIAL_SCALE,
   On a non-finite gradient the scale is multiplied by `backoff_factor` (not below
   `minimum_scale`) and the caller must skip the update (see `select_tree`).
   """
-  from flax.training.dynamic_scale import DynamicScale  # pylint: disable=g-import-not-at-top
   if not initial_scale > 0:
     raise ValueError(f'initial_scale must be > 0, got {initial_scale!r}')
   if not isinstance(growth_interval, int) or growth_interval < 1:
@@ -88,7 +93,6 @@ def validate_loss_scale(loss_scale: str, policy: Policy | str) -> str:
 
 def all_finite(tree) -> jnp.ndarray:
   """True iff every leaf of `tree` is finite (a scalar bool array)."""
-  import jax  # pylint: disable=g-import-not-at-top
   leaves = jax.tree_util.tree_leaves(tree)
   finite = jnp.array(True)
   for leaf in leaves:
@@ -98,5 +102,49 @@ def all_finite(tree) -> jnp.ndarray:
 
 def select_tree(pred, on_true, on_false):
   """`jnp.where(pred, a, b)` leaf by leaf: keeps the old params/opt state on a skipped step."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def initial_loss_scale(dynamic: bool, initial_scale: float = DEFAULT_INITIAL_SCALE) -> dict:
+  """The `{'scale', 'fin_steps'}` train-state entry: `initial_scale` if dynamic, else a constant 1."""
+  return {'scale': jnp.asarray(initial_scale if dynamic else 1.0, jnp.float32),
+          'fin_steps': jnp.zeros((), jnp.int32)}
+
+
+class ScaledUpdate(NamedTuple):
+  """What `loss_scaled_update` returns."""
+  params: Any
+  opt_state: Any
+  loss_scale: dict        # the next `{'scale', 'fin_steps'}`
+  value: Any              # loss_fn's (unscaled) value: loss, or (loss, aux) with has_aux
+  grads: Any              # unscaled fp32 gradients (non-finite on an overflow)
+  finite: jax.Array       # bool[]: every gradient finite (False: the update was skipped)
+
+
+def loss_scaled_update(loss_fn: Callable, params, opt_state, loss_scale: dict,
+                       tx: optax.GradientTransformation, *, dynamic: bool,
+                       growth_interval: int = DEFAULT_GROWTH_INTERVAL,
+                       has_aux: bool = False) -> ScaledUpdate:
+  """One optimizer update of `params` on `loss_fn(params)`, with fp16 dynamic loss scaling.
+
+  dynamic=True: the loss is multiplied by `loss_scale['scale']` before the backward pass,
+  gradients are unscaled in fp32; a non-finite gradient skips the update (params and optimizer
+  state keep their values) and halves the scale; `growth_interval` finite steps in a row double
+  it (`make_dynamic_scale`). dynamic=False: plain gradients, every update applied, the scale
+  entry passed through.
+  """
+  if dynamic:
+    scaler = make_dynamic_scale(growth_interval=growth_interval).replace(
+        scale=loss_scale['scale'], fin_steps=loss_scale['fin_steps'])
+    new_scaler, finite, value, grads = scaler.value_and_grad(loss_fn, has_aux=has_aux)(params)
+    loss_scale = {'scale': new_scaler.scale.astype(jnp.float32),
+                  'fin_steps': new_scaler.fin_steps.astype(jnp.int32)}
+  else:
+    value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params)
+    finite = all_finite(grads)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if dynamic:
+    new_params = select_tree(finite, new_params, params)
+    new_opt_state = select_tree(finite, new_opt_state, opt_state)
+  return ScaledUpdate(new_params, new_opt_state, loss_scale, value, grads, finite)

@@ -12,7 +12,9 @@ def test_benchmark_smoke(tmp_path):
   assert [r['implementation'] for r in results] == ['xla', 'reference'] * 2  # cudnn: no GPU here
   assert [r['batch'] for r in results] == [4, 4, 2, 2]   # 200 tokens // seq_len
   for r in results:
-    assert r['executed'] and len(r['times_s']) == 2 and r['tflops'] > 0
+    assert r['executed'] and len(r['times_s']) == 2
+    assert r['median_s'] == float(sorted(r['times_s'])[0] + sorted(r['times_s'])[1]) / 2
+    assert abs(r['tflops'] - r['flops'] / r['median_s'] / 1e12) <= 1e-12 * r['tflops']
     assert 1 <= r['calls_per_sample'] <= 100
     assert r['memory']['peak_estimate'] >= r['memory']['arguments'] > 0
   assert bench_attention.attention_flops(1, 2, 48, 48, 16, True, 'fwd_bwd') == (

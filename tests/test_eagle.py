@@ -30,8 +30,10 @@ def _jit(model, fn, **static):
   return lambda *args: jitted(state, *args)
 
 
-def _offline(model, tokens, *, steps, kind):
-  return eagle.unroll(model, model(tokens).hidden_BTD, tokens, steps=steps, kind=kind).logits_SBTV
+def _offline(model, tokens, positions, segment_ids, *, steps, kind):
+  hidden = model(tokens, positions_BT=positions, segment_ids_BT=segment_ids).hidden_BTD
+  return eagle.unroll(model, hidden, tokens, steps=steps, kind=kind, positions_BT=positions,
+                      segment_ids_BT=segment_ids).logits_SBTV
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +73,8 @@ def test_config_and_param_count():
 def _offline_logits(fns, kind, seq, start):
   """Unrolled full-sequence forward on one row `seq`: logits of steps 1..4 at chain `start`."""
   tokens = jnp.asarray([list(seq) + [0] * (SEQ_LEN - len(seq))], jnp.int32)
-  return np.asarray(fns[f'offline_{kind}'](tokens)[:, 0, start])
+  positions = jnp.arange(SEQ_LEN, dtype=jnp.int32)[None]
+  return np.asarray(fns[f'offline_{kind}'](tokens, positions, jnp.ones_like(tokens))[:, 0, start])
 
 
 @pytest.mark.parametrize('kind', ['eagle', 'mtp'])
@@ -121,7 +124,7 @@ def test_cached_tree_draft_equals_offline_unroll(model, fns):
     root_logits, fcache = eagle.feature_update(m, fcache, *args)
     return eagle.feature_tree_draft(m, fcache, root_logits, tree)
 
-  tokens, logits, _ = _jit(model, draft_tree)(eagle.init_feature_cache(model, 1, 32),
+  tokens, logits = _jit(model, draft_tree)(eagle.init_feature_cache(model, 1, 32),
                                               outs.hidden_BTD, prompts, jnp.asarray([n]),
                                               jnp.asarray([seq[n]]))
   tokens, logits = np.asarray(tokens[0]), np.asarray(logits[0])
@@ -140,19 +143,14 @@ def test_cached_tree_draft_equals_offline_unroll(model, fns):
       assert tokens[t] == np.argsort(-parent, kind='stable')[tree.rank_T[t]]
 
 
-def test_unroll_respects_documents(model, fns):
+def test_unroll_respects_documents(fns):
   """Packed rows: a chain's steps see only its own document."""
   rng = np.random.default_rng(2)
-  a, b = rng.integers(1, CFG.vocab_size, size=5), rng.integers(1, CFG.vocab_size, size=7)
+  a, b = rng.integers(1, CFG.vocab_size, size=7), rng.integers(1, CFG.vocab_size, size=9)
   packed = jnp.asarray([np.concatenate([a, b])], jnp.int32)
-  seg = jnp.asarray([[1] * 5 + [2] * 7])
-  pos = jnp.asarray([list(range(5)) + list(range(7))])
-
-  def packed_unroll(m, tokens, pos, seg):
-    hidden = m(tokens, positions_BT=pos, segment_ids_BT=seg).hidden_BTD
-    return eagle.unroll(m, hidden, tokens, steps=3, positions_BT=pos, segment_ids_BT=seg)
-
-  out = _jit(model, packed_unroll)(packed, pos, seg)
-  alone = fns['offline_eagle'](jnp.asarray([np.pad(b, (0, SEQ_LEN - 7))]))
-  # Chain starts of document b whose steps read only b's tokens (i + steps < len(b)).
-  np.testing.assert_allclose(out.logits_SBTV[:, 0, 5:9], alone[:3, 0, :4], atol=2e-5)
+  seg = jnp.asarray([[1] * 7 + [2] * 9])
+  pos = jnp.asarray([list(range(7)) + list(range(9))])
+  out = fns['offline_eagle'](packed, pos, seg)
+  # Chain starts of document b whose 4 steps read only b's tokens (i + 4 < len(b)).
+  alone = _offline_logits(fns, 'eagle', b, slice(0, 5))
+  np.testing.assert_allclose(out[:, 0, 7:12], alone, atol=2e-5)

@@ -114,6 +114,17 @@ def test_greedy_identical_to_generate(models_, prompts, drafter, tree, max_new):
       assert _tau(out) > 3.0
 
 
+def test_typical_acceptance_with_a_static_tree(models_, prompts):
+  """Typical acceptance (not lossless) runs on the EAGLE tree: every emitted token is a real
+  token, rows end at max_new_tokens, and the agreeing drafter's drafts are accepted."""
+  out = spec.speculative_generate(models_['always'], *prompts, drafter='eagle',
+                                  tree=[[0], [1], [0, 0], [0, 0, 0]], acceptance='typical',
+                                  temperature=0.7, max_new_tokens=MAX_NEW, rng=jax.random.key(0))
+  np.testing.assert_array_equal(out.lengths_B, MAX_NEW)
+  assert np.all((np.asarray(out.tokens_BN) >= 0) & (np.asarray(out.tokens_BN) < CFG.vocab_size))
+  assert _tau(out) > 2.0
+
+
 def test_drafter_errors(models_, prompts):
   no_eagle = models.Transformer(CFG.replace(eagle_layers=0, mtp_depth=0), rngs=nnx.Rngs(0))
   for drafter, match in (('eagle', 'eagle_layers'), ('mtp_recursive', 'mtp_depth')):

@@ -174,3 +174,23 @@ def test_trunk_targets_agree_with_the_trunk_more_than_data_targets():
   for kind in ('medusa', 'eagle'):
     key = f'{kind}_trunk_acc_1'
     assert agreement['trunk'][key] > agreement['data'][key] + 0.02, agreement
+
+
+def test_train_config_head_options(tmp_path):
+  from jax_spec.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.TrainConfig(workdir=str(tmp_path), config='tiny', freeze_trunk=True,
+                               head_targets='mix', head_targets_mix=0.25, eagle_layers=2,
+                               eagle_steps=3, eagle_token_weight=0.5)
+  assert config_lib.trainable_filter(cfg) is steps.head_params
+  assert config_lib.head_loss(cfg) == losses.HeadLoss(targets='mix', mix=0.25, eagle_steps=3,
+                                                      eagle_token_weight=0.5)
+  mc = config_lib.make_model_config(cfg, 259)
+  assert mc.eagle_layers == 2 and mc.medusa_frozen_trunk
+  old = config_lib.TrainConfig(workdir=str(tmp_path), config='tiny', medusa_mode='frozen_trunk')
+  assert config_lib.trainable_filter(old) is steps.head_params
+  assert config_lib.trainable_filter(cfg.__class__(workdir=str(tmp_path))) is None
+  assert config_lib.make_model_config(old, 259).eagle_layers == 0
+  for field, value in (('head_targets', 'teacher'), ('head_targets_mix', 2.0), ('eagle_steps', 0),
+                       ('eagle_layers', -1)):
+    with pytest.raises(ValueError, match=field):
+      config_lib.TrainConfig(workdir=str(tmp_path), **{field: value})

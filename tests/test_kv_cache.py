@@ -216,30 +216,45 @@ def test_decode_step_compiles_once(setup):
   np.testing.assert_array_equal(cache.lengths, [8, 4])
 
 
+# Max error relative to max |full forward| (the attention tests' tolerances for these dtypes).
+LOW_PRECISION_TOL = {'bf16': 3e-2, 'fp16': 5e-3}
+
+
 @pytest.mark.parametrize('policy', ['bf16', 'fp16'])
-def test_low_precision_decode_is_finite(setup, policy):
+def test_low_precision_decode_matches_full_forward(setup, policy):
+  """prefill + extend in bf16/fp16 give the full forward's logits, hidden states and Medusa logits
+  (at that dtype's tolerance), with fp32 parameters, a compute-dtype cache and fp32 logits."""
   cfg, _, _ = setup
   cfg = cfg.replace(num_layers=1, mtp_depth=1, medusa_heads=1)
   model = M.Transformer(cfg, policy=policy, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state))
+  rows = jnp.arange(2)
 
   @jax.jit
-  def run(state, tokens):
+  def run(state, tokens, prompt_lengths):
     model = nnx.merge(graphdef, state)
     full = model(tokens)
-    cache = M.init_cache(model, 2, MAX_LEN).replace(lengths=jnp.array([4, 2], jnp.int32))
-    d, m = _chain(2, 2)
-    out, cache = M.extend(model, tokens[:, 4:6], d, m, cache)
+    _, cache = M.prefill(model, tokens[:, :4], prompt_lengths, M.init_cache(model, 2, MAX_LEN))
+    new = tokens[rows[:, None], prompt_lengths[:, None] + jnp.arange(2)]
+    out, cache = M.extend(model, new, *_chain(2, 2), cache)
     return full, out, cache
 
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
-  full, out, cache = run(state, tokens)
+  prompt_lengths = jnp.array([4, 2], jnp.int32)   # row 1 is right-padded
+  full, out, cache = _np(run(state, tokens, prompt_lengths))
   assert cache.k.dtype == model.policy.compute_dtype
-  assert full.logits_BTV.dtype == jnp.float32 and out.logits_BTV.dtype == jnp.float32
-  for x in (full.logits_BTV, full.mtp_logits_DBTV, full.medusa_logits_KBTV, out.logits_BTV,
-            out.medusa_logits_KBTV):
-    assert bool(jnp.all(jnp.isfinite(x)))
+  assert full.logits_BTV.dtype == np.float32 and out.logits_BTV.dtype == np.float32
+  tol = LOW_PRECISION_TOL[policy]
+  for b, n in enumerate(np.asarray(prompt_lengths)):
+    for name, got, want in (
+        ('logits', out.logits_BTV[b], full.logits_BTV[b, n:n + 2]),
+        ('hidden', out.hidden_BTD[b], full.hidden_BTD[b, n:n + 2]),
+        ('medusa', out.medusa_logits_KBTV[:, b], full.medusa_logits_KBTV[:, b, n:n + 2])):
+      assert np.all(np.isfinite(got)), name
+      err = np.max(np.abs(got.astype(np.float64) - want)) / np.max(np.abs(want))
+      assert err < tol, (policy, name, b, err)
+  assert np.all(np.isfinite(full.mtp_logits_DBTV))
 
 
 def test_bad_decode_inputs_raise(setup):

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jax_spec import precision
 from jax_spec.models import get_config
+from jax_spec.rle import trainer as rle_trainer
 from jax_spec.training import config as train_config
 from jax_spec.training import state as train_state
 from jax_spec.training import steps
@@ -95,3 +97,52 @@ def test_fp16_scale_doubles_after_interval():
     scales.append(float(state['loss_scale']['scale']))
   assert scales == [2.0**15, 2.0**16, 2.0**16, 2.0**17]
   assert int(state['skipped_steps']) == 0
+
+
+def _scale_trajectory(step, state):
+  """(finite, next scale, next fin_steps, params kept) over one overflowing step at 2**40, then
+  four finite steps from 2**10, the same script for any trainer's `step(state)`."""
+  out = []
+  for scale, num_steps in ((2.0**40, 1), (2.0**10, 4)):
+    state = dict(state, loss_scale=precision.initial_loss_scale(True, scale))
+    for _ in range(num_steps):
+      new, m = step(state)
+      out.append((bool(m['grads_finite']), float(new['loss_scale']['scale']),
+                  int(new['loss_scale']['fin_steps']), _tree_equal(new['params'], state['params'])))
+      state = new
+  return out
+
+
+class _TinyRegressor(nnx.Module):
+  """What `rle.trainer` trains (`model(images)`, `model.loss(pred, targets, weights)`), with an
+  fp16 matmul, so an fp16 backward can overflow; small so that it builds and compiles fast."""
+
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(12, 4, dtype=jnp.float16, rngs=rngs)
+
+  def __call__(self, images):
+    return self.dense(images.reshape(images.shape[0], -1)).astype(jnp.float32)
+
+  def loss(self, pred, targets, weights):
+    return jnp.mean(weights[..., None] * jnp.abs(pred.reshape(targets.shape) - targets))
+
+
+def test_lm_and_rle_trainers_skip_halve_and_grow_identically():
+  lm_state, lm_step, lm_batch = _fp16_setup(2)
+  lm = _scale_trajectory(lambda s: lm_step(s, lm_batch), lm_state)
+
+  graphdef, params, rest = nnx.split(_TinyRegressor(nnx.Rngs(0)), nnx.Param, ...)
+  tx, _ = rle_trainer.make_optimizer(rle_trainer.TrainConfig(steps=10, warmup_steps=0))
+  rle_state = {'params': params, 'opt_state': tx.init(params),
+               'loss_scale': precision.initial_loss_scale(True), 'step': jnp.zeros((), jnp.int32)}
+  rng = np.random.default_rng(0)
+  batch = (rng.uniform(size=(4, 2, 2, 3)).astype(np.float32),
+           rng.uniform(-1, 1, (4, 2, 2)).astype(np.float32), np.ones((4, 2), np.float32))
+  rle_step = train_state.compile_fast(
+      jax.jit(rle_trainer.make_train_step(graphdef, rest, tx, fp16=True, growth_interval=2)),
+      rle_state, *batch)
+  rle = _scale_trajectory(lambda s: rle_step(s, *batch), rle_state)
+  # Skip and halve on the overflow; double after every 2 finite steps; updates applied then.
+  want = [(False, 2.0**39, 0, True)] + [(True, 2.0**s, f, False)
+                                        for s, f in ((10, 1), (11, 0), (11, 1), (12, 0))]
+  assert lm == rle == want

@@ -38,6 +38,8 @@ def test_quickstart_end_to_end(tmp_path):
   for png in ('training_curves.png', 'speedups.png'):
     assert (workdir / png).stat().st_size > 0
   assert 'speedup' in proc.stdout and 'identical' in proc.stdout
+  # Library chatter is hidden by default: no orbax INFO lines or read-only warnings.
+  assert 'checkpoint_manager.py' not in proc.stderr and 'read only' not in proc.stderr
 
 
 def test_quickstart_rejects_unknown_drafter(tmp_path):

@@ -1,11 +1,10 @@
-"""Process-level XLA settings and the verify-cost benchmark that motivates them."""
-import json
+"""Process-level settings: XLA:CPU flags, the compile counter, the step profiler."""
+import glob
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jax_spec import runtime
 
@@ -35,17 +34,20 @@ def test_count_compiles():
   assert n[0] == 0
 
 
-def test_bench_verify_smoke(tmp_path):
-  cmd = [sys.executable, '-m', 'experiments.bench_verify', f'--workdir={tmp_path}', '--config=tiny',
-         '--precisions=fp32', '--tokens=2', '--steps=2', '--repeats=1', '--cache_len=32',
-         '--prefix_len=8']
-  subprocess.run(cmd, check=True, capture_output=True, timeout=300,
-                 cwd=os.path.dirname(os.path.dirname(__file__)))
-  results = json.load(open(tmp_path / 'results.json'))
-  assert '--xla_cpu_experimental_ynn_fusion_type=' in results['xla_flags']
-  rows = {r['tokens']: r for r in results['rows']}
-  assert sorted(rows) == [1, 2]                          # T=1 is always measured (the reference)
-  assert rows[1]['ratio'] == 1.0 and rows[1]['ceiling_speedup'] == 1.0
-  assert rows[2]['ms_per_step'] > 0
-  assert abs(rows[2]['ceiling_speedup'] - 2 / rows[2]['ratio']) < 1e-9
-  assert (tmp_path / 'verify_cost.png').stat().st_size > 0
+def test_step_profiler_traces_only_its_window(tmp_path):
+  f = jax.jit(lambda x: x * 2)
+  x = jnp.ones(3)
+  with runtime.StepProfiler('1:3', str(tmp_path / 'trace')) as profiler:
+    for i in range(5):
+      profiler.step(i, wait_for=x)
+      assert profiler._active == (1 <= i < 3)  # pylint: disable=protected-access
+      x = f(x)
+  assert profiler.trace_dir == str(tmp_path / 'trace')
+  assert glob.glob(str(tmp_path / 'trace' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+  with runtime.StepProfiler(None, str(tmp_path / 'none')) as inert:
+    inert.step(0)
+  assert inert.trace_dir is None and not os.path.exists(tmp_path / 'none')
+  for bad in ('2:2', '3:1', 'a:b', '3', '-1:2'):
+    with pytest.raises(ValueError, match='profile_steps must be "A:B"'):
+      runtime.parse_profile_steps(bad)
+  assert runtime.parse_profile_steps('0:4') == (0, 4)

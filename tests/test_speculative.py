@@ -12,7 +12,7 @@ from jax_spec import models
 from jax_spec import runtime
 from jax_spec.decoding import autoregressive as generate_lib
 from jax_spec.decoding import speculative as spec
-from jax_spec.decoding import trees
+from jax_spec.decoding import dynamic_tree, trees
 
 MAX_NEW = 9
 
@@ -267,3 +267,84 @@ def test_tau_without_a_verify_step(model, prompts, baseline):
   np.testing.assert_array_equal(out.lengths_B, [1])
   s = spec.summarize(out.stats)
   assert s['verify_steps'] == 0 and s['mean_accepted_length'] == 1.0, s
+
+
+# --- Dynamic trees (EAGLE-2) -------------------------------------------------------------------------
+
+def _contrary_copy(model):
+  """A draft model whose logits are exactly minus the target's (final-norm scale negated): its
+  top-k never holds the target's argmax, so nothing is ever accepted."""
+  graphdef, state = nnx.split(model)
+  contrary = nnx.merge(graphdef, jax.tree.map(jnp.array, state))    # new arrays, not shared
+  contrary.final_norm.scale[...] = -model.final_norm.scale[...]
+  return contrary
+
+
+@pytest.fixture(scope='module')
+def ragged():
+  """Prompt lengths 1 / 5 / 17 and their greedy continuations (11 = not a multiple of depth 3)."""
+  return (jax.random.randint(jax.random.key(2), (3, 17), 0, 259).astype(jnp.int32),
+          jnp.array([1, 5, 17], jnp.int32))
+
+
+DYNAMIC_NEW = 11
+
+
+@pytest.mark.parametrize('drafter, tree', [
+    ('medusa', 'dynamic:5:3'),
+    pytest.param('mtp', 'dynamic:4:2', marks=pytest.mark.slow),   # suite time; same loop as medusa
+])
+def test_dynamic_tree_heads_greedy_identical_to_generate(model, ragged, drafter, tree):
+  ref = generate_lib.generate(model, *ragged, max_new_tokens=DYNAMIC_NEW)
+  out = spec.speculative_generate(model, *ragged, drafter=drafter, tree=tree,
+                                  max_new_tokens=DYNAMIC_NEW)
+  np.testing.assert_array_equal(out.tokens_BN, ref.tokens_BN)
+  np.testing.assert_array_equal(out.lengths_B, ref.lengths_B)
+  _check_stats(out, trees.chain(2))
+
+
+def test_dynamic_tree_draft_model_greedy_identical_to_generate(model, ragged):
+  # Depth 2 keeping all 2 + 4 candidates: the argmax path is always in the tree.
+  tree = dynamic_tree.DynamicTree(num_draft_nodes=6, branching=2, depth=2)
+  ref = generate_lib.generate(model, *ragged, max_new_tokens=DYNAMIC_NEW)
+  noisy = spec.speculative_generate(model, *ragged, drafter='model',
+                                    draft_model=_noisy_copy(model, 0.1, 0), tree=tree,
+                                    max_new_tokens=DYNAMIC_NEW)
+  np.testing.assert_array_equal(noisy.tokens_BN, ref.tokens_BN)
+  np.testing.assert_array_equal(noisy.lengths_B, ref.lengths_B)
+  hist = np.asarray(noisy.stats.accepted_hist_A)
+  assert hist[0] > 0 and hist[1] > 0 and hist[2] > 0, hist        # partial and full acceptances
+  _check_stats(noisy, trees.chain(2))
+  contrary, eos = _contrary_copy(model), int(ref.tokens_BN[2, 5])
+  with runtime.count_compiles() as compiles:     # one program for every draft model of this shape
+    # Always agreeing (the model drafts for itself): its argmax path is accepted whole.
+    agree = spec.speculative_generate(model, *ragged, drafter='model', draft_model=model,
+                                      tree=tree, max_new_tokens=DYNAMIC_NEW)
+    # Never agreeing (minus the target's logits): nothing accepted, tau = 1, output still exact.
+    never = spec.speculative_generate(model, *ragged, drafter='model', draft_model=contrary,
+                                      tree=tree, max_new_tokens=DYNAMIC_NEW)
+    # EOS inside an accepted chunk: rows stop at their first EOS, like generate.
+    eos_out = spec.speculative_generate(model, *ragged, drafter='model', draft_model=model,
+                                        tree=tree, max_new_tokens=DYNAMIC_NEW, eos_id=eos)
+  assert compiles[0] == 0
+  for out in (agree, never):
+    np.testing.assert_array_equal(out.tokens_BN, ref.tokens_BN)
+  assert spec.summarize(never.stats)['mean_accepted_length'] == 1.0
+  assert spec.summarize(agree.stats)['mean_accepted_length'] == 3.0
+  np.testing.assert_array_equal(agree.stats.verify_steps_B, [4, 4, 4])   # ceil(10 / 3)
+  ref_eos = generate_lib.generate(model, *ragged, max_new_tokens=DYNAMIC_NEW, eos_id=eos)
+  np.testing.assert_array_equal(eos_out.tokens_BN, ref_eos.tokens_BN)
+  np.testing.assert_array_equal(eos_out.lengths_B, ref_eos.lengths_B)
+  assert int(eos_out.lengths_B[2]) <= 6
+  one = spec.speculative_generate(model, *ragged, drafter='model', draft_model=model, tree=tree,
+                                  max_new_tokens=1)
+  np.testing.assert_array_equal(one.tokens_BN, ref.tokens_BN[:, :1])
+
+
+def test_dynamic_tree_rejection_sampling_is_exact(model):
+  """Deterministic top-k proposals of a dynamic tree, q one-hot (SpecInfer's multi-draft rule)."""
+  out = _check_law(model, lambda p, n: spec.speculative_generate(
+      model, p, n, drafter='model', draft_model=_noisy_copy(model, 0.1, 0),
+      tree=dynamic_tree.DynamicTree(4, 2, 2), temperature=1.0, top_k=3, max_new_tokens=3,
+      rng=jax.random.key(1)))
+  assert spec.summarize(out.stats)['mean_accepted_length'] > 1.2

@@ -1,5 +1,6 @@
 """generate_text: strings out, streaming that changes nothing (greedy: same tokens as one call,
 streamed pieces concatenate to the returned text), batches of unequal prompts, drafters."""
+import copy
 import os
 
 import jax
@@ -42,6 +43,12 @@ def test_streaming_is_lossless_and_matches_generate(loaded):
   for row in range(2):
     assert whole.tokens[row] == np.asarray(out.tokens_BN)[row, :int(out.lengths_B[row])].tolist()
     assert whole.texts[row] == tok.decode(whole.tokens[row])
+  # A second stop id (generation_config.json lists several for e.g. Llama 3) ends a row there.
+  stopper = copy.copy(tok)
+  stop_token = whole.tokens[0][3]
+  stopper.eos_ids = (tok.eos_id, stop_token)
+  stopped = text_lib.generate_text(model, stopper, PROMPTS, max_new_tokens=14)
+  assert stopped.tokens[0] == whole.tokens[0][:whole.tokens[0].index(stop_token) + 1]
   # Speculative decoding with the random Medusa heads, streamed: the same tokens again.
   fast = text_lib.generate_text(model, tok, PROMPTS, max_new_tokens=14, drafter='medusa',
                                 tree='default', chunk_tokens=5, on_text=lambda row, s: None)

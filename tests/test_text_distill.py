@@ -16,7 +16,7 @@ def test_distill_writes_self_generated_documents(tmp_path):
   f = types.SimpleNamespace(init_from_hf=FIXTURE, prompts=str(tmp_path / 'prompts.txt'),
                             workdir=str(tmp_path / 'out'), max_new_tokens=5, samples_per_prompt=1,
                             batch_size=3, temperature=0.0, top_p=1.0, seed=0,
-                            param_dtype='float32', precision='auto')
+                            param_dtype='float32', precision='fp32')
   summary = distill.run(f)
   assert summary['documents'] == 3 and summary['written_this_run'] == 3
   docs = corpus.directory_documents(summary['data_path'])

@@ -15,7 +15,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf', 'qwen3')
 def flags(**overrides):
   values = dict(init_from_hf=None, workdir=None, prompt=[], prompt_file=None, draft='none',
                 tree=None, max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                param_dtype='float32', precision='auto', chunk_tokens=4, repeats=1, results=None)
+                param_dtype='float32', precision='fp32', chunk_tokens=4, repeats=1, results=None)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 

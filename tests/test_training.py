@@ -4,7 +4,9 @@ The subprocess tests share one tiny configuration and a persistent compilation c
 first run compiles; they are kept to a handful of steps on a tiny generated corpus.
 """
 import dataclasses
+import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from flax import nnx
 
 from jax_spec import data as data_lib
 from jax_spec.models import get_config
-from jax_spec.training import loop, restore, steps, workdir as workdir_lib
+from jax_spec.training import loop, restore, sharding, steps, workdir as workdir_lib
 from jax_spec.training import state as train_state
 from jax_spec.training.config import TrainConfig, make_model_config
 from jax_spec.io.metrics import read_metrics
@@ -82,7 +84,6 @@ def _usage_error(args):
     # A flag that does not parse (an enum).
     (['--precision=fp8'], 'flag --precision=fp8: value should be one of <bf16|fp16|fp32>'),
     # Values found invalid after parsing: the config's own message naming the field.
-    (['--steps=0'], 'steps must be an int >= 1, got 0'),
     (['--model.d_model=30'], 'd_model (30) must be divisible by num_heads'),
 ])
 def test_cli_bad_value_is_a_one_line_usage_error(tmp_path, args, message):
@@ -144,7 +145,7 @@ def test_frozen_trunk_trains_only_the_heads(tmp_path):
   new, _ = step(state, batch)
   new, _ = step(new, batch)
   flat_old = dict(jax.tree_util.tree_flatten_with_path(state['params'])[0])
-  changed = {steps._path_str(p): not np.array_equal(x, flat_old[p])
+  changed = {sharding.path_to_str(p): not np.array_equal(x, flat_old[p])
              for p, x in jax.tree_util.tree_flatten_with_path(new['params'])[0]}
   heads = ('medusa/', 'mtp/')
   assert any(changed[k] for k in changed if k.startswith('medusa/'))
@@ -216,6 +217,9 @@ def test_reference_run_outputs(reference_run):
               'tokens_per_sec', 'val_bits_per_token', 'val_bits_per_byte'):
     assert key in last, key
   assert records[-1]['loss'] < records[0]['loss']
+  # The first step compiles: its time is reported apart, never as throughput.
+  assert records[0]['first_step_s'] > 0 and 'tokens_per_sec' not in records[0]
+  assert all('first_step_s' not in r and r['tokens_per_sec'] > 0 for r in records[1:])
   assert 'val_bits_per_token' in records[7] and 'val_bits_per_token' not in records[6]
   for name in ('training_curves.png', 'results.json', 'train_config.json'):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -223,9 +227,12 @@ def test_reference_run_outputs(reference_run):
   assert reference_run['summary']['step'] == 16
 
 
-def test_load_model_from_workdir_reproduces_validation(reference_run, corpus):
+def test_load_model_from_workdir_reproduces_validation(reference_run, corpus, caplog):
   workdir = reference_run['workdir']
-  model, tokenizer, config = restore.load_model_from_workdir(workdir)
+  with caplog.at_level(logging.INFO):
+    model, tokenizer, config = restore.load_model_from_workdir(workdir)
+  # Quiet by default: no orbax read-only warnings (orbax INFO lines only at INFO verbosity).
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
   assert tokenizer.kind == 'byte' and config.vocab_size == tokenizer.vocab_size
   assert config.mtp_depth == 0 and config.medusa_heads == 1
   # The config file's model override and the dotted flag reached the model that was trained.
@@ -275,6 +282,30 @@ def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
   assert all(set(r) - set(loop.TIMING_KEYS) for r in got)
 
 
+def test_sigterm_saves_and_stops(reference_run, corpus):
+  """SIGTERM: the run finishes its step, saves (asynchronously) and exits cleanly. Validation
+  after every step (the compiled programs of the reference run, a cache hit) slows the run down
+  so that the signal surely arrives before the end."""
+  workdir = str(reference_run['root'] / 'sigterm')
+  proc = subprocess.Popen(_command(workdir, corpus, reference_run['config_file'],
+                                   ['--eval_every=1', '--eval_batches=1000']),
+                          cwd=REPO, env=_env(reference_run['cache']), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  first_ckpt = os.path.join(workdir, 'checkpoints', '4', 'commit_success.txt')
+  deadline = time.time() + 300
+  while not os.path.exists(first_ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  summary = json.loads(stdout.strip().splitlines()[-1])
+  assert summary['stopped'] == 'preempted' and 4 <= summary['step'] < 16, summary
+  assert 'Received SIGTERM' in stderr
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+  assert saved[-1] == summary['step']   # the stopped step's state, completely written
+  assert os.path.exists(os.path.join(workdir, 'checkpoints', str(saved[-1]), 'commit_success.txt'))
+
+
 def test_resume_with_different_config_is_refused(reference_run, corpus):
   info = workdir_lib.read_run_info(reference_run['workdir'])
   cfg = TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})
@@ -291,8 +322,9 @@ def test_resume_with_different_config_is_refused(reference_run, corpus):
 
 def test_sharded_run_matches_single_device(reference_run, corpus):
   workdir = str(reference_run['root'] / 'sharded')
-  cmd = _command(workdir, corpus, reference_run['config_file'], ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2',
-                                   '--checkpoint_every=16'])
+  cmd = _command(workdir, corpus, reference_run['config_file'],
+                 ['--mesh_data=2', '--mesh_fsdp=2', '--mesh_tensor=2', '--checkpoint_every=16',
+                  '--profile_steps=2:3'])
   proc = subprocess.run(cmd, cwd=REPO, env=_env(reference_run['cache'], devices=8),
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -304,12 +336,16 @@ def test_sharded_run_matches_single_device(reference_run, corpus):
                                err_msg=key)
   np.testing.assert_allclose(got[-1]['val_bits_per_token'], ref[-1]['val_bits_per_token'],
                              rtol=2e-4)
+  # --profile_steps wrote a jax.profiler trace.
+  assert glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
 def test_time_budget_saves_and_stops(reference_run, corpus):
   """--minutes stops after the current step with a checkpoint (same program: cache hit)."""
   workdir = str(reference_run['root'] / 'budget')
-  proc = subprocess.run(_command(workdir, corpus, reference_run['config_file'], ['--minutes=1e-6']), cwd=REPO,
+  # Synchronous checkpoints here (the other runs save asynchronously, the default).
+  proc = subprocess.run(_command(workdir, corpus, reference_run['config_file'],
+                                 ['--minutes=1e-6', '--noasync_checkpoint']), cwd=REPO,
                         env=_env(reference_run['cache']), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,12 @@
 """Static candidate trees: layout, masks, paths, validation, defaults, greedy construction."""
 import itertools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_spec.decoding import trees
+from jax_spec.decoding import dynamic_tree, trees
 
 
 def test_layout_of_a_small_tree():
@@ -137,3 +139,75 @@ def test_tree_from_accuracies_branching_off_the_chain_only():
   assert set(tree.choices) == {(0,), (1,), (2,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 1)}
   with pytest.raises(ValueError, match='num_nodes'):
     trees.tree_from_accuracies(acc, 10, branch_from_chain_only=True)
+
+
+# --- Dynamic trees (EAGLE-2 construction) ---------------------------------------------------------
+
+class _TableDrafter:
+  """A stand-in drafter: a frontier node's children scores are `table[its token]` (path
+  dependent through the tokens), so a numpy enumeration can reproduce the construction."""
+
+  def __init__(self, tree, table):
+    self.tree, self.table = tree, table
+
+  def expand(self, ctx, state, frontier):
+    del ctx
+    tokens_BF = frontier.tokens_BM[:, -frontier.num_frontier:]
+    return jax.nn.log_softmax(jnp.asarray(self.table)[tokens_BF], axis=-1), state + 1
+
+
+def _reference_dynamic_tree(table, root, spec):
+  """EAGLE-2 in plain numpy: the set of kept token paths."""
+  shifted = table - table.max(axis=-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+  frontier, pool = [((), 0.0)], []
+  for _ in range(spec.depth):
+    children = []
+    for path, score in frontier:
+      token = path[-1] if path else root
+      for x in np.argsort(-logp[token], kind='stable')[:spec.branching]:
+        children.append((path + (int(x),), score + logp[token, x]))
+    pool += children
+    frontier = sorted(children, key=lambda c: -c[1])[:spec.branching]
+  return {path for path, _ in sorted(pool, key=lambda c: -c[1])[:spec.num_draft_nodes]}
+
+
+@pytest.mark.parametrize('num, k, depth', [(6, 2, 3), (9, 3, 4), (3, 3, 1)])
+def test_dynamic_tree_matches_the_eagle2_reference(num, k, depth):
+  spec = dynamic_tree.DynamicTree(num, k, depth)
+  vocab, batch = 7, 3
+  table = np.random.default_rng(num).normal(0, 2.0, (vocab, vocab))
+  roots = np.array([0, 3, 6])
+  tokens_BT, tree, calls = jax.jit(lambda r: dynamic_tree.build(_TableDrafter(spec, table), None, 0, r))(
+      jnp.asarray(roots, jnp.int32))
+  assert int(calls) == depth and tokens_BT.shape == (batch, num + 1)
+  parent, depth_T = np.asarray(tree.arrays.parent_BT), np.asarray(tree.depths_BT)
+  mask, paths = np.asarray(tree.mask_BTT), np.asarray(tree.arrays.paths_BLP)
+  children, toks = np.asarray(tree.arrays.children_BTC), np.asarray(tokens_BT)
+  for b in range(batch):
+    assert parent[b, 0] == -1 and np.all((parent[b, 1:] >= 0) & (parent[b, 1:] < np.arange(1, num + 1)))
+    node_paths = []
+    for t in range(num + 1):
+      chain_t = [t]
+      while parent[b, chain_t[-1]] >= 0:
+        chain_t.append(parent[b, chain_t[-1]])
+      chain_t = chain_t[::-1]
+      assert depth_T[b, t] == len(chain_t) - 1
+      np.testing.assert_array_equal(np.flatnonzero(mask[b, t]), sorted(chain_t))
+      np.testing.assert_array_equal(paths[b, t], chain_t + [-1] * (depth + 1 - len(chain_t)))
+      kids = [u for u in range(num + 1) if parent[b, u] == t]
+      np.testing.assert_array_equal(children[b, t], kids + [-1] * (k - len(kids)))
+      node_paths.append(tuple(int(toks[b, u]) for u in chain_t[1:]))
+    assert toks[b, 0] == roots[b]
+    assert set(node_paths[1:]) == _reference_dynamic_tree(table, roots[b], spec)
+
+
+def test_dynamic_tree_spec_validation():
+  with pytest.raises(ValueError, match='num_draft_nodes=9 > the 6 candidates'):
+    dynamic_tree.DynamicTree(9, 2, 2)
+  with pytest.raises(ValueError, match='branching must be an int >= 1'):
+    dynamic_tree.DynamicTree(4, 0, 2)
+  assert dynamic_tree.parse('dynamic:8:3', 4) == dynamic_tree.DynamicTree(8, 3, 4)
+  assert dynamic_tree.parse('dynamic:5', 3) == dynamic_tree.DynamicTree(5, 4, 3)
+  with pytest.raises(ValueError, match="'dynamic:N:K'"):
+    dynamic_tree.parse('dynamic:x', 3)

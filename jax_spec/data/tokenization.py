@@ -172,6 +172,9 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if kind == 'bpe':
     from tokenizers import Tokenizer as HfTokenizer
     return BpeTokenizer(HfTokenizer.from_file(os.path.join(directory, BPE_FILE)))
+  if kind == 'hf':  # a pretrained model's tokenizer.json (jax_spec.pretrained)
+    from jax_spec.pretrained.tokenizer import HfTokenizer  # pylint: disable=g-import-not-at-top
+    return HfTokenizer.from_directory(directory)
   raise ValueError(f'{path} has unknown kind {kind!r}; expected one of {KINDS}')
 
 
@@ -180,8 +183,18 @@ def make_tokenizer(kind: str, workdir: str | None, corpus=None,
   """Loads `workdir/tokenizer/` if present, else builds it (BPE: trains on `corpus.train`).
 
   A saved tokenizer of another kind or size is an error, never silently replaced: the checkpoints
-  in the same workdir were trained with it.
+  in the same workdir were trained with it. `kind` may also be a tokenizer object (a pretrained
+  model's): it is saved there, or checked against the saved one.
   """
+  if not isinstance(kind, str):
+    directory = os.path.join(workdir, 'tokenizer') if workdir else None
+    if directory and os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+      if load_tokenizer(directory).fingerprint != kind.fingerprint:
+        raise ValueError(f'workdir {workdir!r} already holds another tokenizer than {kind!r}; '
+                         f'use a fresh --workdir')
+    elif directory:
+      kind.save(directory)
+    return kind
   if kind not in KINDS:
     raise ValueError(f'tokenizer kind must be one of {KINDS}, got {kind!r}')
   if kind == 'byte' and vocab_size not in (None, ByteTokenizer.vocab_size):

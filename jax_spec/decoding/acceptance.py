@@ -28,7 +28,8 @@ path was accepted). The row then emits `tokens[path[1:num_accepted + 1]]` follow
   of log p), and the next token is drawn from p at its last node. Not lossless: it trades
   faithfulness to p for longer accepted paths.
 
-All functions are jittable with fixed shapes; the tree is static.
+All functions are jittable with fixed shapes. The tree is a static `Tree`, or a `TreeArrays` of
+per-row traced arrays (a dynamic tree, built per step: `jax_spec.decoding.dynamic_tree`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,36 @@ from jax_spec.decoding import sampling
 from jax_spec.decoding.trees import Tree
 
 
+class TreeArrays(NamedTuple):
+  """A per-row candidate tree of T nodes (node 0 = root, parents before children), traced."""
+  parent_BT: jax.Array        # int32 [B, T]: parent node, -1 for the root
+  paths_BLP: jax.Array        # int32 [B, L, max_depth + 1]: root-to-node paths, -1 padded
+  children_BTC: jax.Array     # int32 [B, T, C]: children in the order they are tried, -1 padded
+
+  @property
+  def num_nodes(self) -> int:
+    return self.parent_BT.shape[1]
+
+  @property
+  def max_depth(self) -> int:
+    return self.paths_BLP.shape[-1] - 1
+
+
+def _layout(tree):
+  """(parent, paths, children, batched): the static arrays of a `Tree`, or a `TreeArrays`' own."""
+  if isinstance(tree, Tree):
+    return (jnp.asarray(tree.parent_T), jnp.asarray(tree.paths_LP), jnp.asarray(tree.children_TC),
+            False)
+  return tree.parent_BT, tree.paths_BLP, tree.children_BTC, True
+
+
+def _rows(x_B, idx, batched):
+  """x[b, idx[b, ...]] (per-row idx) or x[:, idx] (static idx); idx >= 0."""
+  if batched:
+    return jax.vmap(lambda x, i: x[i])(x_B, idx)
+  return x_B[:, idx]
+
+
 class Accepted(NamedTuple):
   num_accepted_B: jax.Array   # int32 [B], in [0, max_depth]
   path_BP: jax.Array          # int32 [B, max_depth + 1], node indices, -1 past num_accepted
@@ -48,8 +79,8 @@ class Accepted(NamedTuple):
 
 
 def _check(tree, tokens_BT, dist_BTV, name):
-  if not isinstance(tree, Tree):
-    raise ValueError(f'tree must be a Tree, got {type(tree).__name__}')
+  if not isinstance(tree, (Tree, TreeArrays)):
+    raise ValueError(f'tree must be a Tree or TreeArrays, got {type(tree).__name__}')
   if tokens_BT.ndim != 2 or tokens_BT.shape[1] != tree.num_nodes:
     raise ValueError(f'tokens_BT must be [batch, {tree.num_nodes}], got shape {tokens_BT.shape}')
   if dist_BTV.ndim != 3 or dist_BTV.shape[:2] != tokens_BT.shape:
@@ -58,19 +89,21 @@ def _check(tree, tokens_BT, dist_BTV, name):
 
 def _best_path(tree, edge_ok_BT, score_BT=None):
   """Longest root-to-leaf prefix whose edges are all ok. edge_ok_BT[b, t]: node t may follow its parent."""
-  paths_LP = jnp.asarray(tree.paths_LP)
-  valid_LP = paths_LP >= 0
-  ok_BLP = edge_ok_BT[:, jnp.maximum(paths_LP, 0)] & valid_LP[None]
+  _, paths, _, batched = _layout(tree)
+  valid = paths >= 0
+  ok_BLP = _rows(edge_ok_BT, jnp.maximum(paths, 0), batched) & (valid if batched else valid[None])
   run_BLP = jnp.cumprod(ok_BLP[:, :, 1:].astype(jnp.int32), axis=-1)   # edges along each path
   len_BL = jnp.sum(run_BLP, axis=-1)
   if score_BT is None:
     best_B = jnp.argmax(len_BL, axis=-1)
   else:   # among the longest, the largest summed score of the accepted prefix
-    prefix_score_BL = jnp.sum(score_BT[:, jnp.maximum(paths_LP, 0)][:, :, 1:] * run_BLP, axis=-1)
+    path_score_BLP = _rows(score_BT, jnp.maximum(paths, 0), batched)
+    prefix_score_BL = jnp.sum(path_score_BLP[:, :, 1:] * run_BLP, axis=-1)
     longest_BL = len_BL == jnp.max(len_BL, axis=-1, keepdims=True)
     best_B = jnp.argmax(jnp.where(longest_BL, prefix_score_BL, -jnp.inf), axis=-1)
   num_B = jnp.take_along_axis(len_BL, best_B[:, None], axis=1)[:, 0].astype(jnp.int32)
-  path_BP = paths_LP[best_B]
+  path_BP = (jnp.take_along_axis(paths, best_B[:, None, None], axis=1)[:, 0] if batched
+             else paths[best_B])
   path_BP = jnp.where(jnp.arange(tree.max_depth + 1)[None] <= num_B[:, None], path_BP, -1)
   return num_B, path_BP
 
@@ -83,8 +116,8 @@ def accept_greedy(tree: Tree, tokens_BT, target_logits_BTV) -> Accepted:
   """Greedy verification against the argmax of the target logits (or of any monotone transform)."""
   _check(tree, tokens_BT, target_logits_BTV, 'target_logits_BTV')
   argmax_BT = jnp.argmax(target_logits_BTV, axis=-1).astype(jnp.int32)
-  parent_T = jnp.asarray(tree.parent_T)
-  edge_ok_BT = tokens_BT == argmax_BT[:, jnp.maximum(parent_T, 0)]
+  parent, _, _, batched = _layout(tree)
+  edge_ok_BT = tokens_BT == _rows(argmax_BT, jnp.maximum(parent, 0), batched)
   num_B, path_BP = _best_path(tree, edge_ok_BT)
   next_B = jnp.take_along_axis(argmax_BT, _last_node(path_BP, num_B)[:, None], axis=1)[:, 0]
   return Accepted(num_B, path_BP, next_B)
@@ -97,9 +130,10 @@ def accept_typical(tree: Tree, rng, tokens_BT, target_probs_BTV, *, eps: float =
   p_BTV = target_probs_BTV.astype(jnp.float32)
   entropy_BT = -jnp.sum(jnp.where(p_BTV > 0, p_BTV * jnp.log(jnp.maximum(p_BTV, 1e-38)), 0.0), -1)
   threshold_BT = jnp.minimum(eps, delta * jnp.exp(-entropy_BT))
-  parent_T = jnp.maximum(jnp.asarray(tree.parent_T), 0)
-  p_tok_BT = jnp.take_along_axis(p_BTV[:, parent_T], tokens_BT[:, :, None], axis=-1)[..., 0]
-  edge_ok_BT = p_tok_BT > threshold_BT[:, parent_T]
+  parent, _, _, batched = _layout(tree)
+  parent = jnp.maximum(parent, 0)
+  p_tok_BT = jnp.take_along_axis(_rows(p_BTV, parent, batched), tokens_BT[:, :, None], axis=-1)[..., 0]
+  edge_ok_BT = p_tok_BT > _rows(threshold_BT, parent, batched)
   num_B, path_BP = _best_path(tree, edge_ok_BT, jnp.log(jnp.maximum(p_tok_BT, 1e-38)))
   last_B = _last_node(path_BP, num_B)
   p_last_BV = jnp.take_along_axis(p_BTV, last_B[:, None, None], axis=1)[:, 0]
@@ -117,10 +151,10 @@ def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_p
   Returns `(num_accepted_B, path_BP, next_probs_BV)`: the distribution the next token is drawn
   from (the residual after the last rejection, or p at the last accepted node). Exposed for tests.
   """
-  depth, width = tree.max_depth, tree.children_TC.shape[1]
-  children_TC = jnp.asarray(tree.children_TC)
+  _, _, children, batched = _layout(tree)
+  depth, width = tree.max_depth, children.shape[-1]
 
-  def row(tokens_T, p_TV, q_TV, uniform_DC):
+  def row(children_TC, tokens_T, p_TV, q_TV, uniform_DC):
     p_TV = p_TV.astype(jnp.float32)
 
     def level(d, carry):
@@ -156,8 +190,9 @@ def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_p
     residual_V = jnp.where(alive, p_TV[node], residual_V)   # whole path accepted: bonus from p
     return num, path_P, residual_V
 
-  in_axes = (0, 0, None if draft_probs_BTV is None else 0, 0)
-  return jax.vmap(row, in_axes=in_axes)(tokens_BT, target_probs_BTV, draft_probs_BTV, uniform_BDC)
+  in_axes = (0 if batched else None, 0, 0, None if draft_probs_BTV is None else 0, 0)
+  return jax.vmap(row, in_axes=in_axes)(children, tokens_BT, target_probs_BTV, draft_probs_BTV,
+                                        uniform_BDC)
 
 
 def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_BTV=None) -> Accepted:
@@ -168,7 +203,8 @@ def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_B
                      f'{target_probs_BTV.shape}, got {draft_probs_BTV.shape}')
   batch = tokens_BT.shape[0]
   u_key, s_key = jax.random.split(rng)
-  uniform_BDC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), tree.children_TC.shape[1]))
+  width = _layout(tree)[2].shape[-1]
+  uniform_BDC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), width))
   num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BDC, tokens_BT, target_probs_BTV,
                                                  draft_probs_BTV)
   return Accepted(num_B, path_BP, sampling.sample_probs(s_key, next_probs_BV))

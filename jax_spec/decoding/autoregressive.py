@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_spec import models
@@ -24,12 +25,23 @@ class GenerateOutput(NamedTuple):
   lengths_B: jax.Array    # int32 [B]; number of generated tokens (EOS included)
 
 
+def _int_array(name, x, hint=''):
+  """`x` as a JAX array; text or other non-numbers are a ValueError naming the argument (JAX's
+  own TypeError would come from deep inside)."""
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+      raise ValueError(f'{name} must hold integers, got {x.dtype} values{hint}')
+  return jnp.asarray(x)
+
+
 def validate_prompts(model, prompts_BT, prompt_lengths_B, max_new_tokens, eos_id, pad_id):
   """Shared input checks of `generate` and `speculative_generate`."""
   if not isinstance(model, models.Transformer):
     raise ValueError(f'model must be a jax_spec.models.Transformer, got {type(model).__name__}')
-  prompts_BT = jnp.asarray(prompts_BT)
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B)
+  prompts_BT = _int_array('prompts_BT', prompts_BT, ' (token ids: encode text with the '
+                          'tokenizer first, e.g. tokenizer.encode)')
+  prompt_lengths_B = _int_array('prompt_lengths_B', prompt_lengths_B)
   if prompts_BT.ndim != 2 or not jnp.issubdtype(prompts_BT.dtype, jnp.integer):
     raise ValueError(f'prompts_BT must be an int [batch, prompt_len] array, got '
                      f'{prompts_BT.dtype} {prompts_BT.shape}')

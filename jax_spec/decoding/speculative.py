@@ -43,10 +43,11 @@ from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
 from jax_spec.decoding import drafters as drafters_lib
+from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.autoregressive import (check_cache_len, emit_first_token, eos_array,
                                               matmul_precision, validate_prompts)
 from jax_spec.decoding.drafters.base import gather_nodes
-from jax_spec.decoding.trees import Tree, get_tree
+from jax_spec.decoding.trees import get_tree
 
 ACCEPTANCE_RULES = ('greedy', 'rejection', 'typical')
 
@@ -91,11 +92,28 @@ def summarize(stats: SpeculativeStats, lengths_B=None) -> dict:
   return out
 
 
+def _resolve_tree(spec, num_draft):
+  """A static `Tree` (trees.get_tree) or a `DynamicTree` ('dynamic', 'dynamic:N[:K]', an instance)."""
+  if isinstance(spec, dynamic_tree.DynamicTree):
+    if spec.depth > num_draft:
+      raise ValueError(f'tree has depth {spec.depth} but the drafter provides only {num_draft} '
+                       f'draft position(s)')
+    return spec
+  if isinstance(spec, str) and spec.startswith('dynamic'):
+    return dynamic_tree.parse(spec, num_draft)
+  return get_tree(spec, num_draft)
+
+
 def _check_tree(tree, drafter_cls, model):
+  if isinstance(tree, dynamic_tree.DynamicTree):
+    if not drafter_cls.supports_dynamic_trees:
+      raise ValueError(f'drafter={drafter_cls.name!r} does not build dynamic trees')
+    max_rank = tree.branching
+  else:
+    if tree.max_depth < 1:
+      raise ValueError('the tree must have at least one draft node')
+    max_rank = max(tree.topk_per_depth)
   drafter_cls.check_tree(tree, model)
-  if tree.max_depth < 1:
-    raise ValueError('the tree must have at least one draft node')
-  max_rank = max(tree.topk_per_depth)
   if max_rank > model.config.vocab_size:
     raise ValueError(f'tree uses top-{max_rank} candidates but the vocabulary has '
                      f'{model.config.vocab_size}')
@@ -116,8 +134,11 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
     'typical' (Medusa's, not exact). Default: 'greedy' at temperature 0, 'rejection' otherwise;
     'greedy' with temperature > 0 is an error (it would decode greedily after a sampled first token).
   tree: a `Tree`, a list of rank paths, or a name for `trees.get_tree` ('chain', 'chainN',
-    'default', 'default:N'); names are resolved against `num_draft` draft positions (default: the
-    drafter's: MTP depth, Medusa heads; 4 for a draft model).
+    'default', 'default:N'); or a dynamic tree built per step from the drafter's confidences
+    (EAGLE-2): a `dynamic_tree.DynamicTree(num_draft_nodes, branching, depth)` or 'dynamic',
+    'dynamic:N', 'dynamic:N:K' (N draft nodes, K children per expanded node, depth `num_draft`).
+    Names are resolved against `num_draft` draft positions (default: the drafter's: MTP depth,
+    Medusa heads; 4 for a draft model).
   Returns the tokens, lengths and `SpeculativeStats` (see `summarize`).
   """
   prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
@@ -131,7 +152,7 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   drafter_cls.check_model(model, draft_model)
   if num_draft is None:
     num_draft = drafter_cls.default_depth(model, draft_model, tree)
-  tree = get_tree(tree, num_draft)
+  tree = _resolve_tree(tree, num_draft)
   _check_tree(tree, drafter_cls, model)
   sc = sampling.SamplingConfig(temperature, top_k, top_p)
   if acceptance is None:
@@ -154,6 +175,8 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
     if not isinstance(value, (int, float)) or not value > 0:
       raise ValueError(f'{name} must be a positive float, got {value!r}')
   extra = tree.num_nodes + tree.max_depth + max(config.mtp_depth, 1) + 1
+  if isinstance(tree, dynamic_tree.DynamicTree):   # a draft model's scratch for the tree so far
+    extra += max(tree.expanded_nodes, tree.depth + 1)
   cache_len = check_cache_len(cache_len, prompts_BT.shape[1] + max_new_tokens + extra,
                               f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens '
                               f'and a tree of {tree.num_nodes} nodes')
@@ -242,8 +265,10 @@ def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_le
                              if own_graphdef is not None else None)
   batch = prompts_BT.shape[0]
   num_nodes, depth = tree.num_nodes, tree.max_depth
-  depths_BT = jnp.broadcast_to(jnp.asarray(tree.depth_T), (batch, num_nodes))
-  mask_BTT = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT), (batch, num_nodes, num_nodes))
+  if not drafter.is_dynamic:
+    static_depths_BT = jnp.broadcast_to(jnp.asarray(tree.depth_T), (batch, num_nodes))
+    static_mask_BTT = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT),
+                                       (batch, num_nodes, num_nodes))
 
   # --- prefill ---------------------------------------------------------------------------------
   key_first, key_draft = jax.random.split(jax.random.fold_in(rng, 0))
@@ -270,9 +295,14 @@ def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_le
     active_B = ~done_B
     candidates, drafter_state = drafter.propose(ctx, carry.drafter, root_B, k_draft)
     tokens_BT = candidates.tokens_BT
+    if candidates.tree is None:
+      step_tree, depths_BT, mask_BTT = tree, static_depths_BT, static_mask_BTT
+    else:   # built this step (dynamic tree): per-row arrays
+      step_tree = candidates.tree.arrays
+      depths_BT, mask_BTT = candidates.tree.depths_BT, candidates.tree.mask_BTT
 
     outs, cache_ext = models.extend(model, tokens_BT, depths_BT, mask_BTT, cache)
-    acc = _accept(s, tree, k_accept, candidates, outs.logits_BTV)
+    acc = _accept(s, step_tree, k_accept, candidates, outs.logits_BTV)
     num_B = jnp.where(active_B, acc.num_accepted_B, 0)
     path_BP = jnp.maximum(acc.path_BP, 0)
     keep_B = jnp.where(active_B, num_B + 1, 0)

@@ -45,6 +45,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return [tokenizer.bos_id] + tokenizer.encode(text)
 
 
+def right_pad(seqs: Sequence[Sequence[int]], width: int, pad_id: int):
+  """(tokens [B, width] int32, lengths [B] int32) of right-padded token sequences."""
+  tokens_BT = np.full((len(seqs), width), pad_id, np.int32)
+  for b, seq in enumerate(seqs):
+    if len(seq) > width:
+      raise ValueError(f'sequence {b} has {len(seq)} tokens > width {width}')
+    tokens_BT[b, :len(seq)] = seq
+  return tokens_BT, np.asarray([len(seq) for seq in seqs], np.int32)
+
+
 def _stable_text(tokenizer, ids: list[int], final: bool) -> str:
   """Decoded text, holding back a trailing replacement character (a multi-byte character whose
   bytes are split across tokens is completed by a later token)."""
@@ -88,6 +98,9 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   if min(map(len, encoded)) == 0:
     raise ValueError('a prompt encodes to no tokens')
   eos_id = tokenizer.eos_id if stop_at_eos else None
+  # The samplers stop at one EOS id; other stop ids (e.g. Llama 3's <|eot_id|> besides
+  # <|end_of_text|>, from generation_config.json) end the row here, on the host.
+  stop_ids = set(getattr(tokenizer, 'eos_ids', ())) | {eos_id} if stop_at_eos else set()
   pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
   batch, width = len(encoded), max(map(len, encoded)) + max_new_tokens
   if width > model.config.max_seq_len:
@@ -105,17 +118,13 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   stats = None
   chunk = 0
   while not all(done):
-    seqs = [e + g for e, g in zip(encoded, generated)]
-    tokens_BT = np.full((batch, width), pad_id, np.int32)
-    for b, s in enumerate(seqs):
-      tokens_BT[b, :len(s)] = s
-    lengths_B = jnp.asarray([len(s) for s in seqs], jnp.int32)
+    tokens_BT, lengths_B = right_pad([e + g for e, g in zip(encoded, generated)], width, pad_id)
     rng = jax.random.fold_in(key, chunk) if temperature > 0 else None
     if drafter is None:
-      out = autoregressive.generate(model, jnp.asarray(tokens_BT), lengths_B, max_new_tokens=step,
+      out = autoregressive.generate(model, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), max_new_tokens=step,
                                     rng=rng, **sampling)
     else:
-      out = speculative.speculative_generate(model, jnp.asarray(tokens_BT), lengths_B,
+      out = speculative.speculative_generate(model, jnp.asarray(tokens_BT), jnp.asarray(lengths_B),
                                              drafter=drafter, max_new_tokens=step, rng=rng,
                                              **sampling, **speculative_kwargs)
       stats = _merge_stats(stats, out.stats)
@@ -123,10 +132,10 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
     for b in range(batch):
       if done[b]:
         continue
-      take = min(int(new_len_B[b]), max_new_tokens - len(generated[b]))
-      generated[b].extend(int(t) for t in new_BN[b, :take])
-      hit_eos = eos_id is not None and eos_id in generated[b]
-      done[b] = hit_eos or len(generated[b]) >= max_new_tokens
+      new = [int(t) for t in new_BN[b, :min(int(new_len_B[b]), max_new_tokens - len(generated[b]))]]
+      stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+      generated[b].extend(new if stop is None else new[:stop + 1])
+      done[b] = stop is not None or len(generated[b]) >= max_new_tokens
       if on_text is not None:
         text = _stable_text(tokenizer, generated[b], final=done[b])
         if len(text) > len(shown[b]) and text.startswith(shown[b]):

@@ -44,11 +44,8 @@ def _series(records, key):
 
 
 def plot_training_curves(source: str, out_png: str, *, panels: Sequence = DEFAULT_PANELS,
-                         title: str | None = None, skip_first_throughput: bool = True) -> str:
-  """Plots `source` (a metrics.jsonl or a workdir containing one) into `out_png`; returns path.
-
-  The first tokens/s point includes compilation, so it is left out by default.
-  """
+                         title: str | None = None) -> str:
+  """Plots `source` (a metrics.jsonl or a workdir containing one) into `out_png`; returns path."""
   records = read_metrics(source)
   if not records:
     raise ValueError(f'source {source!r} has no metrics records')
@@ -66,8 +63,6 @@ def plot_training_curves(source: str, out_png: str, *, panels: Sequence = DEFAUL
   for ax, (name, names, logy) in zip(axes.flat, chosen):
     for k in names:
       xs, ys = _series(records, k)
-      if k == 'tokens_per_sec' and skip_first_throughput and len(xs) > 1:
-        xs, ys = xs[1:], ys[1:]
       ax.plot(xs, ys, label=k, marker='.' if len(xs) < 30 else None)
     ax.set_title(name)
     ax.set_xlabel('step')

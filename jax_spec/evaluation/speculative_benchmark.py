@@ -26,6 +26,8 @@ from jax_spec import decoding
 from jax_spec import runtime
 from jax_spec.data import load_data
 from jax_spec.decoding import drafters as drafters_lib
+from jax_spec.decoding import dynamic_tree
+from jax_spec.decoding import text as text_lib
 from jax_spec.decoding import trees as trees_lib
 from jax_spec.evaluation import head_accuracy
 from jax_spec.evaluation import plots
@@ -51,15 +53,18 @@ class BenchmarkOptions:
   acceptance: str | None = _opt(None, "Acceptance rule: greedy | rejection | typical (default: "
                                 "the sampler's).")
   tree: str | None = _opt(None, "chain | chainN | default | default:N | derived | JSON rank "
-                          "paths | path to a .json file (default: 'default' for medusa, 'chain' "
-                          "otherwise).")
+                          "paths | path to a .json file | dynamic[:N[:K]] (EAGLE-2 dynamic tree "
+                          "of N nodes, K children per node, depth num_draft) (default: 'default' "
+                          "for medusa, 'chain' otherwise).")
   num_draft: int | None = _opt(None, "Draft positions for named trees (default: the drafter's "
                                "heads / MTP depth; 4 for a draft model).")
   derive_tree: bool = _opt(False, 'Derive the tree from measured per-head accuracies.')
   tree_nodes: int = _opt(10, 'Non-root nodes of a derived tree.')
   derive_topk: int = _opt(8, 'Ranks measured per head when deriving a tree.')
   derive_batches: int = _opt(4, 'Validation batches (8 x 256 tokens) for --derive_tree.')
-  num_prompts: int = _opt(8, 'Validation prompts.')
+  num_prompts: int = _opt(8, 'Validation prompts (ignored with prompt_file).')
+  prompt_file: str | None = _opt(None, 'A text file with one prompt per line (e.g. MT-Bench-style '
+                                 'questions) instead of validation prompts.')
   prompt_len: int = _opt(64, 'Prompt length in tokens (bos + document start).')
   batch_size: int = _opt(1, 'Prompts per sampler call.')
   max_new_tokens: int = _opt(128, 'Tokens to generate per prompt.')
@@ -95,7 +100,13 @@ class BenchmarkOptions:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f'{name} must be an int >= 1, got {value!r}')
-    if self.num_prompts % self.batch_size:
+    if self.prompt_file is not None:
+      if not os.path.isfile(self.prompt_file):
+        raise ValueError(f'prompt_file {self.prompt_file!r} is not a file')
+      if len(read_prompt_file(self.prompt_file)) % self.batch_size:
+        raise ValueError(f'prompt_file {self.prompt_file!r}: its number of prompts must be a '
+                         f'multiple of batch_size={self.batch_size}')
+    elif self.num_prompts % self.batch_size:
       raise ValueError(f'num_prompts={self.num_prompts} must be a multiple of '
                        f'batch_size={self.batch_size}')
     if (self.derive_tree or self.tree == 'derived') and self.draft not in head_accuracy.HEAD_DRAFTERS:
@@ -133,8 +144,11 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   return model, tokenizer, model_config, info
 
 
-def resolve_tree(spec: str, num_draft: int) -> trees_lib.Tree:
-  """A tree name (trees.get_tree), a JSON list of rank paths, or a path to such a .json file."""
+def resolve_tree(spec: str, num_draft: int):
+  """A tree name (trees.get_tree), a JSON list of rank paths, a path to such a .json file, or a
+  dynamic tree ('dynamic[:N[:K]]', `dynamic_tree.parse`)."""
+  if spec.startswith('dynamic'):
+    return dynamic_tree.parse(spec, num_draft)
   if spec.startswith('[') or spec.endswith('.json'):
     if spec.endswith('.json'):
       with open(spec) as f:
@@ -157,6 +171,25 @@ def _merge_stats(all_stats) -> decoding.SpeculativeStats:
       np.sum([int(s.loop_steps) for s in all_stats]))
 
 
+def read_prompt_file(path: str) -> list[str]:
+  """One prompt per non-empty line."""
+  with open(path) as fh:
+    prompts = [line.rstrip('\n') for line in fh if line.strip()]
+  if not prompts:
+    raise ValueError(f'prompt_file {path!r} has no non-empty line')
+  return prompts
+
+
+def _prompts(opts, data, tokenizer):
+  """(tokens [N, P], lengths [N]): validation windows, or the prompt file's lines encoded as the
+  model saw documents and right-padded."""
+  if opts.prompt_file is None:
+    tokens = data.validation_prompts(opts.num_prompts, opts.prompt_len)
+    return tokens, np.full((tokens.shape[0],), opts.prompt_len, np.int32)
+  seqs = [text_lib.encode_prompt(tokenizer, p) for p in read_prompt_file(opts.prompt_file)]
+  return text_lib.right_pad(seqs, max(map(len, seqs)), tokenizer.pad_id)
+
+
 def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   """Runs the side-by-side benchmark of `opts`; writes and returns the results dict."""
   model, tokenizer, model_config, info = load_run(opts.workdir, 'workdir', opts.precision)
@@ -172,7 +205,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   num_draft = opts.num_draft or drafter_cls.default_depth(model, draft_model, tree_spec)
 
   train_info = info['train']
-  data = load_data(tokenizer=tokenizer.kind, workdir=opts.workdir,
+  data = load_data(tokenizer=tokenizer, workdir=opts.workdir,
                    data_path=train_info.get('data_path'), vocab_size=train_info.get('vocab_size'))
   derived_acc = None
   if tree_spec == 'derived':
@@ -181,7 +214,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
                                                   num_batches=opts.derive_batches)
   else:
     tree = resolve_tree(tree_spec, num_draft)
-  prompts = data.validation_prompts(opts.num_prompts, opts.prompt_len)
+  prompts, prompt_lengths = _prompts(opts, data, tokenizer)
 
   out_dir = opts.output_dir
   os.makedirs(out_dir, exist_ok=True)
@@ -196,17 +229,17 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
                 cache_len=opts.cache_len or model_config.max_seq_len)
   spec_kwargs = {} if opts.acceptance is None else {'acceptance': opts.acceptance}
 
-  def baseline(p_BT, key):
-    return decoding.generate(model, p_BT, jnp.full((p_BT.shape[0],), opts.prompt_len, jnp.int32),
-                             rng=key, **common)
+  def baseline(batch, key):
+    return decoding.generate(model, *batch, rng=key, **common)
 
-  def speculative(p_BT, key):
-    return decoding.speculative_generate(
-        model, p_BT, jnp.full((p_BT.shape[0],), opts.prompt_len, jnp.int32), drafter=opts.draft,
-        draft_model=draft_model, tree=tree, rng=key, **spec_kwargs, **common)
+  def speculative(batch, key):
+    return decoding.speculative_generate(model, *batch, drafter=opts.draft,
+                                         draft_model=draft_model, tree=tree, rng=key,
+                                         **spec_kwargs, **common)
 
-  batches = [jnp.asarray(prompts[i:i + opts.batch_size])
-             for i in range(0, opts.num_prompts, opts.batch_size)]
+  batches = [(jnp.asarray(prompts[i:i + opts.batch_size]),
+              jnp.asarray(prompt_lengths[i:i + opts.batch_size]))
+             for i in range(0, len(prompts), opts.batch_size)]
   keys = [jax.random.fold_in(jax.random.key(opts.seed), i + 1) for i in range(len(batches))]
   log.info('warm-up (compiling both samplers)')
   # The warm-up is the first timed call itself (same arrays), so nothing is left to compile.
@@ -218,12 +251,12 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   all_stats = []
   profiler = runtime.StepProfiler(opts.profile_steps, os.path.join(out_dir, 'profile'))
   with runtime.count_compiles() as compiles, profiler:
-    for i, (p_BT, key) in enumerate(zip(tqdm(batches, desc='prompts'), keys)):
+    for i, (batch, key) in enumerate(zip(tqdm(batches, desc='prompts'), keys)):
       profiler.step(i)
-      b_out, dt = _timed(lambda: baseline(p_BT, key))
+      b_out, dt = _timed(lambda: baseline(batch, key))
       base_time += dt
       base_tokens += int(np.asarray(b_out.lengths_B).sum())  # host sum: no jax op, no compile
-      s_out, dt = _timed(lambda: speculative(p_BT, key))
+      s_out, dt = _timed(lambda: speculative(batch, key))
       spec_time += dt
       spec_tokens += int(np.asarray(s_out.lengths_B).sum())
       all_stats.append(s_out.stats)
@@ -234,10 +267,12 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   stats = decoding.summarize(_merge_stats(all_stats))
   results = {
       'config': {k: getattr(opts, k) for k in (
-          'workdir', 'draft', 'draft_workdir', 'acceptance', 'num_prompts', 'prompt_len',
+          'workdir', 'draft', 'draft_workdir', 'acceptance', 'num_prompts', 'prompt_file',
+          'prompt_len',
           'batch_size', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'stop_at_eos')},
       'precision': model.policy.name,
-      'tree': {'name': tree_spec, 'choices': [list(c) for c in tree.choices],
+      'tree': {'name': tree_spec, 'choices': ([list(c) for c in tree.choices]
+                                              if isinstance(tree, trees_lib.Tree) else None),
                'num_nodes': tree.num_nodes, 'max_depth': tree.max_depth},
       'device': str(jax.devices()[0].device_kind),
       'baseline': {'tokens_per_s': base_tokens / base_time, 'tokens': base_tokens,
@@ -249,6 +284,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
       'outputs_identical': identical if opts.temperature == 0 else None,
       'output_dir': out_dir,
   }
+  results['config']['num_prompts'] = len(prompts)
   if profiler.trace_dir is not None:
     results['profile_dir'] = profiler.trace_dir
   with open(os.path.join(out_dir, 'results.json'), 'w') as fh:

@@ -13,6 +13,7 @@ so a run never restarts from scratch over them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -58,6 +59,22 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+class _DropReadOnlyWarning(logging.Filter):
+  def filter(self, record):
+    return not record.getMessage().startswith('Given directory is read only')
+
+
+@contextlib.contextmanager
+def _without_read_only_warning():
+  absl_logger = logging.getLogger('absl')
+  drop = _DropReadOnlyWarning()
+  absl_logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(drop)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with a safe `restore_latest`.
 
@@ -78,15 +95,18 @@ class Checkpointer:
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_interval_steps = save_interval_steps
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_interval_steps=1,  # the interval is applied in save() so force/non-force is explicit
+        # Read-only: the values orbax would otherwise replace, each with a warning.
+        max_to_keep=None if read_only else max_to_keep,
+        # The interval is applied in save() so force/non-force is explicit.
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(_STATE, _META))
+    with _without_read_only_warning():  # reading a run's checkpoint is not worth a warning
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=(_STATE, _META))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_IMPLS = (None, 'pallas', 'xla', 'reference')
+from jax_spec import attention
+
+ATTENTION_IMPLS = (None,) + attention.IMPLEMENTATIONS   # None: the dispatcher picks by platform
 ROPE_SCALING_KINDS = ('linear', 'llama3')
 
 

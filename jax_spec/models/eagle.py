@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jax_spec.attention import reference_attention
-from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL
+# The same argument checks and default draft selection as the MTP drafts.
+from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL, _argmax_select, _check_int
 from jax_spec.models.transformer import MTPModule, Transformer
 
 DRAFTER_KINDS = ('eagle', 'mtp')
@@ -164,12 +165,6 @@ def _decode(model, module, feature_BTD, tokens_BT, positions_BT, k, v, lengths_B
   return x_BTD, k, v
 
 
-def _check_int(name, x, ndim):
-  if not hasattr(x, 'ndim') or x.ndim != ndim or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f'{name} must be an integer array with {ndim} dims, got '
-                     f'{getattr(x, "dtype", type(x))} {getattr(x, "shape", "")}')
-
-
 def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
                    next_token_B, *, kind: str = 'eagle'):
   """Feeds newly committed trunk positions [n, n + num_new) to the drafter's cache.
@@ -219,11 +214,6 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   return model.logits(new_cache.feature_BD), new_cache
 
 
-def _argmax_select(logits_BV, depth):
-  del depth
-  return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-
-
 def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,
                   kind: str = 'eagle', select_fn: Callable | None = None):
   """A chain of `depth` drafts t_{n'+1} .. t_{n'+depth} from the cache left by `feature_update`.
@@ -264,6 +254,23 @@ def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA
   return feature_chain(model, cache, logits_BV, depth=depth, kind=kind, select_fn=select_fn)
 
 
+def feature_tree_step(model: Transformer, cache: FeatureCache, parent_features_BND, tokens_BN,
+                      depths_BN, mask_BNN, *, kind: str = 'eagle'):
+  """One step of the module on N tree nodes (not the root) written at slots n' .. n' + N - 1.
+
+  Node j at depth d >= 1 (`depths_BN`) reads its parent's predicted feature (`parent_features_BND`;
+  the root's is `cache.feature_BD`) and its token, sits at position n' + d - 1, and attends to the
+  exact entries and the nodes `mask_BNN[:, j]` (itself and its non-root ancestors).
+  Returns (features_BND: the nodes' predictions, logits_BNV fp32: their children's distribution).
+  The cache is not changed (the slots are scratch).
+  """
+  module = drafter_module(model, kind)
+  positions_BN = cache.lengths[:, None] + depths_BN.astype(jnp.int32) - 1
+  x_BND, _, _ = _decode(model, module, parent_features_BND.astype(model.dtype), tokens_BN,
+                        positions_BN, cache.k, cache.v, cache.lengths, mask_BNN)
+  return _read(model, x_BND)
+
+
 def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, tree, *,
                        kind: str = 'eagle'):
   """Drafts a static tree from the cache left by `feature_update` (root = t_{n'}, node 0).
@@ -271,13 +278,12 @@ def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, 
   tree: a `decoding.trees.Tree` (anything with numpy `parent_T`, `depth_T`, `rank_T`,
   `ancestor_mask_TT`; nodes in breadth-first order). Node t at depth d gets the rank_t-th most
   likely token of its parent's distribution (the root's is `root_logits_BV`); its own
-  distribution comes from one step of the module at position n' + d - 1 reading its parent's
-  predicted feature and its token, attending to the exact entries and its ancestors. The nodes of
-  depths <= d (a breadth-first prefix, slots n' + t - 1, past `lengths`) go in one call per depth.
+  distribution comes from `feature_tree_step`. The nodes of depths <= d (a breadth-first prefix)
+  go in one step per depth d < max depth.
   Returns (tokens_BT with slot 0 left 0 for the root, logits_BTV: each node's distribution over
-  its children (fp32; 0 for the leaves at the maximum depth), cache).
+  its children (fp32; 0 for the leaves at the maximum depth)).
   """
-  module = drafter_module(model, kind)
+  drafter_module(model, kind)
   depth_np = [int(x) for x in tree.depth_T]
   num_nodes, max_depth = len(depth_np), max(depth_np)
   batch, vocab = root_logits_BV.shape
@@ -287,7 +293,6 @@ def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, 
   features_BTD = jnp.zeros((batch, num_nodes, model.config.d_model), model.dtype)
   features_BTD = features_BTD.at[:, 0].set(cache.feature_BD.astype(model.dtype))
   kmax = max(int(r) for r in tree.rank_T) + 1
-  k, v = cache.k, cache.v
   for d in range(1, max_depth + 1):
     level = [t for t in range(num_nodes) if depth_np[t] == d]
     lvl = jnp.asarray(level)
@@ -297,11 +302,11 @@ def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, 
     if d == max_depth:
       break
     m = max(level) + 1   # nodes 1 .. m - 1: every node of depth <= d
-    mask_BMM = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT[1:m, 1:m]), (batch, m - 1, m - 1))
-    positions_BM = cache.lengths[:, None] + jnp.asarray(tree.depth_T[1:m], jnp.int32)[None] - 1
-    x_BMD, k, v = _decode(model, module, features_BTD[:, parent_T[1:m]], tokens_BT[:, 1:m],
-                          positions_BM, k, v, cache.lengths, mask_BMM)
-    f_BMD, l_BMV = _read(model, x_BMD)
+    f_BMD, l_BMV = feature_tree_step(
+        model, cache, features_BTD[:, parent_T[1:m]], tokens_BT[:, 1:m],
+        jnp.broadcast_to(jnp.asarray(tree.depth_T[1:m]), (batch, m - 1)),
+        jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT[1:m, 1:m]), (batch, m - 1, m - 1)),
+        kind=kind)
     features_BTD = features_BTD.at[:, 1:m].set(f_BMD.astype(features_BTD.dtype))
     logits_BTV = logits_BTV.at[:, 1:m].set(l_BMV)
-  return tokens_BT, logits_BTV, cache.replace(k=k, v=v)
+  return tokens_BT, logits_BTV

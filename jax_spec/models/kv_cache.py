@@ -99,8 +99,9 @@ def _outputs(model, hidden_BTD):
 def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
   """Runs right-padded prompts through the trunk and writes their K/V into slots [0, T).
 
-  Resets every row: `lengths = prompt_lengths`. Attention is the causal full-sequence path
-  (`dot_product_attention`); padding only affects outputs past each prompt's end.
+  Resets every row: `lengths = prompt_lengths`. The trunk is the model's own (`Transformer.trunk`,
+  as in the full forward: causal `dot_product_attention`); padding only affects outputs past each
+  prompt's end.
   Returns (DecodeOutputs at every position, cache).
   """
   _check_model(model)
@@ -113,13 +114,7 @@ def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
   if seq_len > cache.max_len:
     raise ValueError(f'tokens_BT length {seq_len} exceeds the cache max_len {cache.max_len}')
   positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-  x_BTD = model.embed_tokens(tokens_BT)
-  ks, vs = [], []
-  for layer in model.layers:
-    x_BTD, k_BTKD, v_BTKD = layer(x_BTD, positions_BT)
-    ks.append(k_BTKD)
-    vs.append(v_BTKD)
-  hidden_BTD = model.final_norm(x_BTD)
+  hidden_BTD, ks, vs = model.trunk(tokens_BT, positions_BT)
   k = jax.lax.dynamic_update_slice(cache.k, jnp.stack(ks).astype(cache.k.dtype), (0, 0, 0, 0, 0))
   v = jax.lax.dynamic_update_slice(cache.v, jnp.stack(vs).astype(cache.v.dtype), (0, 0, 0, 0, 0))
   lengths = jnp.clip(prompt_lengths_B.astype(jnp.int32), 0, seq_len)

@@ -164,6 +164,17 @@ class Transformer(nnx.Module):
       raise ValueError(f'{name} must be an integer [batch, seq] array, got {tokens_BT.dtype} '
                        f'{tokens_BT.shape}')
 
+  def trunk(self, tokens_BT, positions_BT, segment_ids_BT=None):
+    """Embedding, blocks and final norm: `(hidden_BTD final-normed, ks, vs)`, with each layer's
+    K/V `[B, T, K, Dh]` (what `kv_cache.prefill` writes; unused K/V vanish under jit)."""
+    x_BTD = self.embed_tokens(tokens_BT)
+    ks, vs = [], []
+    for layer in self.layers:
+      x_BTD, k_BTKD, v_BTKD = layer(x_BTD, positions_BT, segment_ids_BT)
+      ks.append(k_BTKD)
+      vs.append(v_BTKD)
+    return self.final_norm(x_BTD), ks, vs
+
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None) -> ModelOutputs:
     self._check_tokens(tokens_BT)
     batch, seq_len = tokens_BT.shape
@@ -175,10 +186,7 @@ class Transformer(nnx.Module):
         positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
       else:
         positions_BT = positions_from_segments(segment_ids_BT)
-    x_BTD = self.embed_tokens(tokens_BT)
-    for layer in self.layers:
-      x_BTD = layer(x_BTD, positions_BT, segment_ids_BT)[0]
-    hidden_BTD = self.final_norm(x_BTD)
+    hidden_BTD, _, _ = self.trunk(tokens_BT, positions_BT, segment_ids_BT)
     logits_BTV = self.logits(hidden_BTD)
 
     mtp_logits = None

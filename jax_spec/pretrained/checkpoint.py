@@ -147,6 +147,25 @@ def _read_heads(path: str, wanted: dict) -> dict:
   return out
 
 
+def load_tokenizer(path: str, hf: dict | None = None) -> HfTokenizer:
+  """The directory's tokenizer, checked against the model's vocabulary (config.json)."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  hf = read_json(config_path) if hf is None else hf
+  tok = HfTokenizer.from_directory(path, hf)
+  vocab_size = hf.get('vocab_size')
+  if isinstance(vocab_size, int) and tok.vocab_size > vocab_size:
+    raise ValueError(f'{os.path.join(path, "tokenizer.json")}: the tokenizer has ids up to '
+                     f'{tok.vocab_size - 1} but the model\'s vocab_size is {vocab_size} '
+                     f'({config_path}): tokenizer and model do not match')
+  return tok
+
+
+def read_config(path: str) -> TransformerConfig:
+  """The trunk's TransformerConfig of a Hugging Face directory (no heads)."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  return arch.config_from_hf(read_json(config_path), config_path)[0]
+
+
 def from_pretrained(path: str, *, param_dtype=jnp.float32, policy='fp32', tokenizer: bool = True,
                     heads='auto', seed: int = 0, **overrides):
   """Loads a Hugging Face directory. Returns (model, tokenizer or None, PretrainedInfo).
@@ -177,13 +196,7 @@ def from_pretrained(path: str, *, param_dtype=jnp.float32, policy='fp32', tokeni
   head_fields, load_saved_heads = _head_config(path, hf, heads, overrides)
   config = config.replace(**head_fields, **overrides)
 
-  tok = None
-  if tokenizer:
-    tok = HfTokenizer.from_directory(path, hf)
-    if tok.vocab_size > config.vocab_size:
-      raise ValueError(f'{os.path.join(path, "tokenizer.json")}: the tokenizer has ids up to '
-                       f'{tok.vocab_size - 1} but the model\'s vocab_size is {config.vocab_size} '
-                       f'({config_path}): tokenizer and model do not match')
+  tok = load_tokenizer(path, hf) if tokenizer else None
 
   index = _weight_index(path)
   reader = _Reader(index)

@@ -52,7 +52,8 @@ class HfTokenizer:
   `encode(text)` adds the special tokens the tokenizer's post-processor adds (e.g. Llama's BOS),
   as transformers' `tokenizer(text)` does; `encode(text, add_special_tokens=False)` does not.
   `vocab_size` is the tokenizer's id range, which may be smaller than the model's (padded)
-  vocabulary; `decode` drops ids outside it and special tokens.
+  vocabulary; `decode` drops ids outside it and special tokens. `pad_id` is EOS (or 0) when
+  the tokenizer defines no pad token.
   """
   kind = 'hf'
 
@@ -104,6 +105,8 @@ class HfTokenizer:
       eos = [token_id('eos_token')]
     pad = token_id('pad_token')
     pad = pad if pad is not None else first_of('pad_token_id', gen_config, model_config)
+    if pad is None:  # e.g. Llama 3: padding is masked anyway, any id will do; EOS as transformers
+      pad = eos[0] if eos else 0
     return cls(tok, bos_id=None if bos is None else int(bos), eos_ids=[int(e) for e in eos],
                pad_id=None if pad is None else int(pad))
 
@@ -139,7 +142,9 @@ class HfTokenizer:
     self._tok.save(os.path.join(directory, TOKENIZER_FILE))
     name = lambda i: None if i is None else self._tok.id_to_token(i)
     with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), 'w') as f:
-      json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': name(self.bos_id),
+      # 'kind' lets jax_spec.data.load_tokenizer find this class; transformers ignores it.
+      json.dump({'kind': self.kind, 'tokenizer_class': 'PreTrainedTokenizerFast',
+                 'bos_token': name(self.bos_id),
                  'eos_token': name(self.eos_id), 'pad_token': name(self.pad_id)}, f, indent=2)
     with open(os.path.join(directory, GENERATION_CONFIG_FILE), 'w') as f:
       json.dump({'bos_token_id': self.bos_id, 'eos_token_id': list(self.eos_ids),

@@ -6,8 +6,9 @@ The model is split into (graphdef, params); the jitted step is a pure function o
 function of (seed, step) (an epoch-wise permutation of the fixed training set).
 
 Precision: the backbone runs in the policy's compute dtype; heads, flow and losses in fp32
-(see models.py). fp16 uses flax's dynamic loss scale: non-finite gradients skip the update and
-halve the scale.
+(see models.py). fp16 uses the shared dynamic loss scale (`precision.loss_scaled_update`, as the
+LM trainer): non-finite gradients skip the update and halve the scale, and the scale doubles
+after `precision.DEFAULT_GROWTH_INTERVAL` finite steps.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from flax.training.dynamic_scale import DynamicScale
 from tqdm import tqdm
 
 from jax_spec import precision as precision_lib
@@ -101,37 +101,24 @@ def make_optimizer(config: TrainConfig):
   return optax.chain(optax.clip_by_global_norm(5.0), inner), schedule
 
 
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def make_train_step(graphdef, rest, tx, *, fp16: bool):
-  proto = DynamicScale(growth_interval=1000)
+def make_train_step(graphdef, rest, tx, *, fp16: bool,
+                    growth_interval: int = precision_lib.DEFAULT_GROWTH_INTERVAL):
+  """`train_step(state, images, targets, weights) -> (state, metrics)`; the update (and with fp16
+  the dynamic loss scale: skip, halve, grow) is `precision.loss_scaled_update`, the LM trainer's."""
+  precision_lib.make_dynamic_scale(growth_interval=growth_interval)  # validates it now
 
   def train_step(state, images, targets, weights):
     def loss_fn(p):
       model = nnx.merge(graphdef, p, rest)
       return model.loss(model(images), targets, weights)
 
-    params = state['params']
-    if fp16:
-      scaler = proto.replace(scale=state['loss_scale']['scale'],
-                             fin_steps=state['loss_scale']['fin_steps'])
-      new_scaler, finite, loss, grads = scaler.value_and_grad(loss_fn)(params)
-      loss_scale = {'scale': new_scaler.scale.astype(jnp.float32),
-                    'fin_steps': new_scaler.fin_steps.astype(jnp.int32)}
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      finite = _all_finite(grads)
-      loss_scale = state['loss_scale']
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    if fp16:  # skip the update on overflow
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-      new_params, opt_state = keep(new_params, params), keep(opt_state, state['opt_state'])
-    new_state = {'params': new_params, 'opt_state': opt_state, 'loss_scale': loss_scale,
-                 'step': state['step'] + 1}
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads), 'grads_finite': finite}
+    update = precision_lib.loss_scaled_update(
+        loss_fn, state['params'], state['opt_state'], state['loss_scale'], tx, dynamic=fp16,
+        growth_interval=growth_interval)
+    new_state = {'params': update.params, 'opt_state': update.opt_state,
+                 'loss_scale': update.loss_scale, 'step': state['step'] + 1}
+    return new_state, {'loss': update.value, 'grad_norm': optax.global_norm(update.grads),
+                       'grads_finite': update.finite}
 
   return train_step
 
@@ -178,8 +165,7 @@ def train(model: Regressor, images, targets, weights, config: TrainConfig, workd
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, schedule = make_optimizer(config)
   state = {'params': params, 'opt_state': tx.init(params),
-           'loss_scale': {'scale': jnp.asarray(2.0**15 if fp16 else 1.0, jnp.float32),
-                          'fin_steps': jnp.zeros((), jnp.int32)},
+           'loss_scale': precision_lib.initial_loss_scale(fp16),
            'step': jnp.zeros((), jnp.int32)}
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=2,
                       save_interval_steps=config.checkpoint_every)

@@ -12,7 +12,11 @@ import os
 from typing import Any, Callable
 
 from jax_spec import precision as precision_lib
+from jax_spec import runtime
+from jax_spec.data import tokenization
 from jax_spec.models import config as model_config_lib
+from jax_spec.models import losses as losses_lib
+from jax_spec.training import steps as steps_lib
 
 CONFIG_FILE = 'train_config.json'
 MEDUSA_MODES = ('joint', 'frozen_trunk')
@@ -20,7 +24,7 @@ TOKENIZERS = ('bytes', 'byte', 'bpe')
 # Model fields the training config sets itself (from the tokenizer, --seq_len, --medusa_mode) or
 # through its own field of the same name: they cannot be overridden through `model`.
 DERIVED_MODEL_FIELDS = ('vocab_size', 'medusa_frozen_trunk', 'mtp_depth', 'medusa_heads',
-                        'attention_impl')
+                        'eagle_layers', 'attention_impl')
 
 Check = Callable[[str, Any], None]
 
@@ -68,7 +72,7 @@ def _field(default, help_text: str, check: Check | None = None, *, choices=None,
                                                       'choices': choices}, **kwargs)
 
 
-def _check_min_lr_ratio(name, v):
+def _check_fraction(name, v):
   if not _is_number(v) or not 0 <= v <= 1:
     raise ValueError(f'{name} must be in [0, 1], got {v!r}')
 
@@ -93,6 +97,16 @@ def _check_init_from(name, v):
     raise ValueError(f'{name} {v!r} is not a training workdir (no {CONFIG_FILE})')
 
 
+def _check_profile_steps(name, v):
+  del name  # parse_profile_steps names the option itself
+  runtime.parse_profile_steps(v)
+
+
+def _check_init_from_hf(name, v):
+  if v is not None and not os.path.isfile(os.path.join(v, 'config.json')):
+    raise ValueError(f'{name} {v!r} is not a Hugging Face model directory (no config.json)')
+
+
 def _check_workdir(name, v):
   if not isinstance(v, str) or not v:
     raise ValueError(f'{name} must be a non-empty path, got {v!r}')
@@ -108,7 +122,8 @@ def _check_model_overrides(name, v):
   derived = sorted(set(v) & set(DERIVED_MODEL_FIELDS))
   if derived:
     raise ValueError(f'{name}: {derived} are set by the training config (tokenizer, '
-                     '--mtp_depth, --medusa_heads, --medusa_mode, --attention_impl), not here')
+                     '--mtp_depth, --medusa_heads, --eagle_layers, --medusa_mode, '
+                     '--freeze_trunk, --attention_impl), not here')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +131,10 @@ class TrainConfig:
   """Everything `train` needs; `experiments.train` derives one flag per field.
 
   `mtp_depth` / `medusa_heads` None keep the preset's value; `model` overrides any other field of
-  the preset's `TransformerConfig` (e.g. `{'d_model': 512}`). `medusa_mode='frozen_trunk'` is
-  Medusa-1: only the MTP/Medusa head parameters train (start it from a trained trunk with
-  `init_from=<workdir>`); 'joint' trains everything (Medusa-2 / DeepSeek MTP).
+  the preset's `TransformerConfig` (e.g. `{'d_model': 512}`). `freeze_trunk=True` (Medusa-1,
+  EAGLE) trains only the draft heads (MTP, Medusa, EAGLE; start it from a trained trunk with
+  `init_from=<workdir>`); `medusa_mode='frozen_trunk'` is the older name of the same setting.
+  By default everything trains jointly (Medusa-2 / DeepSeek MTP).
   """
   workdir: str = _field(None, 'Output directory (resumed if it holds checkpoints).',
                         _check_workdir)
@@ -135,7 +151,7 @@ class TrainConfig:
   warmup_steps: int = _field(100, 'Linear warmup steps before the cosine decay.',
                              int_at_least(0))
   min_lr_ratio: float = _field(0.1, 'Final learning rate as a fraction of the peak.',
-                               _check_min_lr_ratio)
+                               _check_fraction)
   weight_decay: float = _field(0.1, 'AdamW weight decay (matrices only).', non_negative_finite)
   grad_clip: float = _field(1.0, 'Global gradient-norm clipping threshold.', positive_finite)
   precision: str = _field('fp32', 'Compute precision (fp32 master weights always).',
@@ -149,8 +165,24 @@ class TrainConfig:
                                  int_at_least(0, optional=True))
   medusa_heads: int | None = _field(None, 'Medusa heads (default: the preset\'s).',
                                     int_at_least(0, optional=True))
-  medusa_mode: str = _field('joint', 'joint (Medusa-2 / MTP) | frozen_trunk (Medusa-1).',
-                            choices=MEDUSA_MODES)
+  eagle_layers: int | None = _field(None, 'Blocks of the EAGLE feature drafter, 0 = none '
+                                    '(default: the preset\'s).', int_at_least(0, optional=True))
+  medusa_mode: str = _field('joint', 'joint (Medusa-2 / MTP) | frozen_trunk (Medusa-1; the same '
+                            'as --freeze_trunk).', choices=MEDUSA_MODES)
+  freeze_trunk: bool = _field(False, 'Train only the draft heads (MTP, Medusa, EAGLE): the trunk '
+                              'gets stop_gradient (no backward pass) and no updates (Medusa-1 / '
+                              'EAGLE; start from a trained trunk with --init_from).')
+  head_targets: str = _field('data', 'What every draft head learns: data (the data token), trunk '
+                             '(KL to the trunk\'s own distribution: self-distillation) or mix.',
+                             choices=losses_lib.HEAD_TARGETS)
+  head_targets_mix: float = _field(0.5, 'Weight of the trunk target with --head_targets=mix.',
+                                   _check_fraction)
+  eagle_steps: int = _field(1, 'EAGLE steps unrolled on its own features at training (1: '
+                            'EAGLE-1; > 1: EAGLE-3 training-time test).', int_at_least(1))
+  eagle_feature_weight: float = _field(1.0, 'Weight of the EAGLE smooth-L1 feature regression.',
+                                       non_negative_finite)
+  eagle_token_weight: float = _field(0.1, 'Weight of the EAGLE token cross-entropy.',
+                                     non_negative_finite)
   mtp_lambda: float = _field(0.3, 'Weight of the mean MTP loss.', non_negative_finite)
   medusa_weight: float = _field(0.8, 'Medusa head k loss weight is medusa_weight**k.',
                                 non_negative_finite)
@@ -164,12 +196,21 @@ class TrainConfig:
   init_from: str | None = _field(None, 'Workdir whose params initialise matching params (e.g. a '
                                  'trained trunk for --medusa_mode=frozen_trunk).',
                                  _check_init_from)
+  init_from_hf: str | None = _field(None, 'Hugging Face model directory: its model and tokenizer '
+                                    'replace the preset and --tokenizer (train heads on it with '
+                                    '--medusa_mode=frozen_trunk).', _check_init_from_hf)
   log_every: int = _field(10, 'Write training metrics every N steps.', int_at_least(1))
   eval_every: int = _field(200, 'Validate every N steps (and at the end).', int_at_least(1))
   eval_batches: int = _field(8, 'Validation batches per evaluation.', int_at_least(1))
   checkpoint_every: int = _field(200, 'Checkpoint every N steps (and at the end).',
                                  int_at_least(1))
   keep_checkpoints: int = _field(3, 'Keep the last K checkpoints.', int_at_least(1))
+  async_checkpoint: bool = _field(True, 'Write checkpoints in a background thread (orbax async '
+                                  'save) while training continues; the run waits for the last '
+                                  'one before it exits.')
+  profile_steps: str | None = _field(None, 'A:B: write a jax.profiler trace of the train steps '
+                                     'A <= step < B (step = updates done before it) into '
+                                     '<workdir>/profile.', _check_profile_steps)
   minutes: float | None = _field(None, 'Wall-clock budget: save and stop when exceeded.',
                                  _check_minutes)
   mesh_data: int = _field(-1, 'Mesh axis "data" size (-1: all remaining devices).',
@@ -202,14 +243,19 @@ class TrainConfig:
     if self.batch_size % self.num_processes:
       raise ValueError(f'batch_size ({self.batch_size}) must be divisible by num_processes '
                        f'({self.num_processes})')
-    if self.tokenizer == 'bpe' and (not _is_int(self.vocab_size) or self.vocab_size < 8):
-      raise ValueError(f'vocab_size must be an int >= 8 for tokenizer=bpe, got {self.vocab_size!r}')
+    min_bpe = 256 + len(tokenization.SPECIALS)  # every byte, and the special tokens
+    if self.tokenizer == 'bpe' and (not _is_int(self.vocab_size) or self.vocab_size < min_bpe):
+      raise ValueError(f'vocab_size must be an int >= {min_bpe} (bytes + specials) for '
+                       f'tokenizer=bpe, got {self.vocab_size!r}')
+    if self.init_from_hf is not None and (self.init_from is not None or self.tokenizer == 'bpe'):
+      raise ValueError('init_from_hf brings its own weights and tokenizer: it excludes init_from '
+                       'and tokenizer=bpe')
     max_seq_len = self.model.get('max_seq_len')
     if max_seq_len is not None and _is_int(max_seq_len) and max_seq_len < self.seq_len:
       raise ValueError(f'model.max_seq_len ({max_seq_len}) must be >= seq_len ({self.seq_len})')
     try:
       make_model_config(self, vocab_size=model_config_lib.PRESETS[self.config].vocab_size)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a nested config missing a field
       raise ValueError(f'model: the preset {self.config!r} with overrides {self.model} is '
                        f'invalid: {e}') from None
 
@@ -222,20 +268,41 @@ class TrainConfig:
 
 
 def make_model_config(cfg: TrainConfig, vocab_size: int) -> model_config_lib.TransformerConfig:
-  """The run's TransformerConfig: the preset, `cfg.model`, and the fields the run derives."""
-  preset = model_config_lib.get_config(cfg.config)
+  """The run's TransformerConfig: the preset (or `init_from_hf`'s config.json, whose vocabulary
+  stays the model's), `cfg.model`, and the fields the run derives."""
+  if cfg.init_from_hf is not None:
+    from jax_spec import pretrained  # pylint: disable=g-import-not-at-top
+    preset = pretrained.read_config(cfg.init_from_hf)
+    vocab_size = preset.vocab_size
+    fixed = sorted(set(cfg.model) & set(pretrained.TRUNK_FIELDS) - {'max_seq_len'})
+    if fixed:
+      raise ValueError(f'model: {fixed} are set by {cfg.init_from_hf}/config.json')
+  else:
+    preset = model_config_lib.get_config(cfg.config)
   overrides = dict(cfg.model)
-  overrides.update(vocab_size=vocab_size, medusa_frozen_trunk=cfg.medusa_mode == 'frozen_trunk')
+  overrides.update(vocab_size=vocab_size, medusa_frozen_trunk=trunk_frozen(cfg))
   if 'max_seq_len' not in overrides:
     overrides['max_seq_len'] = max(preset.max_seq_len, cfg.seq_len)
-  for name in ('mtp_depth', 'medusa_heads', 'attention_impl'):
+  for name in ('mtp_depth', 'medusa_heads', 'eagle_layers', 'attention_impl'):
     if getattr(cfg, name) is not None:
       overrides[name] = getattr(cfg, name)
+  if cfg.init_from_hf is not None:
+    return preset.replace(**overrides)
   return model_config_lib.get_config(cfg.config, **overrides)
 
 
+def trunk_frozen(cfg: TrainConfig) -> bool:
+  return cfg.freeze_trunk or cfg.medusa_mode == 'frozen_trunk'
+
+
 def trainable_filter(cfg: TrainConfig) -> Callable[[str], bool] | None:
-  """Which parameter paths train: all (None), or only the heads in Medusa-1 mode."""
-  if cfg.medusa_mode != 'frozen_trunk':
-    return None
-  return lambda path: path.startswith('medusa/') or path.startswith('mtp/')
+  """Which parameter paths train: all (None), or only the draft heads with a frozen trunk."""
+  return steps_lib.head_params if trunk_frozen(cfg) else None
+
+
+def head_loss(cfg: TrainConfig) -> losses_lib.HeadLoss:
+  """The head-loss options of the run (targets and EAGLE steps / weights)."""
+  return losses_lib.HeadLoss(targets=cfg.head_targets, mix=float(cfg.head_targets_mix),
+                             eagle_steps=cfg.eagle_steps,
+                             eagle_feature_weight=float(cfg.eagle_feature_weight),
+                             eagle_token_weight=float(cfg.eagle_token_weight))

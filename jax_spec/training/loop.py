@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jax_spec import data as data_lib
+from jax_spec import runtime
+from jax_spec import pretrained
 from jax_spec.io import checkpointing
 from jax_spec.io import metrics as metrics_lib
 from jax_spec.training import sharding
@@ -33,7 +35,8 @@ from jax_spec.training.state import copy_matching_params, create_train_state, ma
 
 log = logging.getLogger(__name__)
 
-TIMING_KEYS = ('tokens_per_sec', 'step_time_ms', 'elapsed_s')
+# Fields of a metrics record that measure time, not the computation (they differ between runs).
+TIMING_KEYS = ('tokens_per_sec', 'step_time_ms', 'elapsed_s', 'first_step_s')
 
 
 def evaluate(eval_step, params, val_batches, mesh, bytes_per_token: float) -> dict[str, float]:
@@ -64,10 +67,14 @@ def _restore_or_start(cfg: TrainConfig, setup, checkpointer) -> tuple[int, dict[
     log.info('Resumed from the checkpoint at step %d in %s.', start_step, checkpointer.directory)
   else:
     start_step = 0
+    source = None
     if cfg.init_from:
       source, _, _ = load_model_from_workdir(cfg.init_from)
+    elif cfg.init_from_hf:
+      source, _, _ = pretrained.from_pretrained(cfg.init_from_hf, tokenizer=False, heads=False)
+    if source is not None:
       params = copy_matching_params(nnx.state(source, nnx.Param), state['params'],
-                                    source_name=cfg.init_from)
+                                    source_name=cfg.init_from or cfg.init_from_hf)
       state = dict(state, params=jax.device_put(params, shardings['params']))
       state['opt_state'] = jax.jit(setup.tx.init,
                                    out_shardings=shardings['opt_state'])(state['params'])
@@ -98,13 +105,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   workdir = os.path.abspath(cfg.workdir)
   os.makedirs(workdir, exist_ok=True)
 
-  data = data_lib.load_data(cfg.tokenizer_kind, workdir, cfg.data_path, cfg.vocab_size)
+  tokenizer = cfg.tokenizer_kind
+  if cfg.init_from_hf:
+    tokenizer = pretrained.load_tokenizer(cfg.init_from_hf)
+  data = data_lib.load_data(tokenizer, workdir, cfg.data_path, cfg.vocab_size)
   model_config = make_model_config(cfg, data.vocab_size)
   run_info = workdir_lib.run_info(cfg, model_config, data.tokenizer)
   config_path = os.path.join(workdir, CONFIG_FILE)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), max_to_keep=cfg.keep_checkpoints,
-      save_interval_steps=cfg.checkpoint_every)
+      save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoint)
   if checkpointer.all_steps() and os.path.exists(config_path):
     with open(config_path) as f:
       workdir_lib.check_resume_config(config_path, json.load(f), run_info)
@@ -137,28 +147,41 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   bar = None
   if cfg.progress and is_main:
     bar = tqdm(total=cfg.steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
+  profiler = runtime.StepProfiler(cfg.profile_steps, os.path.join(workdir, 'profile'))
   t_start = time.perf_counter()
-  # tokens/s covers the train steps only: evaluation and checkpoint time is subtracted.
+  # tokens/s covers the train steps only: evaluation and checkpoint time is subtracted, and the
+  # first step of the process (which compiles) is reported apart as first_step_s.
   t_window, window_steps, paused = time.perf_counter(), 0, 0.0
+  first_step_s = None
   step = start_step
   try:
-    with checkpointing.PreemptionHandler() as preempt:
+    with checkpointing.PreemptionHandler() as preempt, profiler:
       while step < cfg.steps:
+        profiler.step(step, wait_for=state)
         batch = data.get_batch(cfg.seed, step, cfg.batch_size, cfg.seq_len, pidx, pcount)
         state, step_metrics = train_step(state, sharding.make_global_batch(batch, mesh))
         step += 1
-        window_steps += 1
+        if step == start_step + 1:
+          jax.block_until_ready(state)
+          first_step_s = time.perf_counter() - t_window
+          t_window = time.perf_counter()
+        else:
+          window_steps += 1
         record: dict[str, Any] = {}
         last = step == cfg.steps
         if step % cfg.log_every == 0 or last:
           m = jax.device_get(step_metrics)
-          dt = time.perf_counter() - t_window - paused
           record.update({k: m[k] for k in sorted(m) if k != 'grads_finite'})
-          record['tokens_per_sec'] = window_steps * tokens_per_step / max(dt, 1e-9)
-          record['step_time_ms'] = 1000 * dt / window_steps
+          if first_step_s is not None:  # logged once, with the first record of the process
+            record['first_step_s'], first_step_s = first_step_s, None
+          if window_steps:
+            dt = time.perf_counter() - t_window - paused
+            record['tokens_per_sec'] = window_steps * tokens_per_step / max(dt, 1e-9)
+            record['step_time_ms'] = 1000 * dt / window_steps
           t_window, window_steps, paused = time.perf_counter(), 0, 0.0
-          if bar is not None:
-            bar.set_postfix(loss=f'{float(m["loss"]):.4f}', refresh=False)
+          if bar is not None:  # the sum of the losses, and the main head's (comparable to eval)
+            bar.set_postfix(loss=f'{float(m["loss"]):.4f}',
+                            main_loss=f'{float(m["main_loss"]):.4f}', refresh=False)
         if step % cfg.eval_every == 0 or last:
           jax.block_until_ready(state)
           t_eval = time.perf_counter()

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor')
@@ -63,7 +64,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                      f'must equal the device count {n}')
   shape = (data, fsdp, tensor)
   try:
-    from jax.experimental import mesh_utils
     device_array = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, NotImplementedError, AssertionError):
     device_array = np.asarray(devices, dtype=object).reshape(shape)

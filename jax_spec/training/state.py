@@ -18,7 +18,7 @@ from jax_spec import precision as precision_lib
 from jax_spec.models import Transformer, TransformerConfig
 from jax_spec.training import sharding
 from jax_spec.training import steps as steps_lib
-from jax_spec.training.config import TrainConfig, trainable_filter
+from jax_spec.training.config import TrainConfig, head_loss, trainable_filter
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,22 @@ def make_step_fns(cfg: TrainConfig, setup: TrainSetup) -> tuple[Callable, Callab
       setup.graphdef, setup.rest, setup.model_config, setup.tx, setup.schedule,
       loss_scale=setup.loss_scale, growth_interval=cfg.loss_scale_growth_interval,
       mtp_lambda=cfg.mtp_lambda, medusa_weight=cfg.medusa_weight,
-      trainable=trainable_filter(cfg))
+      trainable=trainable_filter(cfg), head=head_loss(cfg))
   eval_step = steps_lib.make_eval_step(setup.graphdef, setup.rest, setup.model_config,
                                        mtp_lambda=cfg.mtp_lambda,
-                                       medusa_weight=cfg.medusa_weight)
+                                       medusa_weight=cfg.medusa_weight, head=head_loss(cfg))
   return train_step, eval_step
 
 
 def copy_matching_params(source_params, params, *, source_name: str):
   """`params` with every array that `source_params` has at the same path, shape and dtype
   replaced by the source's (e.g. a trained trunk under new heads)."""
-  src = {steps_lib._path_str(p): x  # pylint: disable=protected-access
+  src = {sharding.path_to_str(p): x
          for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
   copied = []
 
   def take(path, x):
-    key = steps_lib._path_str(path)  # pylint: disable=protected-access
+    key = sharding.path_to_str(path)
     y = src.get(key)
     if y is not None and y.shape == x.shape and y.dtype == x.dtype:
       copied.append(key)

@@ -33,10 +33,6 @@ State = dict[str, Any]
 # Top-level parameter groups of the draft heads; `freeze_trunk` trains only these.
 HEAD_PARAM_GROUPS = ('mtp', 'medusa', 'eagle')
 
-# TODO(eagle): loop.py still calls `_path_str`; drop this alias once it uses `path_to_str`.
-_path_str = path_to_str
-
-
 def head_params(path: str) -> bool:
   """Trainable filter of the frozen-trunk setting (Medusa-1, EAGLE): only draft-head parameters.
 
@@ -47,7 +43,7 @@ def head_params(path: str) -> bool:
 
 def _labels(params, trainable: Callable[[str], bool] | None):
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: 'train' if trainable is None or trainable(_path_str(p)) else 'frozen', params)
+      lambda p, _: 'train' if trainable is None or trainable(path_to_str(p)) else 'frozen', params)
 
 
 def make_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
@@ -137,7 +133,7 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
     raise ValueError(f'loss_scale must be one of {precision_lib.LOSS_SCALE_MODES}, '
                      f'got {loss_scale!r}')
   dynamic = loss_scale == 'dynamic'
-  proto_scale = precision_lib.make_dynamic_scale(growth_interval=growth_interval)
+  precision_lib.make_dynamic_scale(growth_interval=growth_interval)  # validates it now
 
   def train_step(state: State, batch: dict[str, jax.Array]):
     params = state['params']
@@ -150,27 +146,13 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
                                             medusa_weight, head)
       return loss, metrics
 
-    if dynamic:
-      scaler = proto_scale.replace(scale=state['loss_scale']['scale'],
-                                   fin_steps=state['loss_scale']['fin_steps'])
-      new_scaler, finite, (loss, metrics), grads = scaler.value_and_grad(
-          loss_fn, has_aux=True)(params)
-      new_loss_scale = {'scale': new_scaler.scale.astype(jnp.float32),
-                        'fin_steps': new_scaler.fin_steps.astype(jnp.int32)}
-    else:
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      finite = precision_lib.all_finite(grads)
-      new_loss_scale = state['loss_scale']
-
+    update = precision_lib.loss_scaled_update(
+        loss_fn, params, state['opt_state'], state['loss_scale'], tx, dynamic=dynamic,
+        growth_interval=growth_interval, has_aux=True)
+    (loss, metrics), grads, finite = update.value, update.grads, update.finite
+    new_params, new_opt_state, new_loss_scale = update.params, update.opt_state, update.loss_scale
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    if dynamic:
-      new_params = precision_lib.select_tree(finite, new_params, params)
-      new_opt_state = precision_lib.select_tree(finite, new_opt_state, state['opt_state'])
-      skipped = jnp.logical_not(finite)
-    else:
-      skipped = jnp.zeros((), bool)
+    skipped = jnp.logical_not(finite) if dynamic else jnp.zeros((), bool)
     # Learning rate used by this update: optax's count only advances on applied updates.
     lr = schedule(state['step'] - state['skipped_steps'])
     new_state = {

@@ -24,7 +24,8 @@ METRICS_FILE = 'metrics.jsonl'
 # Fields that do not change the numbers a run computes: they may differ when resuming.
 RUNTIME_FIELDS = ('workdir', 'steps', 'minutes', 'log_every', 'eval_every', 'eval_batches',
                   'checkpoint_every', 'keep_checkpoints', 'progress', 'coordinator_address',
-                  'num_processes', 'process_id', 'mesh_data', 'mesh_fsdp', 'mesh_tensor')
+                  'num_processes', 'process_id', 'mesh_data', 'mesh_fsdp', 'mesh_tensor',
+                  'async_checkpoint', 'profile_steps')
 
 
 def run_info(cfg: TrainConfig, model_config, tokenizer) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_spec import models
-from jax_spec.decoding import sampling
+from jax_spec.decoding import dynamic_tree, sampling
 from jax_spec.decoding.acceptance import Accepted
 from jax_spec.decoding.trees import Tree
 
@@ -42,6 +42,8 @@ class Candidates(NamedTuple):
   # [B, T, V] fp32 q of node t's children when they were *sampled* from it (`sample_drafts`);
   # None for deterministic drafts (argmax / top-k ranks: q is the one-hot of each child).
   draft_probs_BTV: jax.Array | None = None
+  # This step's tree when it is built per step (a dynamic tree); None: the static `Drafter.tree`.
+  tree: dynamic_tree.DraftTree | None = None
 
 
 class Context(NamedTuple):
@@ -82,7 +84,7 @@ class Verify(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Drafter:
   """Base class: static settings + the three in-loop methods (see the module docstring)."""
-  tree: Tree
+  tree: Tree | dynamic_tree.DynamicTree
   sampling: sampling.SamplingConfig
   sample_drafts: bool        # sample draft tokens from the processed draft distribution (q)
   cache_len: int             # KV cache slots of the trunk (and of a drafter's own caches)
@@ -118,6 +120,31 @@ class Drafter:
 
   def update(self, ctx: Context, state: State, verify: Verify) -> State:
     raise NotImplementedError
+
+  # --- dynamic trees (optional) ---------------------------------------------------------------------
+  # A drafter that can score the children of any tree node sets `supports_dynamic_trees` and
+  # implements `expand`; its `propose` then returns `self.propose_dynamic(...)` when
+  # `self.is_dynamic` (see jax_spec/decoding/dynamic_tree.py for the construction).
+  supports_dynamic_trees: ClassVar[bool] = False
+
+  @property
+  def is_dynamic(self) -> bool:
+    return isinstance(self.tree, dynamic_tree.DynamicTree)
+
+  def expand(self, ctx: Context, state: State,
+             frontier: dynamic_tree.Frontier) -> tuple[jax.Array, State]:
+    """-> (log-probabilities [B, F, V] of the children of the F frontier nodes, state).
+
+    Called once per level, from the root (level 0) down; -inf where a node has no children. The
+    frontier's context is the tree so far (`frontier.tokens_BM`, `depths_BM`, `mask_BMM`): a
+    drafter with a KV cache runs the tree so far with its ancestor mask (`models.extend`); one
+    with features may keep per-node features of earlier levels in its state.
+    """
+    raise NotImplementedError(f'drafter {self.name!r} does not build dynamic trees')
+
+  def propose_dynamic(self, ctx: Context, state: State, root_B) -> tuple[Candidates, State]:
+    tokens_BT, tree, state = dynamic_tree.build(self, ctx, state, root_B)
+    return Candidates(tokens_BT, None, tree), state
 
   # --- helpers for subclasses ---------------------------------------------------------------------
   def probs(self, logits_NV):

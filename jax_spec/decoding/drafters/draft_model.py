@@ -6,6 +6,13 @@ and, on rows whose whole previous chain was accepted ("pending"), except that ch
 root, then runs gamma - 1 one-token forwards; `update` cuts the cache back to the root plus the
 min(a, gamma - 1) accepted drafts whose K/V it computed (finished rows: back to the trunk's
 length, so their cache stops growing). So a step costs gamma draft forwards.
+
+Dynamic trees (`DraftModelTreeState`): the cache holds every committed token except the root and
+the drafts accepted at the last step (`pending`). Level 0 of the tree appends `[pending, root]`
+(causal, per-row count) and keeps them; level l >= 1 runs the non-root nodes expanded so far with
+their ancestor mask (`models.extend`) into scratch slots that are never committed, and reads the
+children distributions at the frontier. Cost per step: D forwards of D + 1, k, 2k, .., (D - 1) k
+tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import jax.numpy as jnp
 
 from jax_spec import models
 from jax_spec.decoding import sampling
+from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.drafters import base
 from jax_spec.decoding.trees import Tree
 
@@ -26,9 +34,17 @@ class DraftModelState(NamedTuple):
   last_draft_B: jax.Array       # int32 [B]: the previous chain's last draft
 
 
+class DraftModelTreeState(NamedTuple):
+  """Dynamic trees: the cache lacks the root and the `num_pending_B` drafts accepted last step."""
+  cache: models.KVCache
+  pending_BD: jax.Array         # int32 [B, D]: those accepted drafts, in order
+  num_pending_B: jax.Array      # int32 [B]
+
+
 @base.register
 class DraftModelDrafter(base.Drafter):
   name = 'model'
+  supports_dynamic_trees = True
 
   @classmethod
   def check_model(cls, model, draft_model):
@@ -42,6 +58,8 @@ class DraftModelDrafter(base.Drafter):
   @classmethod
   def default_depth(cls, model, draft_model, tree_spec):
     del model, draft_model
+    if isinstance(tree_spec, dynamic_tree.DynamicTree):
+      return tree_spec.depth
     if isinstance(tree_spec, str):
       return 4
     # A draft model drafts any gamma: an explicit chain sets it.
@@ -50,8 +68,9 @@ class DraftModelDrafter(base.Drafter):
   @classmethod
   def check_tree(cls, tree, model):
     del model
-    if not tree.is_chain:
-      raise ValueError("drafter='model' drafts a chain of gamma tokens: use tree='chain' or chain(gamma)")
+    if not tree.is_chain and not isinstance(tree, dynamic_tree.DynamicTree):
+      raise ValueError("drafter='model' drafts a chain of gamma tokens or a dynamic tree: use tree='chain', "
+                       "chain(gamma) or 'dynamic:N'")
 
   @classmethod
   def own_module(cls, model, draft_model):
@@ -62,6 +81,9 @@ class DraftModelDrafter(base.Drafter):
     batch = prefill.prompts_BT.shape[0]
     cache = models.init_cache(ctx.module, batch, self.cache_len)
     _, cache = models.prefill(ctx.module, prefill.prompts_BT, prefill.prompt_lengths_B, cache)
+    if self.is_dynamic:
+      return DraftModelTreeState(cache, jnp.zeros((batch, self.tree.depth), jnp.int32),
+                                 jnp.zeros((batch,), jnp.int32))
     return DraftModelState(cache, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
 
   def _pick(self, logits_BV, key, j):
@@ -73,6 +95,8 @@ class DraftModelDrafter(base.Drafter):
             jnp.zeros((logits_BV.shape[0], 0), jnp.float32))
 
   def propose(self, ctx, state, root_B, key):
+    if self.is_dynamic:
+      return self.propose_dynamic(ctx, state, root_B)
     draft_model, depth = ctx.module, self.tree.max_depth
     batch = root_B.shape[0]
     cache, pending_B = state.cache, state.pending_B
@@ -108,7 +132,36 @@ class DraftModelDrafter(base.Drafter):
     q_BTV = jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1) if self.sample_drafts else None
     return base.Candidates(tokens_BT, q_BTV), state._replace(cache=cache)
 
+  def expand(self, ctx, state, frontier):
+    cache, batch = state.cache, frontier.tokens_BM.shape[0]
+    if frontier.level == 0:
+      # [pending drafts, root, padding]: causal; keep the pending drafts and the root.
+      width, num_B = self.tree.depth + 1, state.num_pending_B
+      j_W = jnp.arange(width)
+      tokens_BW = jnp.where(j_W[None] < num_B[:, None],
+                            jnp.pad(state.pending_BD, ((0, 0), (0, 1))),
+                            jnp.where(j_W[None] == num_B[:, None], frontier.tokens_BM[:, :1], 0))
+      outs, cache = models.extend(ctx.module, tokens_BW, jnp.broadcast_to(j_W, (batch, width)),
+                                  jnp.broadcast_to(jnp.tril(jnp.ones((width, width), bool)),
+                                                   (batch, width, width)), cache)
+      cache = models.advance(cache, num_B + 1)
+      logits_BFV = base.gather_nodes(outs.logits_BTV, num_B[:, None])
+    else:
+      # The non-root nodes so far (the root is cached: depth d sits at position len + d - 1).
+      outs, cache = models.extend(ctx.module, frontier.tokens_BM[:, 1:],
+                                  frontier.depths_BM[:, 1:] - 1, frontier.mask_BMM[:, 1:, 1:], cache)
+      logits_BFV = outs.logits_BTV[:, -frontier.num_frontier:]
+    return jax.nn.log_softmax(logits_BFV, axis=-1), state._replace(cache=cache)
+
   def update(self, ctx, state, verify):
+    if self.is_dynamic:
+      # Active rows: the cache ends at the root (level 0); the accepted drafts are pending.
+      # Finished rows: back to their committed tokens, nothing pending.
+      active_B = verify.active_B
+      lengths_B = verify.root_position_B + active_B.astype(jnp.int32)
+      return DraftModelTreeState(state.cache.replace(lengths=lengths_B),
+                                 base.gather_nodes(verify.tokens_BT, verify.path_BP[:, 1:]),
+                                 jnp.where(active_B, verify.num_accepted_B, 0))
     depth = self.tree.max_depth
     num_B = verify.num_accepted_B
     keep_B = verify.root_position_B + 1 + jnp.minimum(num_B, depth - 1)

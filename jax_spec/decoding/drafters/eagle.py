@@ -71,7 +71,7 @@ class _FeatureDrafter(base.Drafter):
       # q of node t's children is step t + 1's distribution; the leaf's is unused.
       q_BDV = self.probs(draft.logits_BDV)
       return base.Candidates(tokens_BT, jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1)), state
-    tokens_BT, _, _ = eagle_lib.feature_tree_draft(ctx.trunk, state.cache, state.logits_BV, tree,
+    tokens_BT, _ = eagle_lib.feature_tree_draft(ctx.trunk, state.cache, state.logits_BV, tree,
                                                    kind=self.kind)
     return base.Candidates(tokens_BT.at[:, 0].set(root_B)), state
 

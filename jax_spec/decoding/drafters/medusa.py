@@ -2,7 +2,8 @@
 
 The heads are path independent: the candidates at depth d are head d's top-k, whatever the nodes
 above them. With sampled drafts (chains) the chain is one sample per head and q is that head's
-processed distribution.
+processed distribution. Dynamic trees: every node at depth d scores its children with head d + 1
+(cumulative log-probabilities of path-independent heads).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class MedusaState(NamedTuple):
 @base.register
 class MedusaDrafter(base.Drafter):
   name = 'medusa'
+  supports_dynamic_trees = True
 
   @classmethod
   def check_model(cls, model, draft_model):
@@ -47,6 +49,8 @@ class MedusaDrafter(base.Drafter):
     return MedusaState(prefill.outputs.medusa_logits_KBTV[:, rows_B, last_B])
 
   def propose(self, ctx, state, root_B, key):
+    if self.is_dynamic:
+      return self.propose_dynamic(ctx, state, root_B)
     depth = self.tree.max_depth
     head_DBV = state.head_logits_KBV[:depth]
     if self.sample_drafts:
@@ -58,6 +62,11 @@ class MedusaDrafter(base.Drafter):
       return base.Candidates(tokens_BT, q_BTV), state
     topk_DBk = jax.lax.top_k(head_DBV, max(self.tree.topk_per_depth))[1]
     return base.Candidates(base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk)), state
+
+  def expand(self, ctx, state, frontier):
+    logp_BV = jax.nn.log_softmax(state.head_logits_KBV[frontier.level], axis=-1)
+    return jnp.broadcast_to(logp_BV[:, None], (logp_BV.shape[0], frontier.num_frontier,
+                                               logp_BV.shape[1])), state
 
   def update(self, ctx, state, verify):
     # The heads only at each row's new last position (one node, not all T; XLA drops the unused

@@ -3,7 +3,9 @@
 `models.mtp_draft` runs after the prefill and after every commit, with the accepted path's hidden
 states and tokens, and returns the next chain d_1..d_D and the logits each was chosen from. A tree
 may branch only off that chain (rank > 0 only under all-rank-0 parents): the alternatives at
-depth k are the top-k of module k's logits.
+depth k are the top-k of module k's logits. Dynamic trees: the same restriction (only chain nodes
+have children, scored by the next module's log-probabilities), so at most depth * branching
+candidates exist.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_spec import models
-from jax_spec.decoding import sampling
+from jax_spec.decoding import dynamic_tree, sampling
 from jax_spec.decoding.drafters import base
 
 
@@ -26,6 +28,7 @@ class MTPState(NamedTuple):
 @base.register
 class MTPDrafter(base.Drafter):
   name = 'mtp'
+  supports_dynamic_trees = True
 
   @classmethod
   def check_model(cls, model, draft_model):
@@ -43,6 +46,12 @@ class MTPDrafter(base.Drafter):
     depth = model.config.mtp_depth
     if tree.max_depth > depth:
       raise ValueError(f'tree depth {tree.max_depth} > the {depth} MTP modules')
+    if isinstance(tree, dynamic_tree.DynamicTree):
+      if tree.num_draft_nodes > tree.depth * tree.branching:
+        raise ValueError(f"drafter='mtp' branches only off its chain: a dynamic tree has at most "
+                         f"depth * branching = {tree.depth * tree.branching} draft nodes, got "
+                         f"num_draft_nodes={tree.num_draft_nodes}")
+      return
     for path in tree.choices:
       if any(path[:-1]):
         raise ValueError(f"drafter='mtp' drafts one chain; a tree may only branch off it (rank > 0 "
@@ -64,6 +73,8 @@ class MTPDrafter(base.Drafter):
 
   def propose(self, ctx, state, root_B, key):
     del key     # the chain was drawn in `mtp_draft`
+    if self.is_dynamic:
+      return self.propose_dynamic(ctx, state, root_B)
     depth = self.tree.max_depth
     chain_BD, logits_BDV = state.chain_BD[:, :depth], state.logits_BDV[:, :depth]
     if self.sample_drafts:
@@ -73,6 +84,16 @@ class MTPDrafter(base.Drafter):
     topk_DBk = jax.lax.top_k(logits_BDV, max(self.tree.topk_per_depth))[1].swapaxes(0, 1)
     tokens_BT = base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk, chain_BD)
     return base.Candidates(tokens_BT), state
+
+  def expand(self, ctx, state, frontier):
+    # A frontier node has children iff its path is the chain's prefix: root, d_1, .., d_level.
+    tokens_BM, depths_BM = frontier.tokens_BM, frontier.depths_BM
+    chain_BM = jnp.take_along_axis(state.chain_BD, jnp.maximum(depths_BM - 1, 0), axis=1)
+    on_chain_BM = (depths_BM == 0) | (tokens_BM == chain_BM)
+    mask_BFM = frontier.mask_BMM[:, -frontier.num_frontier:]
+    on_chain_BF = jnp.all(~mask_BFM | on_chain_BM[:, None], axis=-1)
+    logp_BV = jax.nn.log_softmax(state.logits_BDV[:, frontier.level], axis=-1)
+    return jnp.where(on_chain_BF[:, :, None], logp_BV[:, None], -jnp.inf), state
 
   def update(self, ctx, state, verify):
     path_BP = verify.path_BP
