@@ -37,6 +37,7 @@ flags.DEFINE_integer('repeats', _DEFAULTS.repeats, 'Timed calls per part (median
 flags.DEFINE_integer('prompt_len', _DEFAULTS.prompt_len, 'Prompt of the whole loops.')
 flags.DEFINE_list('new_tokens', [str(t) for t in _DEFAULTS.new_tokens], 'Two max_new_tokens of '
                   'the whole loops (differenced: per-step costs without the prefill).')
+flags.DEFINE_bool('loops', True, 'Also the drafters and whole loops (False: the verify sweep only).')
 flags.DEFINE_bool('profile', True, 'Trace one call of each loop and print its top ops.')
 flags.DEFINE_bool('ynn_dots', False, "Keep XLA:CPU's YNNPACK dot fusion (default: the experiments' "
                   'XLA:CPU flags, jax_spec/runtime.py).')
@@ -55,7 +56,8 @@ def main(argv):
       verify_tokens=ints(FLAGS.tokens), tree_tokens=ints(FLAGS.tree_tokens),
       drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, cache_len=FLAGS.cache_len,
       prefix_len=FLAGS.prefix_len, steps=FLAGS.steps, repeats=FLAGS.repeats,
-      prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile)
+      prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile,
+      loops=FLAGS.loops)
   results = cost_model.run_cost_model(opts, FLAGS.workdir)
   print(cost_model.format_tables(results))
 

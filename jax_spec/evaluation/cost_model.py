@@ -97,6 +97,7 @@ class CostOptions:
   prompt_len: int = 16                # whole loops: prompt and the two max_new_tokens
   new_tokens: tuple[int, int] = (32, 96)
   profile: bool = True
+  loops: bool = True                  # False: only the verify sweep (no drafters, loops, profile)
   seed: int = 0
 
   def __post_init__(self):
@@ -315,7 +316,7 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
   """Times every part and whole loop (see the module docstring); returns (and writes) results."""
   model, draft_model = build_models(opts)
   config = model.config
-  specs = loop_specs(config, opts)
+  specs = loop_specs(config, opts) if opts.loops else []
   max_heads = max(len(p) for p in trees_lib.MC_SIM_7B_63)
   # Parts. The plain step is the verify of a one-node chain, so r(1) == 1 by construction; a
   # loop's tree reuses the sweep's part when it is the same tree.
@@ -349,7 +350,7 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
     parts[f'propose_{spec.name}'] = propose_loop(model, drafter_cls.own_module(model, own_model),
                                                  drafter, opts)
   loops: dict[str, Callable[[], Any]] = {}
-  for n in opts.new_tokens:
+  for n in opts.new_tokens if opts.loops else ():
     loops[f'plain@{n}'] = plain_call(model, opts, n)
     for spec in specs:
       own_model = (draft_model if spec.name == 'model' else model) if spec.uses_draft_model else None
@@ -360,7 +361,7 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
     loop_times = time_interleaved(loops, opts.repeats, 'loops')
     loop_outputs = {name: fn() for name, fn in loops.items()}
     profile = profile_loops(loops[f'plain@{opts.new_tokens[1]}'],
-                            loops[f'{FULL}@{opts.new_tokens[1]}']) if opts.profile else None
+                            loops[f'{FULL}@{opts.new_tokens[1]}']) if opts.profile and loops else None
 
   per_step = {name: _median_ms(t) / opts.steps for name, t in part_times.items()}
   plain = per_step['plain']
@@ -381,7 +382,7 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
     return 1e3 * statistics.median((a - b) / steps for a, b in
                                    zip(loop_times[f'{name}@{long}'], loop_times[f'{name}@{short}']))
 
-  plain_loop_ms = per_loop_step('plain', long - short)
+  plain_loop_ms = per_loop_step('plain', long - short) if loops else None
   drafter_rows = []
   for spec in specs:
     out_long, out_short = loop_outputs[f'{spec.name}@{long}'], loop_outputs[f'{spec.name}@{short}']
@@ -487,8 +488,9 @@ def profile_loops(plain_fn, speculative_fn, top: int = 15) -> dict[str, list[dic
 # --- output ---------------------------------------------------------------------------------------
 
 def format_tables(results: dict[str, Any]) -> str:
-  lines = [f"plain one-token step: {results['plain_step_ms']:.3f} ms (part), "
-           f"{results['plain_loop_step_ms']:.3f} ms (in generate)", '',
+  in_loop = results['plain_loop_step_ms']
+  lines = [f"plain one-token step: {results['plain_step_ms']:.3f} ms (part)" +
+           (f', {in_loop:.3f} ms (in generate)' if in_loop else ''), '',
            '| mask | T | ms / step | r(T) | T / r(T) |', '|---|---|---|---|---|']
   lines += [f"| {r['mask']} | {r['tokens']} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} | "
             f"{r['ceiling_speedup']:.2f} |" for r in results['verify']]
@@ -523,6 +525,8 @@ def plot(results: dict[str, Any], out_png: str) -> None:
   axes[0].set_xscale('log', base=2)
   axes[0].legend(fontsize=8)
   rows = results['drafters']
+  if not rows:
+    axes[1].set_axis_off()
   x = np.arange(len(rows))
   axes[1].bar(x - 0.2, [r['predicted_speedup'] for r in rows], 0.4, label='predicted')
   axes[1].bar(x + 0.2, [r['measured_speedup'] for r in rows], 0.4, label='measured')
