@@ -14,11 +14,15 @@ cost_model.png into --workdir.
 """
 from __future__ import annotations
 
+import json
+import os
+
 from absl import flags
 
 from jax_spec import cli
 from jax_spec import runtime
 from jax_spec.evaluation import cost_model
+from jax_spec.evaluation import verify_ab
 
 _DEFAULTS = cost_model.CostOptions()
 flags.DEFINE_string('workdir', None, 'Output directory.')
@@ -41,13 +45,32 @@ flags.DEFINE_bool('loops', True, 'Also the drafters and whole loops (False: the 
 flags.DEFINE_bool('profile', True, 'Trace one call of each loop and print its top ops.')
 flags.DEFINE_bool('ynn_dots', False, "Keep XLA:CPU's YNNPACK dot fusion (default: the experiments' "
                   'XLA:CPU flags, jax_spec/runtime.py).')
+flags.DEFINE_multi_string('ab', [], "'label=CHECKOUT [XLA flags]', repeated: instead of the cost "
+                          'model, r(T) of each checkout / flag set timed interleaved in one run '
+                          "(jax_spec/evaluation/verify_ab.py); flags default to the experiments'.")
+flags.DEFINE_integer('ab_calls', 3, 'With --ab: calls per T and round (the fastest counts).')
 FLAGS = flags.FLAGS
+
+
+def run_ab():
+  default_flags = ' '.join(runtime.CPU_FLAGS)
+  variants = [verify_ab.Variant.parse(spec, default_flags) for spec in FLAGS.ab]
+  results = verify_ab.compare(variants, config=FLAGS.config, precision=FLAGS.precision,
+                              tokens=[int(t) for t in FLAGS.tokens], cache_len=FLAGS.cache_len,
+                              prefix_len=FLAGS.prefix_len, steps=FLAGS.steps,
+                              repeats=FLAGS.repeats, calls=FLAGS.ab_calls)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, 'ab.json'), 'w') as fh:
+    json.dump(results, fh, indent=2)
+  print(verify_ab.format_table(results))
 
 
 def main(argv):
   del argv  # cli.run rejects extra arguments
   if not FLAGS.workdir:
     raise ValueError('--workdir is required')
+  if FLAGS.ab:
+    return run_ab()
   if not FLAGS.ynn_dots:
     runtime.configure_xla_cpu()
   ints = lambda xs: tuple(int(x) for x in xs)

@@ -63,3 +63,30 @@ def test_top_ops_self_time_and_filter():
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     cost_model.CostOptions(**kwargs)
+
+
+# --- fused projections (models.layers.fused_dense): the decode path's fewer, larger matmuls ------
+
+def test_fused_projections_match_unfused():
+  """One matmul over the concatenated q/k/v (gate/up) kernels gives each layer's own output, with
+  biases, GQA shapes and an odd row count; the stored parameters keep their layout."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from jax_spec import models
+  from jax_spec.models.layers import fused_dense
+  config = models.get_config('tiny', qkv_bias=True)
+  model = models.Transformer(config, rngs=nnx.Rngs(3))
+  attn, mlp = model.layers[0].attn, model.layers[0].mlp
+  for p in (attn.q, attn.k, attn.v):      # non-zero biases, so a dropped bias would show
+    p.bias[...] = jax.random.normal(jax.random.key(1), p.bias.shape)
+  x = jax.random.normal(jax.random.key(0), (2, 3, config.d_model))
+  for denses in ((attn.q, attn.k, attn.v), (mlp.gate, mlp.up)):
+    fused = fused_dense(x, denses)
+    for d, y in zip(denses, fused):
+      np.testing.assert_allclose(y, d(x), rtol=1e-5, atol=1e-5)
+  # Checkpoints of the unfused layout load: the parameter tree is the per-projection one.
+  paths = {'/'.join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for name in ('attn/q/kernel', 'attn/k/kernel', 'attn/v/kernel', 'attn/q/bias', 'mlp/gate/kernel',
+               'mlp/up/kernel'):
+    assert f'layers/0/{name}' in paths, name
