@@ -74,7 +74,7 @@ def _option_kwargs(options, implementation: str, table, note: str = '') -> dict:
 def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
                           sliding_window=None, logit_soft_cap=None, sm_scale=None,
                           implementation=None, options=None, return_lse=False):
-  """q `[B, Tq, H, D]`, k/v `[B, Tk, K, D]` -> `[B, Tq, H, D]` (and fp32 lse `[B, H, Tq]`).
+  """q `[B, Tq, H, E]`, k/v `[B, Tk, K, E]` -> `[B, Tq, H, E]` (and fp32 lse `[B, H, Tq]`).
 
   Semantics are those of `pallas_kernels.flash_attention`: causal is bottom-right aligned, a key
   j is in the sliding window of query i iff `0 <= pos_i - pos_j < sliding_window`, segments attend
@@ -98,12 +98,12 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
   return reference_attention(q, k, v, **kwargs)
 
 
-def cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree_mask_BTT,
+def cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths_B, tree_mask_BTT,
                     sm_scale=None, implementation=None, options=None):
   """T new queries against a KV cache whose slots `[len_b, len_b + T)` hold the new tokens' K/V.
 
   Query t of row b sees cache slots `j < len_b` and slot `len_b + t'` iff `tree_mask_BTT[b, t, t']`
-  (slots past the end of the cache do not exist). Returns `[B, T, H, D]` in q's dtype; a query
+  (slots past the end of the cache do not exist). Returns `[B, T, H, E]` in q's dtype; a query
   that sees nothing gets zeros. 'xla' and 'pallas' are forward-only (decoding); 'reference' is
   differentiable. `options`: `DecodeOptions` for 'pallas' (not on TPU, where 'pallas' runs
   'xla'), `ChunkOptions` for 'xla'.
@@ -115,8 +115,8 @@ def cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree
   kwargs = dict(cache_lengths_B=cache_lengths_B, tree_mask_BTT=tree_mask_BTT, sm_scale=sm_scale,
                 **_option_kwargs(options, implementation, _CACHE_OPTIONS, note))
   if implementation == 'pallas':
-    return decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, **kwargs)
+    return decode_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, **kwargs)
   if implementation == 'xla':
-    return chunked_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, **kwargs)
-  common.validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD, **kwargs)
-  return reference_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, **kwargs)
+    return chunked_cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, **kwargs)
+  common.validate_cache_inputs(q_BTHE, k_cache_BSKE, v_cache_BSKE, **kwargs)
+  return reference_cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, **kwargs)

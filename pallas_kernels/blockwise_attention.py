@@ -7,8 +7,8 @@ Pallas grid, so forward and backward memory grow linearly with sequence length (
 segment ranges) are skipped. Any float dtype including float64 (statistics accumulate in fp64
 then), any block sizes; differentiable once.
 
-Layout: q is reshaped (never K/V repeated) to blocks `[nq, B, K, G*bq, D]` so that the query
-heads sharing a kv head form the matmul M dimension; k/v to `[nk, B, K, bk, D]`. The forward
+Layout: q is reshaped (never K/V repeated) to blocks `[nq, B, K, G*bq, E]` so that the query
+heads sharing a kv head form the matmul M dimension; k/v to `[nk, B, K, bk, E]`. The forward
 runs a scan over q blocks with an inner while-loop over only the kv blocks that can be visible;
 the backward is kv-block-outer (FlashAttention-2) with dq accumulated in place into a `[nq, ...]`
 buffer. Memory is O(B*H*T*D) plus one `[B, H, bq, bk]` tile.
@@ -50,7 +50,7 @@ def _block_size(requested, length: int, name: str) -> int:
 def blockwise_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
                         sliding_window=None, logit_soft_cap=None, sm_scale=None, return_lse=False,
                         block_q=None, block_k=None):
-  """`[B, Tq, H, D]` x `[B, Tk, K, D]` -> `[B, Tq, H, D]` (and fp32/fp64 lse `[B, H, Tq]`);
+  """`[B, Tq, H, E]` x `[B, Tk, K, E]` -> `[B, Tq, H, E]` (and fp32/fp64 lse `[B, H, Tq]`);
   the arguments and semantics of `pallas_kernels.flash_attention.flash_attention`."""
   common.validate_attention_inputs(
       q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -84,35 +84,35 @@ def _three_loops(ranges, body, carry):
   return lax.fori_loop(0, num_left + hi - full_hi, edge, carry)
 
 
-def _masked_scores(cfg: common.AttentionConfig, s_BKMN, qi, kj, qseg_Bq, kseg_Bk):
+def _masked_scores(cfg: common.AttentionConfig, s_BKQS, qi, kj, qseg_Bq, kseg_Bk):
   """Masks the `[B, K, G*bq, bk]` scores of tile (qi, kj) with `common.visible`."""
   q_pos = qi * cfg.block_q + jnp.arange(cfg.block_q)[:, None]
   k_pos = kj * cfg.block_k + jnp.arange(cfg.block_k)[None, :]
   ids = (qseg_Bq[:, :, None], kseg_Bk[:, None, :]) if cfg.has_segments else (None, None)
   mask = common.visible(cfg, q_pos, k_pos, *ids)
   if mask is None:
-    return s_BKMN
+    return s_BKQS
   mask = mask if mask.ndim == 3 else mask[None]            # [B or 1, bq, bk]
-  batch, kvh, rows, width = s_BKMN.shape
-  s = s_BKMN.reshape(batch, kvh, rows // cfg.block_q, cfg.block_q, width)
-  return jnp.where(mask[:, None, None], s, -jnp.inf).reshape(s_BKMN.shape)
+  batch, kvh, rows, width = s_BKQS.shape
+  s = s_BKQS.reshape(batch, kvh, rows // cfg.block_q, cfg.block_q, width)
+  return jnp.where(mask[:, None, None], s, -jnp.inf).reshape(s_BKQS.shape)
 
 
-def _q_to_blocks(cfg, x_BTHD, num_kv_heads):
-  """`[B, Tq, H, D]` -> `[nq, B, K, G*bq, D]` (zero padded)."""
-  batch, _, num_heads, head_dim = x_BTHD.shape
+def _q_to_blocks(cfg, x_BTHE, num_kv_heads):
+  """`[B, Tq, H, E]` -> `[nq, B, K, G*bq, E]` (zero padded)."""
+  batch, _, num_heads, head_dim = x_BTHE.shape
   group, bq = num_heads // num_kv_heads, cfg.block_q
   nq = cfg.q_len_padded // bq
-  x = jnp.pad(x_BTHD, ((0, 0), (0, cfg.q_len_padded - cfg.q_len), (0, 0), (0, 0)))
+  x = jnp.pad(x_BTHE, ((0, 0), (0, cfg.q_len_padded - cfg.q_len), (0, 0), (0, 0)))
   return (x.reshape(batch, nq, bq, num_kv_heads, group, head_dim)
           .transpose(1, 0, 3, 4, 2, 5).reshape(nq, batch, num_kv_heads, group * bq, head_dim))
 
 
-def _kv_to_blocks(cfg, x_BSKD):
-  """`[B, Tk, K, D]` -> `[nk, B, K, bk, D]` (zero padded)."""
-  batch, _, kvh, head_dim = x_BSKD.shape
+def _kv_to_blocks(cfg, x_BSKE):
+  """`[B, Tk, K, E]` -> `[nk, B, K, bk, E]` (zero padded)."""
+  batch, _, kvh, head_dim = x_BSKE.shape
   bk = cfg.block_k
-  x = jnp.pad(x_BSKD, ((0, 0), (0, cfg.kv_len_padded - cfg.kv_len), (0, 0), (0, 0)))
+  x = jnp.pad(x_BSKE, ((0, 0), (0, cfg.kv_len_padded - cfg.kv_len), (0, 0), (0, 0)))
   return x.reshape(batch, cfg.kv_len_padded // bk, bk, kvh, head_dim).transpose(1, 0, 3, 2, 4)
 
 
@@ -128,17 +128,17 @@ def _to_blocks(cfg, q, k, v, qseg, kseg):
           _seg_to_blocks(kseg, cfg.kv_len_padded, cfg.block_k))
 
 
-def _from_q_blocks(cfg, x_nBKMD, num_heads, dtype):
-  nq, batch, kvh, _, head_dim = x_nBKMD.shape
-  x = x_nBKMD.reshape(nq, batch, kvh, num_heads // kvh, cfg.block_q, head_dim)
+def _from_q_blocks(cfg, x_nBKQE, num_heads, dtype):
+  nq, batch, kvh, _, head_dim = x_nBKQE.shape
+  x = x_nBKQE.reshape(nq, batch, kvh, num_heads // kvh, cfg.block_q, head_dim)
   x = x.transpose(1, 0, 4, 2, 3, 5)
   return x.reshape(batch, cfg.q_len_padded, num_heads, head_dim)[:, :cfg.q_len].astype(dtype)
 
 
-def _rows_from_blocks(cfg, x_nBKM, num_heads):
+def _rows_from_blocks(cfg, x_nBKQ, num_heads):
   """`[nq, B, K, G*bq]` row statistics -> `[B, H, Tq]`."""
-  nq, batch, kvh, _ = x_nBKM.shape
-  x = x_nBKM.reshape(nq, batch, kvh, num_heads // kvh, cfg.block_q).transpose(1, 2, 3, 0, 4)
+  nq, batch, kvh, _ = x_nBKQ.shape
+  x = x_nBKQ.reshape(nq, batch, kvh, num_heads // kvh, cfg.block_q).transpose(1, 2, 3, 0, 4)
   return x.reshape(batch, num_heads, cfg.q_len_padded)[:, :, :cfg.q_len]
 
 
@@ -154,18 +154,18 @@ def _rows_to_blocks(cfg, x_BHT, num_kv_heads, pad_value):
 
 
 def _forward(cfg, q, k, v, qseg, kseg):
-  q_nBKMD, k_nBKND, v_nBKND, qseg_nBq, kseg_nBk = _to_blocks(cfg, q, k, v, qseg, kseg)
-  _, batch, kvh, rows, head_dim = q_nBKMD.shape
+  q_nBKQE, k_nBKSE, v_nBKSE, qseg_nBq, kseg_nBk = _to_blocks(cfg, q, k, v, qseg, kseg)
+  _, batch, kvh, rows, head_dim = q_nBKQE.shape
   acc = common.accumulator_dtype(q.dtype)
 
   def q_block(_, xs):
-    qi, q_BKMD, qseg_Bq = xs
+    qi, q_BKQE, qseg_Bq = xs
 
     def update(kj, carry, masked):
-      s, _ = common.scores(cfg, common.dot(q_BKMD, k_nBKND[kj], trans_b=True))
+      s, _ = common.scores(cfg, common.dot(q_BKQE, k_nBKSE[kj], trans_b=True))
       if masked:
         s = _masked_scores(cfg, s, qi, kj, qseg_Bq, kseg_nBk[kj])
-      pv = lambda p: common.dot(p.astype(v.dtype), v_nBKND[kj])
+      pv = lambda p: common.dot(p.astype(v.dtype), v_nBKSE[kj])
       return common.online_softmax_step(*carry, s, pv, masked=masked)
 
     def body(kj, carry, masked):
@@ -182,43 +182,43 @@ def _forward(cfg, q, k, v, qseg, kseg):
     return None, (o.astype(q.dtype), lse)
 
   nq, _ = _num_blocks(cfg)
-  _, (o_nBKMD, lse_nBKM) = lax.scan(q_block, None, (jnp.arange(nq), q_nBKMD, qseg_nBq))
+  _, (o_nBKQE, lse_nBKQ) = lax.scan(q_block, None, (jnp.arange(nq), q_nBKQE, qseg_nBq))
   num_heads = q.shape[2]
-  return _from_q_blocks(cfg, o_nBKMD, num_heads, q.dtype), _rows_from_blocks(cfg, lse_nBKM,
+  return _from_q_blocks(cfg, o_nBKQE, num_heads, q.dtype), _rows_from_blocks(cfg, lse_nBKQ,
                                                                               num_heads)
 
 
 def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
-  q_nBKMD, k_nBKND, v_nBKND, qseg_nBq, kseg_nBk = _to_blocks(cfg, q, k, v, qseg, kseg)
+  q_nBKQE, k_nBKSE, v_nBKSE, qseg_nBq, kseg_nBk = _to_blocks(cfg, q, k, v, qseg, kseg)
   acc = common.accumulator_dtype(q.dtype)
   kvh = k.shape[2]
-  do_nBKMD = _q_to_blocks(cfg, do.astype(q.dtype), kvh)
+  do_nBKQE = _q_to_blocks(cfg, do.astype(q.dtype), kvh)
   # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta) covers both cotangents.
   delta_BHT = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
                          precision=common.matmul_precision(acc), preferred_element_type=acc)
   if dlse is not None:
     delta_BHT = delta_BHT - dlse
-  delta_nBKM = _rows_to_blocks(cfg, delta_BHT, kvh, 0.0)
+  delta_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh, 0.0)
   # Rows that see no key (lse = -inf) and padded rows get +inf: every p = exp(s - lse) is 0.
-  lse_nBKM = _rows_to_blocks(cfg, jnp.where(lse == -jnp.inf, jnp.inf, lse), kvh, jnp.inf)
-  _, batch, _, rows, head_dim = q_nBKMD.shape
+  lse_nBKQ = _rows_to_blocks(cfg, jnp.where(lse == -jnp.inf, jnp.inf, lse), kvh, jnp.inf)
+  _, batch, _, rows, head_dim = q_nBKQE.shape
 
-  def kv_block(dq_nBKMD, xs):
-    kj, k_BKND, v_BKND, kseg_Bk = xs
+  def kv_block(dq_nBKQE, xs):
+    kj, k_BKSE, v_BKSE, kseg_Bk = xs
 
     def update(qi, carry, masked):
       dq, dk, dv = carry
-      q_BKMD, do_BKMD = q_nBKMD[qi], do_nBKMD[qi]
-      s, tanh = common.scores(cfg, common.dot(q_BKMD, k_BKND, trans_b=True))
+      q_BKQE, do_BKQE = q_nBKQE[qi], do_nBKQE[qi]
+      s, tanh = common.scores(cfg, common.dot(q_BKQE, k_BKSE, trans_b=True))
       if masked:
         s = _masked_scores(cfg, s, qi, kj, qseg_nBq[qi], kseg_Bk)
-      p = jnp.exp(s - lse_nBKM[qi][..., None])
-      dv = dv + common.dot(p.astype(v.dtype), do_BKMD, trans_a=True)
-      dp = common.dot(do_BKMD, v_BKND, trans_b=True)
-      ds = common.dscores(p, dp, delta_nBKM[qi][..., None], tanh)
+      p = jnp.exp(s - lse_nBKQ[qi][..., None])
+      dv = dv + common.dot(p.astype(v.dtype), do_BKQE, trans_a=True)
+      dp = common.dot(do_BKQE, v_BKSE, trans_b=True)
+      ds = common.dscores(p, dp, delta_nBKQ[qi][..., None], tanh)
       ds = (ds * cfg.sm_scale).astype(q.dtype)
-      dq = dq.at[qi].add(common.dot(ds, k_BKND))
-      dk = dk + common.dot(ds, q_BKMD, trans_a=True)
+      dq = dq.at[qi].add(common.dot(ds, k_BKSE))
+      dk = dk + common.dot(ds, q_BKQE, trans_a=True)
       return dq, dk, dv
 
     def body(qi, carry, masked):
@@ -229,20 +229,20 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
 
     zeros = jnp.zeros((batch, kvh, cfg.block_k, head_dim), acc)
     ranges = common.q_block_range(cfg, kj * cfg.block_k, cfg.block_k, cfg.block_q)
-    dq_nBKMD, dk, dv = _three_loops(ranges, body, (dq_nBKMD, zeros, zeros))
-    return dq_nBKMD, (dk, dv)
+    dq_nBKQE, dk, dv = _three_loops(ranges, body, (dq_nBKQE, zeros, zeros))
+    return dq_nBKQE, (dk, dv)
 
   nq, nk = _num_blocks(cfg)
-  dq_nBKMD = jnp.zeros((nq, batch, kvh, rows, head_dim), acc)
-  dq_nBKMD, (dk_nBKND, dv_nBKND) = lax.scan(
-      kv_block, dq_nBKMD, (jnp.arange(nk), k_nBKND, v_nBKND, kseg_nBk))
+  dq_nBKQE = jnp.zeros((nq, batch, kvh, rows, head_dim), acc)
+  dq_nBKQE, (dk_nBKSE, dv_nBKSE) = lax.scan(
+      kv_block, dq_nBKQE, (jnp.arange(nk), k_nBKSE, v_nBKSE, kseg_nBk))
 
-  def from_kv_blocks(x_nBKND, dtype):
-    x = x_nBKND.transpose(1, 0, 3, 2, 4).reshape(batch, cfg.kv_len_padded, kvh, head_dim)
+  def from_kv_blocks(x_nBKSE, dtype):
+    x = x_nBKSE.transpose(1, 0, 3, 2, 4).reshape(batch, cfg.kv_len_padded, kvh, head_dim)
     return x[:, :cfg.kv_len].astype(dtype)
 
-  return (_from_q_blocks(cfg, dq_nBKMD, q.shape[2], q.dtype), from_kv_blocks(dk_nBKND, k.dtype),
-          from_kv_blocks(dv_nBKND, v.dtype))
+  return (_from_q_blocks(cfg, dq_nBKQE, q.shape[2], q.dtype), from_kv_blocks(dk_nBKSE, k.dtype),
+          from_kv_blocks(dv_nBKSE, v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -24,40 +24,40 @@ class ChunkOptions:
   chunk: int | None = None
 
 
-def chunked_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B,
+def chunked_cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths_B,
                             tree_mask_BTT, sm_scale=None, chunk=None):
   """Arguments and semantics of `pallas_kernels.decode_attention.decode_attention`."""
-  common.validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD,
+  common.validate_cache_inputs(q_BTHE, k_cache_BSKE, v_cache_BSKE,
                                cache_lengths_B=cache_lengths_B, tree_mask_BTT=tree_mask_BTT,
                                sm_scale=sm_scale)
   if chunk is not None and not common.is_positive_int(chunk):
     raise ValueError(f'chunk must be a positive int, got {chunk!r}')
   cache_lengths_B = cache_lengths_B.astype(jnp.int32)
   tree_mask_BTT = tree_mask_BTT.astype(bool)
-  batch, num_new, num_heads, head_dim = q_BTHD.shape
-  cache_len, kvh = k_cache_BSKD.shape[1:3]
+  batch, num_new, num_heads, head_dim = q_BTHE.shape
+  cache_len, kvh = k_cache_BSKE.shape[1:3]
   group = num_heads // kvh
   chunk = min(cache_len, _DEFAULT_CHUNK if chunk is None else int(chunk))
   scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
-  q_BKMD = (q_BTHD.reshape(batch, num_new, kvh, group, head_dim).transpose(0, 2, 3, 1, 4)
+  q_BKQE = (q_BTHE.reshape(batch, num_new, kvh, group, head_dim).transpose(0, 2, 3, 1, 4)
             .reshape(batch, kvh, group * num_new, head_dim))
   rows = group * num_new
   end = jnp.minimum(jnp.max(cache_lengths_B) + num_new, cache_len)
   num_chunks = (end + chunk - 1) // chunk
-  precision = common.matmul_precision(q_BKMD.dtype)
+  precision = common.matmul_precision(q_BKQE.dtype)
 
   def body(c, carry):
     nominal = c * chunk
     start = jnp.minimum(nominal, cache_len - chunk)
-    slot_C = start + jnp.arange(chunk)
-    k_BCKD = lax.dynamic_slice_in_dim(k_cache_BSKD, start, chunk, axis=1)
-    v_BCKD = lax.dynamic_slice_in_dim(v_cache_BSKD, start, chunk, axis=1)
-    s = jnp.einsum('bkmd,bckd->bkmc', q_BKMD, k_BCKD, precision=precision,
+    slot_S = start + jnp.arange(chunk)
+    k_chunk_BSKE = lax.dynamic_slice_in_dim(k_cache_BSKE, start, chunk, axis=1)
+    v_chunk_BSKE = lax.dynamic_slice_in_dim(v_cache_BSKE, start, chunk, axis=1)
+    s = jnp.einsum('bkmd,bckd->bkmc', q_BKQE, k_chunk_BSKE, precision=precision,
                    preferred_element_type=jnp.float32) * scale
-    vis_BTC = (common.cache_visibility(cache_lengths_B, tree_mask_BTT, slot_C)
-               & (slot_C >= nominal))
-    s = jnp.where(vis_BTC[:, None, None], s.reshape(batch, kvh, group, num_new, chunk), -jnp.inf)
-    pv = lambda p: jnp.einsum('bkmc,bckd->bkmd', p.astype(v_cache_BSKD.dtype), v_BCKD,
+    vis_BTS = (common.cache_visibility(cache_lengths_B, tree_mask_BTT, slot_S)
+               & (slot_S >= nominal))
+    s = jnp.where(vis_BTS[:, None, None], s.reshape(batch, kvh, group, num_new, chunk), -jnp.inf)
+    pv = lambda p: jnp.einsum('bkmc,bckd->bkmd', p.astype(v_cache_BSKE.dtype), v_chunk_BSKE,
                               precision=precision, preferred_element_type=jnp.float32)
     return common.online_softmax_step(*carry, s.reshape(batch, kvh, rows, chunk), pv,
                                       masked=True)
@@ -71,4 +71,4 @@ def chunked_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths
     state = lax.fori_loop(0, num_chunks, body, init)
   o, _ = common.softmax_finish(*state)
   o = o.reshape(batch, kvh, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
-  return o.reshape(batch, num_new, num_heads, head_dim).astype(q_BTHD.dtype)
+  return o.reshape(batch, num_new, num_heads, head_dim).astype(q_BTHE.dtype)

@@ -1,6 +1,6 @@
 """Decode / tree-verify attention over a KV cache in Pallas (flash-decoding), Triton or interpret.
 
-T <= 128 new queries per row attend to a long KV cache `[B, S, K, D]`. The new tokens' K/V are
+T <= 128 new queries per row attend to a long KV cache `[B, S, K, E]`. The new tokens' K/V are
 already written at slots `[len_b, len_b + T)`; query t of row b sees every slot `j < len_b` and
 slot `len_b + t'` iff `tree_mask[b, t, t']` (a chain is the lower-triangular mask).
 
@@ -95,30 +95,30 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
   l_ref[...] = l
 
 
-def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree_mask_BTT,
+def decode_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths_B, tree_mask_BTT,
                      sm_scale=None, block_k=None, block_m=None, num_splits=None, interpret=None,
                      num_warps=None, num_stages=2):
   """Attention of T new queries against a KV cache (semantics in the module docstring).
 
   Args:
-    q_BTHD: `[B, T, H, D]` queries, 1 <= T <= 128 (`common.MAX_NEW_QUERIES`).
-    k_cache_BSKD, v_cache_BSKD: `[B, S, K, D]` caches, `H % K == 0`; q is cast to their dtype.
+    q_BTHE: `[B, T, H, E]` queries, 1 <= T <= 128 (`common.MAX_NEW_QUERIES`).
+    k_cache_BSKE, v_cache_BSKE: `[B, S, K, E]` caches, `H % K == 0`; q is cast to their dtype.
     cache_lengths_B: int `[B]`, tokens in the cache before the T new ones.
     tree_mask_BTT: bool `[B, T, T]`, visibility among the new tokens.
-    sm_scale: default `D ** -0.5`.
+    sm_scale: default `E ** -0.5`.
     block_k: key block (power of two >= 16 dividing S; default min(64, largest such)).
     block_m: query-row tile over the G*T rows of a kv head (power of two >= 16; default 64,
       clamped to the rows).
     num_splits: cache chunks per (row, kv head); default fills ~264 programs on GPU, 2 otherwise.
     interpret: default True unless running on a GPU.
   Returns:
-    `[B, T, H, D]` in q's dtype; a query that sees no slot gets zeros.
+    `[B, T, H, E]` in q's dtype; a query that sees no slot gets zeros.
   """
-  common.validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD,
+  common.validate_cache_inputs(q_BTHE, k_cache_BSKE, v_cache_BSKE,
                                cache_lengths_B=cache_lengths_B, tree_mask_BTT=tree_mask_BTT,
                                sm_scale=sm_scale)
-  batch, num_new, num_heads, head_dim = q_BTHD.shape
-  _, cache_len, num_kv_heads, _ = k_cache_BSKD.shape
+  batch, num_new, num_heads, head_dim = q_BTHE.shape
+  _, cache_len, num_kv_heads, _ = k_cache_BSKE.shape
   on_gpu = jax.default_backend() in ('gpu', 'cuda')
   if interpret is None:
     interpret = not on_gpu
@@ -129,7 +129,7 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
     raise ValueError(f'num_splits must be a positive int, got {num_splits!r}')
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
-  dtype = k_cache_BSKD.dtype
+  dtype = k_cache_BSKE.dtype
   group = num_heads // num_kv_heads
 
   # Head dim: Triton tiles are powers of two (a non power of two pads: a copy of the cache).
@@ -138,7 +138,7 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
   s_pad = -(-cache_len // _MIN_BLOCK) * _MIN_BLOCK
   if (d_pad, s_pad) != (head_dim, cache_len):
     pad = ((0, 0), (0, s_pad - cache_len), (0, 0), (0, d_pad - head_dim))
-    k_cache_BSKD, v_cache_BSKD = jnp.pad(k_cache_BSKD, pad), jnp.pad(v_cache_BSKD, pad)
+    k_cache_BSKE, v_cache_BSKE = jnp.pad(k_cache_BSKE, pad), jnp.pad(v_cache_BSKE, pad)
   if block_k is None:
     block_k = min(64, _largest_pow2_divisor(s_pad))
   elif s_pad % block_k:
@@ -156,8 +156,8 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
   blocks_per_split = -(-num_blocks // num_splits)
   num_splits = -(-num_blocks // blocks_per_split)
 
-  # q rows m = g * T + t of kv head k: [B, K, rows_pad, D].
-  q = q_BTHD.astype(dtype).reshape(batch, num_new, num_kv_heads, group, head_dim)
+  # q rows m = g * T + t of kv head k: [B, K, rows_pad, E].
+  q = q_BTHE.astype(dtype).reshape(batch, num_new, num_kv_heads, group, head_dim)
   q = q.transpose(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, rows, head_dim)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows_pad - rows), (0, d_pad - head_dim)))
   # Tree-mask window: W[b, m, block_k + t'] = tree[b, m % T, t'] for m < rows.
@@ -193,17 +193,17 @@ def decode_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tre
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name='decode_attention',
-  )(lengths, q, k_cache_BSKD, v_cache_BSKD, win)
+  )(lengths, q, k_cache_BSKE, v_cache_BSKE, win)
   o = combine_splits(o, m, l)[:, :, :rows, :head_dim]
   o = o.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
-  return o.reshape(batch, num_new, num_heads, head_dim).astype(q_BTHD.dtype)
+  return o.reshape(batch, num_new, num_heads, head_dim).astype(q_BTHE.dtype)
 
 
-def combine_splits(o_BKSMD, m_BKSM, l_BKSM):
+def combine_splits(o_BKXQE, m_BKXQ, l_BKXQ):
   """Merges per-split partials (unnormalized o, running max m, running sum l) over axis 2."""
-  m_max = jnp.max(m_BKSM, axis=2, keepdims=True)
+  m_max = jnp.max(m_BKXQ, axis=2, keepdims=True)
   m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp(m_BKSM - m_max)  # exp(-inf) = 0 for splits that saw nothing.
-  l = jnp.sum(w * l_BKSM, axis=2)
-  o = jnp.sum(w[..., None] * o_BKSMD, axis=2)
+  w = jnp.exp(m_BKXQ - m_max)  # exp(-inf) = 0 for splits that saw nothing.
+  l = jnp.sum(w * l_BKXQ, axis=2)
+  o = jnp.sum(w[..., None] * o_BKXQE, axis=2)
   return o / jnp.where(l == 0.0, 1.0, l)[..., None]

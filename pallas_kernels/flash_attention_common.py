@@ -332,28 +332,28 @@ def make_config(q, k, *, block_q, block_k, causal, q_segment_ids, sliding_window
 MAX_NEW_QUERIES = 128   # cache attention: T new queries per row (a decode step or a tree)
 
 
-def validate_cache_inputs(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B, tree_mask_BTT,
+def validate_cache_inputs(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths_B, tree_mask_BTT,
                           sm_scale):
   """The checks every cache-attention implementation makes (ValueError naming the argument)."""
-  for name, x in (('q_BTHD', q_BTHD), ('k_cache_BSKD', k_cache_BSKD),
-                  ('v_cache_BSKD', v_cache_BSKD)):
+  for name, x in (('q_BTHE', q_BTHE), ('k_cache_BSKE', k_cache_BSKE),
+                  ('v_cache_BSKE', v_cache_BSKE)):
     if getattr(x, 'ndim', None) != 4:
       raise ValueError(f'{name} must have rank 4, got shape {getattr(x, "shape", None)}')
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f'{name} must be a float array, got {x.dtype}')
-  batch, num_new, num_heads, head_dim = q_BTHD.shape
-  if k_cache_BSKD.shape != v_cache_BSKD.shape:
-    raise ValueError(f'k_cache_BSKD and v_cache_BSKD must have the same shape, got '
-                     f'{k_cache_BSKD.shape} and {v_cache_BSKD.shape}')
-  if k_cache_BSKD.dtype != v_cache_BSKD.dtype:
-    raise ValueError(f'k_cache_BSKD and v_cache_BSKD must share a dtype, got '
-                     f'{k_cache_BSKD.dtype} and {v_cache_BSKD.dtype}')
-  cb, cache_len, kvh, cd = k_cache_BSKD.shape
+  batch, num_new, num_heads, head_dim = q_BTHE.shape
+  if k_cache_BSKE.shape != v_cache_BSKE.shape:
+    raise ValueError(f'k_cache_BSKE and v_cache_BSKE must have the same shape, got '
+                     f'{k_cache_BSKE.shape} and {v_cache_BSKE.shape}')
+  if k_cache_BSKE.dtype != v_cache_BSKE.dtype:
+    raise ValueError(f'k_cache_BSKE and v_cache_BSKE must share a dtype, got '
+                     f'{k_cache_BSKE.dtype} and {v_cache_BSKE.dtype}')
+  cb, cache_len, kvh, cd = k_cache_BSKE.shape
   if cb != batch or cd != head_dim:
-    raise ValueError(f'k_cache_BSKD must be [batch={batch}, S, K, head_dim={head_dim}], '
-                     f'got {k_cache_BSKD.shape}')
+    raise ValueError(f'k_cache_BSKE must be [batch={batch}, S, K, head_dim={head_dim}], '
+                     f'got {k_cache_BSKE.shape}')
   if not 1 <= num_new <= MAX_NEW_QUERIES:
-    raise ValueError(f'q_BTHD must hold 1 <= T <= {MAX_NEW_QUERIES} new queries, got T={num_new}')
+    raise ValueError(f'q_BTHE must hold 1 <= T <= {MAX_NEW_QUERIES} new queries, got T={num_new}')
   if num_new > cache_len:
     raise ValueError(f'the cache length ({cache_len}) must be >= T ({num_new})')
   if kvh < 1 or num_heads % kvh:

@@ -120,7 +120,7 @@ def _pad_head_dim(*xs):
 
 
 def forward(q, k, v, q_ids, kv_ids, cfg, launch):
-  """Padded q `[B, Tq, H, D]`, k/v `[B, Tk, K, D]` -> (o `[B, Tq, H, D]`, lse `[B, H, Tq]` fp32)."""
+  """Padded q `[B, Tq, H, E]`, k/v `[B, Tk, K, E]` -> (o `[B, Tq, H, E]`, lse `[B, H, Tq]` fp32)."""
   head_dim = q.shape[-1]
   q, k, v = _pad_head_dim(q, k, v)
   batch, q_len, num_heads, d = q.shape

@@ -167,7 +167,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
 
 
 def forward(q, k, v, q_ids, kv_ids, cfg, launch):
-  """Padded q `[B, Tq, H, D]`, k/v `[B, Tk, K, D]` -> (o `[B, Tq, H, D]`, lse `[B, H, Tq]` fp32)."""
+  """Padded q `[B, Tq, H, E]`, k/v `[B, Tk, K, E]` -> (o `[B, Tq, H, E]`, lse `[B, H, Tq]` fp32)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads

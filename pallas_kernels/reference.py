@@ -41,8 +41,8 @@ def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
   if sm_scale is None:
     sm_scale = head_dim ** -0.5
   group = num_heads // num_kv_heads
-  q_BKGTD = q.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-  s = jnp.einsum('bkgqd,bskd->bkgqs', q_BKGTD, k, precision=precision) * sm_scale
+  q_BKGTE = q.reshape(batch, q_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  s = jnp.einsum('bkgqd,bskd->bkgqs', q_BKGTE, k, precision=precision) * sm_scale
   if logit_soft_cap is not None:
     s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
   visible = attention_mask(q_len, kv_len, causal=causal, q_segment_ids=q_segment_ids,
@@ -64,10 +64,10 @@ def reference_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
   return o, lse.reshape(batch, num_heads, q_len).astype(jnp.float32)
 
 
-def reference_cache_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, *, cache_lengths_B,
+def reference_cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths_B,
                               tree_mask_BTT, sm_scale=None):
   """Cache attention (`decode_attention`'s semantics) through the materialized softmax."""
   visible_BTS = common.cache_visibility(cache_lengths_B, tree_mask_BTT,
-                                        jnp.arange(k_cache_BSKD.shape[1]))
-  return reference_attention(q_BTHD, k_cache_BSKD, v_cache_BSKD, sm_scale=sm_scale,
+                                        jnp.arange(k_cache_BSKE.shape[1]))
+  return reference_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, sm_scale=sm_scale,
                              mask=visible_BTS[:, None])

@@ -166,7 +166,7 @@ def test_default_implementation_is_the_kernel_on_gpu_only():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(q=np.zeros((2, 3, 4))), 'q_BTHD must have rank 4'),
+    (dict(q=np.zeros((2, 3, 4))), 'q_BTHE must have rank 4'),
     (dict(q=np.zeros((2, 129, 4, 16), np.float32)), 'T <= 128'),
     (dict(k=np.zeros((2, 32, 3, 16), np.float32), v=np.zeros((2, 32, 3, 16), np.float32)),
      'divisible'),

@@ -33,7 +33,7 @@ def _jit(model, fn, **static):
 def _offline(model, tokens, positions, segment_ids, *, steps, kind):
   hidden = model(tokens, positions_BT=positions, segment_ids_BT=segment_ids).hidden_BTD
   return eagle.unroll(model, hidden, tokens, steps=steps, kind=kind, positions_BT=positions,
-                      segment_ids_BT=segment_ids).logits_SBTV
+                      segment_ids_BT=segment_ids).logits_JBTV
 
 
 @pytest.fixture(scope='module')
@@ -92,10 +92,10 @@ def test_cached_chain_draft_equals_offline_unroll(model, fns, kind):
   draft, fcache = draft_fn(fcache, outs.hidden_BTD, prompts, jnp.asarray(lengths), roots)
   np.testing.assert_array_equal(fcache.lengths, lengths)
   for b, n in enumerate(lengths):
-    seq = list(seqs[b, :n + 1]) + list(np.asarray(draft.tokens_BD[b, :-1]))
+    seq = list(seqs[b, :n + 1]) + list(np.asarray(draft.tokens_BJ[b, :-1]))
     want = _offline_logits(fns, kind, seq, n - 1)
-    np.testing.assert_allclose(draft.logits_BDV[b], want, atol=2e-5, rtol=1e-5)
-    np.testing.assert_array_equal(draft.tokens_BD[b], want.argmax(-1))
+    np.testing.assert_allclose(draft.logits_BJV[b], want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(draft.tokens_BJ[b], want.argmax(-1))
 
   # A verify step accepted (root + 2) and (root + 0) tokens of the data sequence.
   accepted = [3, 1]
@@ -107,8 +107,8 @@ def test_cached_chain_draft_equals_offline_unroll(model, fns, kind):
   nxt = jnp.asarray(seqs[np.arange(2), np.add(lengths, accepted)], jnp.int32)
   draft, fcache = draft_fn(fcache, new_hidden, new_tokens, jnp.asarray(accepted), nxt)
   for b, n in enumerate(np.add(lengths, accepted)):
-    seq = list(seqs[b, :n + 1]) + list(np.asarray(draft.tokens_BD[b, :-1]))
-    np.testing.assert_allclose(draft.logits_BDV[b], _offline_logits(fns, kind, seq, n - 1),
+    seq = list(seqs[b, :n + 1]) + list(np.asarray(draft.tokens_BJ[b, :-1]))
+    np.testing.assert_allclose(draft.logits_BJV[b], _offline_logits(fns, kind, seq, n - 1),
                                atol=2e-5, rtol=1e-5)
 
 

@@ -145,7 +145,7 @@ SMALL = CFG.replace(vocab_size=VOCAB, init_std=0.5)
 def _probs(graphdef, state, tokens):
   model = nnx.merge(graphdef, state)
   outs = model(tokens)
-  q = jax.nn.softmax(eagle_lib.unroll(model, outs.hidden_BTD, tokens, steps=2).logits_SBTV, -1)
+  q = jax.nn.softmax(eagle_lib.unroll(model, outs.hidden_BTD, tokens, steps=2).logits_JBTV, -1)
   return jax.nn.softmax(outs.logits_BTV, -1), q
 
 

@@ -135,7 +135,7 @@ def test_jit_vmap_composition():
   (q, k, v, do, _), _ = _inputs(1, 2, 24, 40, 2, 1, 32, jnp.float32)
 
   def run(attention, q, k, v, do):
-    # vmap over the batch axis of per-example [T, H, D] inputs, and the gradient through it.
+    # vmap over the batch axis of per-example [T, H, E] inputs, and the gradient through it.
     fv = jax.vmap(lambda q, k, v: attention(q[None], k[None], v[None], causal=True)[0])
     loss = lambda q, k, v: jnp.sum(fv(q, k, v) * do)
     return fv(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)

@@ -54,7 +54,7 @@ def test_head_loss_and_trunk_agreement_match_hand_computation():
   np.testing.assert_allclose(float(metrics['medusa_trunk_acc_2']), agree / count, rtol=1e-6)
   assert agree > 0
   # The trunk's own logits shifted by one agree with themselves exactly.
-  shifted = outputs.replace(medusa_logits_KBTV=jnp.stack([jnp.roll(jnp.asarray(trunk), -1, 1)] * 2))
+  shifted = outputs.replace(medusa_logits_JBTV=jnp.stack([jnp.roll(jnp.asarray(trunk), -1, 1)] * 2))
   assert float(M.trunk_agreement(shifted, jnp.asarray(tokens), jnp.asarray(seg),
                                  cfg)['medusa_trunk_acc_1']) == 1.0
 

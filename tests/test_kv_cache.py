@@ -59,14 +59,14 @@ def _check_drafts(graphdef, state, seq, n_new, next_tok, draft):
   for b in range(seq.shape[0]):
     n = int(n_new[b])
     toks[b, n] = int(next_tok[b])
-    d = np.array(draft.tokens_BD[b])
+    d = np.array(draft.tokens_BJ[b])
     toks[b, n + 1:n + len(d)] = d[:-1]
   ref = _np(full_forward(graphdef, state, jnp.asarray(toks)))
   for b in range(seq.shape[0]):
     n = int(n_new[b])
-    np.testing.assert_allclose(draft.logits_BDV[b], ref.mtp_logits_DBTV[:, b, n - 1],
+    np.testing.assert_allclose(draft.logits_BJV[b], ref.mtp_logits_JBTV[:, b, n - 1],
                                atol=ATOL, rtol=RTOL)
-    np.testing.assert_array_equal(draft.tokens_BD[b], np.argmax(draft.logits_BDV[b], -1))
+    np.testing.assert_array_equal(draft.tokens_BJ[b], np.argmax(draft.logits_BJV[b], -1))
 
 
 def test_prefill_then_decode_matches_full_forward(setup, monkeypatch):
@@ -92,8 +92,8 @@ def test_prefill_then_decode_matches_full_forward(setup, monkeypatch):
                                rtol=RTOL)
     np.testing.assert_allclose(out_np.hidden_BTD[b, :p], ref.hidden_BTD[b, :p], atol=ATOL,
                                rtol=RTOL)
-    np.testing.assert_allclose(out_np.medusa_logits_KBTV[:, b, :p],
-                               ref.medusa_logits_KBTV[:, b, :p], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(out_np.medusa_logits_JBTV[:, b, :p],
+                               ref.medusa_logits_JBTV[:, b, :p], atol=ATOL, rtol=RTOL)
   np.testing.assert_array_equal(cache.lengths, prompt_lengths)
   next_tok = seq[jnp.arange(batch), prompt_lengths]
   draft, mcache = mtp_draft(graphdef, state, mcache, out.hidden_BTD, prompts, prompt_lengths,
@@ -117,8 +117,8 @@ def test_prefill_then_decode_matches_full_forward(setup, monkeypatch):
                                  rtol=RTOL)
       np.testing.assert_allclose(out_np.hidden_BTD[b], ref.hidden_BTD[b, nb:nb + 3], atol=ATOL,
                                  rtol=RTOL)
-      np.testing.assert_allclose(out_np.medusa_logits_KBTV[:, b],
-                                 ref.medusa_logits_KBTV[:, b, nb:nb + 3], atol=ATOL, rtol=RTOL)
+      np.testing.assert_allclose(out_np.medusa_logits_JBTV[:, b],
+                                 ref.medusa_logits_JBTV[:, b, nb:nb + 3], atol=ATOL, rtol=RTOL)
     path = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (batch, 3))
     cache = commit(cache, path, accepted)
     np.testing.assert_array_equal(cache.lengths, n + accepted)
@@ -202,7 +202,7 @@ def test_decode_step_compiles_once(setup):
     accepted = jnp.array([2, 1], jnp.int32)
     cache = M.commit(cache, jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (batch, 2)), accepted)
     draft, mcache = M.mtp_draft(model, mcache, out.hidden_BTD, tokens_BT, accepted, next_B)
-    return cache, mcache, draft.tokens_BD
+    return cache, mcache, draft.tokens_BJ
 
   model = nnx.merge(graphdef, state)
   cache = M.init_cache(model, batch, MAX_LEN)
@@ -250,11 +250,11 @@ def test_low_precision_decode_matches_full_forward(setup, policy):
     for name, got, want in (
         ('logits', out.logits_BTV[b], full.logits_BTV[b, n:n + 2]),
         ('hidden', out.hidden_BTD[b], full.hidden_BTD[b, n:n + 2]),
-        ('medusa', out.medusa_logits_KBTV[:, b], full.medusa_logits_KBTV[:, b, n:n + 2])):
+        ('medusa', out.medusa_logits_JBTV[:, b], full.medusa_logits_JBTV[:, b, n:n + 2])):
       assert np.all(np.isfinite(got)), name
       err = np.max(np.abs(got.astype(np.float64) - want)) / np.max(np.abs(want))
       assert err < tol, (policy, name, b, err)
-  assert np.all(np.isfinite(full.mtp_logits_DBTV))
+  assert np.all(np.isfinite(full.mtp_logits_JBTV))
 
 
 def test_bad_decode_inputs_raise(setup):

@@ -86,13 +86,13 @@ def test_packed_documents_are_independent(model_fn):
   tol = dict(atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(packed.logits_BTV[0, :7], doc1.logits_BTV[1, :7], **tol)
   np.testing.assert_allclose(packed.logits_BTV[0, 7:], alone2.logits_BTV[0, :5], **tol)
-  np.testing.assert_allclose(packed.medusa_logits_KBTV[:, 0, 7:], alone2.medusa_logits_KBTV[:, 0, :5],
+  np.testing.assert_allclose(packed.medusa_logits_JBTV[:, 0, 7:], alone2.medusa_logits_JBTV[:, 0, :5],
                              **tol)
   for k in (1, 2):  # module k at i reads t_{i+k}: compare where that stays inside the document
-    np.testing.assert_allclose(packed.mtp_logits_DBTV[k - 1, 0, :7 - k],
-                               doc1.mtp_logits_DBTV[k - 1, 1, :7 - k], **tol)
-    np.testing.assert_allclose(packed.mtp_logits_DBTV[k - 1, 0, 7:12 - k],
-                               alone2.mtp_logits_DBTV[k - 1, 0, :5 - k], **tol)
+    np.testing.assert_allclose(packed.mtp_logits_JBTV[k - 1, 0, :7 - k],
+                               doc1.mtp_logits_JBTV[k - 1, 1, :7 - k], **tol)
+    np.testing.assert_allclose(packed.mtp_logits_JBTV[k - 1, 0, 7:12 - k],
+                               alone2.mtp_logits_JBTV[k - 1, 0, :5 - k], **tol)
 
 
 def test_mtp_and_trunk_are_causal(model_fn):
@@ -105,11 +105,11 @@ def test_mtp_and_trunk_are_causal(model_fn):
   np.testing.assert_allclose(base.logits_BTV[:, :p], changed.logits_BTV[:, :p], atol=1e-6)
   assert not np.allclose(base.logits_BTV[:, p], changed.logits_BTV[:, p], atol=1e-4)
   for k in (1, 2):
-    np.testing.assert_allclose(base.mtp_logits_DBTV[k - 1, :, :p - k],
-                               changed.mtp_logits_DBTV[k - 1, :, :p - k], atol=1e-6)
+    np.testing.assert_allclose(base.mtp_logits_JBTV[k - 1, :, :p - k],
+                               changed.mtp_logits_JBTV[k - 1, :, :p - k], atol=1e-6)
     # Position p - k reads t_p itself.
-    assert not np.allclose(base.mtp_logits_DBTV[k - 1, :, p - k],
-                           changed.mtp_logits_DBTV[k - 1, :, p - k], atol=1e-4)
+    assert not np.allclose(base.mtp_logits_JBTV[k - 1, :, p - k],
+                           changed.mtp_logits_JBTV[k - 1, :, p - k], atol=1e-4)
 
 
 @pytest.mark.parametrize('shared', [True, False])

@@ -165,7 +165,7 @@ def test_on_8_devices_meshes_specs_and_sharded_compute():
     def forward(state, b):
       out = nnx.merge(graphdef, state)(b['tokens'], positions_BT=b['positions'],
                                        segment_ids_BT=b['segment_ids'])
-      return out.logits_BTV, out.mtp_logits_DBTV, out.medusa_logits_KBTV
+      return out.logits_BTV, out.mtp_logits_JBTV, out.medusa_logits_JBTV
 
     ref = forward(state, {k: jnp.asarray(v) for k, v in batch.items()})
     res = forward(sharded, gbatch)

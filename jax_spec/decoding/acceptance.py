@@ -145,7 +145,7 @@ def _normalize_or(residual_V, fallback_V):
   return jnp.where(total > 0, residual_V / jnp.where(total > 0, total, 1.0), fallback_V)
 
 
-def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_probs_BTV=None):
+def rejection_walk(tree: Tree, uniform_BJC, tokens_BT, target_probs_BTV, draft_probs_BTV=None):
   """The deterministic part of `accept_rejection` given its uniforms `[B, max(depth, 1), width]`.
 
   Returns `(num_accepted_B, path_BP, next_probs_BV)`: the distribution the next token is drawn
@@ -154,7 +154,7 @@ def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_p
   _, _, children, batched = _layout(tree)
   depth, width = tree.max_depth, children.shape[-1]
 
-  def row(children_TC, tokens_T, p_TV, q_TV, uniform_DC):
+  def row(children_TC, tokens_T, p_TV, q_TV, uniform_JC):
     p_TV = p_TV.astype(jnp.float32)
 
     def level(d, carry):
@@ -172,7 +172,7 @@ def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_p
         else:
           accept_prob = jnp.minimum(1.0, p_V[x] / jnp.maximum(q_V[x], 1e-30))
           rejected_V = jnp.maximum(p_V - q_V, 0.0)
-        accepted = trying & (uniform_DC[d, c] < accept_prob)
+        accepted = trying & (uniform_JC[d, c] < accept_prob)
         chosen = jnp.where(accepted, child, chosen)
         p_V = jnp.where(trying & ~accepted, _normalize_or(rejected_V, p_V), p_V)
         return chosen, p_V
@@ -192,7 +192,7 @@ def rejection_walk(tree: Tree, uniform_BDC, tokens_BT, target_probs_BTV, draft_p
 
   in_axes = (0 if batched else None, 0, 0, None if draft_probs_BTV is None else 0, 0)
   return jax.vmap(row, in_axes=in_axes)(children, tokens_BT, target_probs_BTV, draft_probs_BTV,
-                                        uniform_BDC)
+                                        uniform_BJC)
 
 
 def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_BTV=None) -> Accepted:
@@ -204,7 +204,7 @@ def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_B
   batch = tokens_BT.shape[0]
   u_key, s_key = jax.random.split(rng)
   width = _layout(tree)[2].shape[-1]
-  uniform_BDC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), width))
-  num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BDC, tokens_BT, target_probs_BTV,
+  uniform_BJC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), width))
+  num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BJC, tokens_BT, target_probs_BTV,
                                                  draft_probs_BTV)
   return Accepted(num_B, path_BP, sampling.sample_probs(s_key, next_probs_BV))

@@ -90,7 +90,7 @@ def unavailable_reason(name: str, backend: str, dtype) -> str | None:
 
 
 def attention_fn(name: str, causal: bool, num_heads: int, head_dim: int):
-  """`f(q, k, v) -> o` for one implementation, inputs `[B, T, H|K, D]`."""
+  """`f(q, k, v) -> o` for one implementation, inputs `[B, T, H|K, E]`."""
   if name in ('xla', 'pallas', 'reference'):
     return functools.partial(dot_product_attention, causal=causal, implementation=name)
   if name == 'jax':

@@ -22,12 +22,12 @@ def head_logits_and_targets(model, tokens_BT, segment_ids_BT, drafter: str):
   if drafter not in HEAD_DRAFTERS:
     raise ValueError(f'drafter must be one of {HEAD_DRAFTERS}, got {drafter!r}')
   out = model(tokens_BT, segment_ids_BT=segment_ids_BT)
-  logits_KBTV = out.medusa_logits_KBTV if drafter == 'medusa' else out.mtp_logits_DBTV
-  num_heads, batch, seq_len, vocab = logits_KBTV.shape
-  targets_KBT, valid_KBT = zip(*(shifted_targets(tokens_BT, segment_ids_BT, k + 1)
+  logits_JBTV = out.medusa_logits_JBTV if drafter == 'medusa' else out.mtp_logits_JBTV
+  num_heads, batch, seq_len, vocab = logits_JBTV.shape
+  targets_JBT, valid_JBT = zip(*(shifted_targets(tokens_BT, segment_ids_BT, k + 1)
                                  for k in range(1, num_heads + 1)))
-  return (logits_KBTV.reshape(num_heads, batch * seq_len, vocab),
-          jnp.stack(targets_KBT).reshape(num_heads, -1), jnp.stack(valid_KBT).reshape(num_heads, -1))
+  return (logits_JBTV.reshape(num_heads, batch * seq_len, vocab),
+          jnp.stack(targets_JBT).reshape(num_heads, -1), jnp.stack(valid_JBT).reshape(num_heads, -1))
 
 
 def measure_head_accuracies(model, data, drafter: str, *, topk: int, num_batches: int,

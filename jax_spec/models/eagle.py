@@ -35,16 +35,16 @@ DRAFTER_KINDS = ('eagle', 'mtp')
 
 
 class Unrolled(NamedTuple):
-  """`features_SBTD[s - 1]` at chain start i predicts h_{i+s}; `logits_SBTV` (fp32) t_{i+s+1}."""
-  features_SBTD: jax.Array
-  logits_SBTV: jax.Array
+  """`features_JBTD[s - 1]` at chain start i predicts h_{i+s}; `logits_JBTV` (fp32) t_{i+s+1}."""
+  features_JBTD: jax.Array
+  logits_JBTV: jax.Array
 
 
 @struct.dataclass
 class FeatureCache:
   """A feature drafter's KV cache.
 
-  `k`, `v`: [L, B, S, K, Dh] (L = the module's blocks); `lengths`: [B] exact entries, equal to the
+  `k`, `v`: [L, B, S, K, E] (L = the module's blocks); `lengths`: [B] exact entries, equal to the
   trunk's length n (entry j reads h_j and t_{j+1}, and t_n, the root, is known); `feature_BD`: the
   module's prediction of h_n (its output at entry n - 1), the feature depth 1 drafts from.
   Slots >= lengths hold the last call's drafts and are overwritten by the next update.
@@ -56,9 +56,9 @@ class FeatureCache:
 
 
 class FeatureDraft(NamedTuple):
-  """`tokens_BD[:, d - 1]` drafts t_{n+d}; `logits_BDV` (fp32) the distribution it came from."""
-  tokens_BD: jax.Array
-  logits_BDV: jax.Array
+  """`tokens_BJ[:, d - 1]` drafts t_{n+d}; `logits_BJV` (fp32) the distribution it came from."""
+  tokens_BJ: jax.Array
+  logits_BJV: jax.Array
 
 
 def drafter_module(model: Transformer, kind: str) -> MTPModule:
@@ -90,9 +90,9 @@ def _shift(tokens_BT, offset):
 
 def _block_with_attention(block, x_BTD, positions_BT, attend):
   """`Block.__call__` with the attention replaced by `attend(q, k, v) -> o`; returns (x, k, v)."""
-  q_BTHD, k_BTKD, v_BTKD = block.attn.qkv(block.attn_norm(x_BTD), positions_BT)
-  x_BTD = x_BTD + block.attn.out(attend(q_BTHD, k_BTKD, v_BTKD).astype(x_BTD.dtype))
-  return x_BTD + block.mlp(block.mlp_norm(x_BTD)), k_BTKD, v_BTKD
+  q_BTHE, k_BTKE, v_BTKE = block.attn.qkv(block.attn_norm(x_BTD), positions_BT)
+  x_BTD = x_BTD + block.attn.out(attend(q_BTHE, k_BTKE, v_BTKE).astype(x_BTD.dtype))
+  return x_BTD + block.mlp(block.mlp_norm(x_BTD)), k_BTKE, v_BTKE
 
 
 def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str = 'eagle',
@@ -125,7 +125,7 @@ def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str =
     step_kv = []
     for l, block in enumerate(module.blocks):
       if s == 1:
-        x_BTD, k_BTKD, v_BTKD = block(x_BTD, pos_BT, segment_ids_BT)
+        x_BTD, k_BTKE, v_BTKE = block(x_BTD, pos_BT, segment_ids_BT)
       else:
         def attend(q, k, v, l=l):
           ks = [kv_by_step[0][l][0]] + [kv[l][0] for kv in kv_by_step[1:]] + [k]
@@ -133,8 +133,8 @@ def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str =
           mask_BTS = jnp.concatenate([exact_BTT] + [own_BTT] * (s - 1), axis=2)
           return reference_attention(q, jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
                                      mask=mask_BTS[:, None])
-        x_BTD, k_BTKD, v_BTKD = _block_with_attention(block, x_BTD, pos_BT, attend)
-      step_kv.append((k_BTKD, v_BTKD))
+        x_BTD, k_BTKE, v_BTKE = _block_with_attention(block, x_BTD, pos_BT, attend)
+      step_kv.append((k_BTKE, v_BTKE))
     kv_by_step.append(step_kv)
     feature_BTD, logits_BTV = _read(model, x_BTD)
     features.append(feature_BTD)

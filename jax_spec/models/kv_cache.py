@@ -23,7 +23,7 @@ MAX_NEW_TOKENS_PER_CALL = 128
 
 @struct.dataclass
 class KVCache:
-  """`k`, `v`: [L, B, S, K, Dh] in the compute dtype; `lengths`: [B] int32 committed slots."""
+  """`k`, `v`: [L, B, S, K, E] in the compute dtype; `lengths`: [B] int32 committed slots."""
   k: jax.Array
   v: jax.Array
   lengths: jax.Array
@@ -38,16 +38,16 @@ class DecodeOutputs:
   """Per-token outputs of `prefill` / `extend` (logits fp32, hidden final-normed)."""
   logits_BTV: jax.Array
   hidden_BTD: jax.Array
-  medusa_logits_KBTV: jax.Array | None = None
+  medusa_logits_JBTV: jax.Array | None = None
 
 
 @struct.dataclass
 class MTPCache:
   """State of the MTP modules' caches (module k holds exact entries < max(lengths - k + 1, 0)).
 
-  `k`, `v`: [D, B, S, K, Dh]; `lengths`: [B] trunk length seen so far (n); `tokens`: [B, S + D + 1]
+  `k`, `v`: [J, B, S, K, E]; `lengths`: [B] trunk length seen so far (n); `tokens`: [B, S + J + 1]
   token at each position (committed, then the next token, then the drafts of the last call);
-  `prev_hidden`: [D, B, d_model], module k's output at its last exact position.
+  `prev_hidden`: [J, B, D], module k's output at its last exact position.
   """
   k: jax.Array
   v: jax.Array
@@ -58,9 +58,9 @@ class MTPCache:
 
 @struct.dataclass
 class MTPDraft:
-  """`tokens_BD[:, k-1]` drafts t_{n'+k}; `logits_BDV` the fp32 draft logits it was chosen from."""
-  tokens_BD: jax.Array
-  logits_BDV: jax.Array
+  """`tokens_BJ[:, k-1]` drafts t_{n'+k}; `logits_BJV` the fp32 draft logits it was chosen from."""
+  tokens_BJ: jax.Array
+  logits_BJV: jax.Array
 
 
 def _check_model(model):
@@ -225,7 +225,7 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
     next_token_B: the trunk's token at position n' = n + num_new (from the logits at n' - 1).
     select_fn: `(logits_BV, k) -> tokens_B` picks draft k (from 1); default argmax.
   Returns:
-    (MTPDraft(tokens_BD, logits_BDV), cache) with drafts for t_{n'+1} .. t_{n'+D}.
+    (MTPDraft(tokens_BJ, logits_BJV), cache) with drafts for t_{n'+1} .. t_{n'+D}.
 
   Module k processes one window of W = A + D - 1 consecutive positions starting at its exact
   length c_k = max(n - k + 1, 0): the entries up to c'_k = max(n' - k + 1, 0) are exact (all the

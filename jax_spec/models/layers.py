@@ -108,14 +108,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
                    jnp.where(wavelen < old_len / scaling.high_freq_factor, inv_freq, blended))
 
 
-def apply_rope(x_BTHD, positions_BT, theta: float, scaling: RopeScaling | None = None):
+def apply_rope(x_BTHE, positions_BT, theta: float, scaling: RopeScaling | None = None):
   """Rotary embedding (rotate-half form), computed in fp32."""
-  inv_freq = rope_inv_freq(x_BTHD.shape[-1], theta, scaling)
+  inv_freq = rope_inv_freq(x_BTHE.shape[-1], theta, scaling)
   angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
-  x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTHD.dtype)
+  return out.astype(x_BTHE.dtype)
 
 
 def positions_from_segments(segment_ids_BT):
@@ -129,10 +129,10 @@ def positions_from_segments(segment_ids_BT):
   return idx_T - start_BT
 
 
-def write_cache(cache_LBSKD, layer: int, new_BTKD, slots_BT):
-  """Scatters `new_BTKD` into `cache[layer, b, slots[b, t]]`; out-of-range slots are dropped."""
-  rows_BT = jnp.broadcast_to(jnp.arange(new_BTKD.shape[0])[:, None], slots_BT.shape)
-  return cache_LBSKD.at[layer, rows_BT, slots_BT].set(new_BTKD.astype(cache_LBSKD.dtype),
+def write_cache(cache_LBSKE, layer: int, new_BTKE, slots_BT):
+  """Scatters `new_BTKE` into `cache[layer, b, slots[b, t]]`; out-of-range slots are dropped."""
+  rows_BT = jnp.broadcast_to(jnp.arange(new_BTKE.shape[0])[:, None], slots_BT.shape)
+  return cache_LBSKE.at[layer, rows_BT, slots_BT].set(new_BTKE.astype(cache_LBSKE.dtype),
                                                       mode='drop')
 
 
@@ -159,33 +159,33 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BTD, positions_BT, fused: bool = False):
     if fused:
-      q_BTHD, k_BTKD, v_BTKD = fused_dense(x_BTD, (self.q, self.k, self.v))
+      q_BTHE, k_BTKE, v_BTKE = fused_dense(x_BTD, (self.q, self.k, self.v))
     else:
-      q_BTHD, k_BTKD, v_BTKD = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
+      q_BTHE, k_BTKE, v_BTKE = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if self.q_norm is not None:
-      q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
-    q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta, self.rope_scaling)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta, self.rope_scaling)
-    return q_BTHD, k_BTKD, v_BTKD
+      q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+    q_BTHE = apply_rope(q_BTHE, positions_BT, self.rope_theta, self.rope_scaling)
+    k_BTKE = apply_rope(k_BTKE, positions_BT, self.rope_theta, self.rope_scaling)
+    return q_BTHE, k_BTKE, v_BTKE
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
     """Causal self-attention over the sequence; also returns this layer's K and V."""
-    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
-    o_BTHD = attention_lib.dot_product_attention(
-        q_BTHD, k_BTKD, v_BTKD, causal=True, q_segment_ids=segment_ids_BT,
+    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, positions_BT)
+    o_BTHE = attention_lib.dot_product_attention(
+        q_BTHE, k_BTKE, v_BTKE, causal=True, q_segment_ids=segment_ids_BT,
         kv_segment_ids=segment_ids_BT, implementation=self.impl)
-    return self.out(o_BTHD), k_BTKD, v_BTKD
+    return self.out(o_BTHE), k_BTKE, v_BTKE
 
   def decode(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, lengths_B, tree_mask_BTT):
     """New tokens against the cache: writes K/V at slots `[len, len + T)`, then attends."""
-    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT, fused=True)
+    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, positions_BT, fused=True)
     slots_BT = lengths_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
-    k_cache = write_cache(k_cache, layer, k_BTKD, slots_BT)
-    v_cache = write_cache(v_cache, layer, v_BTKD, slots_BT)
-    o_BTHD = attention_lib.cache_attention(
-        q_BTHD, k_cache[layer], v_cache[layer], cache_lengths_B=lengths_B,
+    k_cache = write_cache(k_cache, layer, k_BTKE, slots_BT)
+    v_cache = write_cache(v_cache, layer, v_BTKE, slots_BT)
+    o_BTHE = attention_lib.cache_attention(
+        q_BTHE, k_cache[layer], v_cache[layer], cache_lengths_B=lengths_B,
         tree_mask_BTT=tree_mask_BTT, implementation=self.impl)
-    return self.out(o_BTHD.astype(x_BTD.dtype)), k_cache, v_cache
+    return self.out(o_BTHE.astype(x_BTD.dtype)), k_cache, v_cache
 
 
 class SwiGLU(nnx.Module):
@@ -217,9 +217,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
     """Returns (x, k, v); k/v are what prefill writes into the cache."""
-    a_BTD, k_BTKD, v_BTKD = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    a_BTD, k_BTKE, v_BTKE = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
     x_BTD = x_BTD + a_BTD
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BTKD, v_BTKD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BTKE, v_BTKE
 
   def decode(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, lengths_B, tree_mask_BTT):
     a_BTD, k_cache, v_cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, k_cache,

@@ -118,14 +118,14 @@ def _head_logits(outputs, config, eagle):
   """(name, offset, logits_BTV) of every head prediction: t_{i+offset} at position i."""
   heads = []
   if config.mtp_depth:
-    heads += [('mtp', k, k + 1, outputs.mtp_logits_DBTV[k - 1])
+    heads += [('mtp', k, k + 1, outputs.mtp_logits_JBTV[k - 1])
               for k in range(1, config.mtp_depth + 1)]
   if config.medusa_heads:
-    heads += [('medusa', k, k + 1, outputs.medusa_logits_KBTV[k - 1])
+    heads += [('medusa', k, k + 1, outputs.medusa_logits_JBTV[k - 1])
               for k in range(1, config.medusa_heads + 1)]
   if eagle is not None:
-    heads += [('eagle', s, s + 1, eagle.logits_SBTV[s - 1])
-              for s in range(1, eagle.logits_SBTV.shape[0] + 1)]
+    heads += [('eagle', s, s + 1, eagle.logits_JBTV[s - 1])
+              for s in range(1, eagle.logits_JBTV.shape[0] + 1)]
   return heads
 
 
@@ -164,25 +164,25 @@ def compute_losses(outputs, tokens_BT, segment_ids_BT, config: TransformerConfig
   main_loss, metrics['main_acc'] = cross_entropy(outputs.logits_BTV, targets, valid)
   metrics['main_loss'] = main_loss
   loss = main_loss
-  if config.mtp_depth and outputs.mtp_logits_DBTV is None:
-    raise ValueError('config.mtp_depth > 0 but outputs.mtp_logits_DBTV is None')
-  if config.medusa_heads and outputs.medusa_logits_KBTV is None:
-    raise ValueError('config.medusa_heads > 0 but outputs.medusa_logits_KBTV is None')
+  if config.mtp_depth and outputs.mtp_logits_JBTV is None:
+    raise ValueError('config.mtp_depth > 0 but outputs.mtp_logits_JBTV is None')
+  if config.medusa_heads and outputs.medusa_logits_JBTV is None:
+    raise ValueError('config.medusa_heads > 0 but outputs.medusa_logits_JBTV is None')
   if bool(config.eagle_layers) != (eagle is not None):
     raise ValueError(f'eagle outputs must be given iff config.eagle_layers > 0 (eagle_layers = '
                      f'{config.eagle_layers}, eagle outputs given: {eagle is not None})')
   weight = {'mtp': lambda k: mtp_lambda / config.mtp_depth, 'medusa': lambda k: medusa_weight ** k,
-            'eagle': lambda s: head.eagle_token_weight / eagle.logits_SBTV.shape[0]}
+            'eagle': lambda s: head.eagle_token_weight / eagle.logits_JBTV.shape[0]}
   for kind, k, offset, logits_BTV in _head_logits(outputs, config, eagle):
     l, a = head_loss(logits_BTV, tokens_BT, segment_ids_BT, offset, outputs.logits_BTV, head)
     metrics[f'{kind}_loss_{k}'], metrics[f'{kind}_acc_{k}'] = l, a
     loss = loss + weight[kind](k) * l
   if eagle is not None:
-    num_steps = eagle.features_SBTD.shape[0]
+    num_steps = eagle.features_JBTD.shape[0]
     for s in range(1, num_steps + 1):
       _, valid = shifted_targets(tokens_BT, segment_ids_BT, s)
       target_BTD = jax.lax.stop_gradient(_shift(outputs.hidden_BTD, s))
-      l = smooth_l1(eagle.features_SBTD[s - 1], target_BTD, valid)
+      l = smooth_l1(eagle.features_JBTD[s - 1], target_BTD, valid)
       metrics[f'eagle_feature_loss_{s}'] = l
       loss = loss + head.eagle_feature_weight / num_steps * l
   metrics['loss'] = loss

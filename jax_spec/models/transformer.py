@@ -16,8 +16,8 @@ class ModelOutputs:
   """Full-sequence outputs. Logits are fp32; `hidden_BTD` is the final-normed trunk state."""
   logits_BTV: jax.Array
   hidden_BTD: jax.Array
-  mtp_logits_DBTV: jax.Array | None = None
-  medusa_logits_KBTV: jax.Array | None = None
+  mtp_logits_JBTV: jax.Array | None = None
+  medusa_logits_JBTV: jax.Array | None = None
 
 
 class MTPModule(nnx.Module):
@@ -166,13 +166,13 @@ class Transformer(nnx.Module):
 
   def trunk(self, tokens_BT, positions_BT, segment_ids_BT=None):
     """Embedding, blocks and final norm: `(hidden_BTD final-normed, ks, vs)`, with each layer's
-    K/V `[B, T, K, Dh]` (what `kv_cache.prefill` writes; unused K/V vanish under jit)."""
+    K/V `[B, T, K, E]` (what `kv_cache.prefill` writes; unused K/V vanish under jit)."""
     x_BTD = self.embed_tokens(tokens_BT)
     ks, vs = [], []
     for layer in self.layers:
-      x_BTD, k_BTKD, v_BTKD = layer(x_BTD, positions_BT, segment_ids_BT)
-      ks.append(k_BTKD)
-      vs.append(v_BTKD)
+      x_BTD, k_BTKE, v_BTKE = layer(x_BTD, positions_BT, segment_ids_BT)
+      ks.append(k_BTKE)
+      vs.append(v_BTKE)
     return self.final_norm(x_BTD), ks, vs
 
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None) -> ModelOutputs:

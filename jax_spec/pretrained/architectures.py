@@ -7,8 +7,8 @@ GQA / SwiGLU decoder; they differ in attention biases, q/k norm, head_dim and ro
 `rope_scaling`, as most hub checkpoints) and v5 (`rope_parameters`).
 
 Tensor layout: Hugging Face linear weights are [out, in] (torch.nn.Linear); ours are [in..., out...]
-kernels (`Dense`), e.g. q_proj [H * Dh, D] <-> q.kernel [D, H, Dh], o_proj [D, H * Dh] <->
-out.kernel [H, Dh, D]. RoPE needs no permutation: Hugging Face checkpoints already use the
+kernels (`Dense`), e.g. q_proj [H * E, D] <-> q.kernel [D, H, E], o_proj [D, H * E] <->
+out.kernel [H, E, D]. RoPE needs no permutation: Hugging Face checkpoints already use the
 rotate-half convention that `layers.apply_rope` implements.
 """
 from __future__ import annotations

@@ -175,10 +175,10 @@ def gather_nodes(x_BT, idx_BP):
   return jnp.take_along_axis(x_BT, idx, axis=1)
 
 
-def tree_tokens_from_ranks(tree: Tree, root_B, topk_DBk, chain_BD=None):
+def tree_tokens_from_ranks(tree: Tree, root_B, topk_JBk, chain_BJ=None):
   """Node tokens: root, then for node t the rank_t-th candidate of depth_t (chain override rank 0)."""
   depth_T, rank_T = tree.depth_T[1:] - 1, tree.rank_T[1:]
-  nodes_BT = topk_DBk[depth_T, :, rank_T].T                 # [B, T-1]
-  if chain_BD is not None:
-    nodes_BT = jnp.where(jnp.asarray(rank_T == 0)[None], chain_BD[:, depth_T], nodes_BT)
+  nodes_BT = topk_JBk[depth_T, :, rank_T].T                 # [B, T-1]
+  if chain_BJ is not None:
+    nodes_BT = jnp.where(jnp.asarray(rank_T == 0)[None], chain_BJ[:, depth_T], nodes_BT)
   return jnp.concatenate([root_B[:, None], nodes_BT], axis=1).astype(jnp.int32)

@@ -37,7 +37,7 @@ class DraftModelState(NamedTuple):
 class DraftModelTreeState(NamedTuple):
   """Dynamic trees: the cache lacks the root and the `num_pending_B` drafts accepted last step."""
   cache: models.KVCache
-  pending_BD: jax.Array         # int32 [B, D]: those accepted drafts, in order
+  pending_BJ: jax.Array         # int32 [B, J]: those accepted drafts, in order
   num_pending_B: jax.Array      # int32 [B]
 
 
@@ -111,25 +111,25 @@ class DraftModelDrafter(base.Drafter):
     cache = models.commit(cache, path_B2, jnp.where(pending_B, 2, 1).astype(jnp.int32))
 
     def draft_step(j, carry):
-      cache, tok_B, tokens_BD, q_BDV = carry
+      cache, tok_B, tokens_BJ, q_BJV = carry
       douts, cache = models.extend(draft_model, tok_B[:, None], jnp.zeros((batch, 1), jnp.int32),
                                    jnp.ones((batch, 1, 1), bool), cache)
       cache = models.advance(cache, jnp.ones((batch,), jnp.int32))
       tok_B, q_BV = self._pick(douts.logits_BTV[:, 0], key, j)
-      tokens_BD = tokens_BD.at[:, j].set(tok_B)
-      q_BDV = q_BDV.at[:, j].set(q_BV) if self.sample_drafts else q_BDV
-      return cache, tok_B, tokens_BD, q_BDV
+      tokens_BJ = tokens_BJ.at[:, j].set(tok_B)
+      q_BJV = q_BJV.at[:, j].set(q_BV) if self.sample_drafts else q_BJV
+      return cache, tok_B, tokens_BJ, q_BJV
 
     tok_B, q_BV = self._pick(douts.logits_BTV[:, 1], key, 0)
     vocab = q_BV.shape[-1]
-    tokens_BD = jnp.zeros((batch, depth), jnp.int32).at[:, 0].set(tok_B)
-    q_BDV = jnp.zeros((batch, depth, vocab), jnp.float32)
+    tokens_BJ = jnp.zeros((batch, depth), jnp.int32).at[:, 0].set(tok_B)
+    q_BJV = jnp.zeros((batch, depth, vocab), jnp.float32)
     if self.sample_drafts:
-      q_BDV = q_BDV.at[:, 0].set(q_BV)
-    cache, _, tokens_BD, q_BDV = jax.lax.fori_loop(1, depth, draft_step,
-                                                   (cache, tok_B, tokens_BD, q_BDV))
-    tokens_BT = jnp.concatenate([root_B[:, None], tokens_BD], axis=1)
-    q_BTV = jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1) if self.sample_drafts else None
+      q_BJV = q_BJV.at[:, 0].set(q_BV)
+    cache, _, tokens_BJ, q_BJV = jax.lax.fori_loop(1, depth, draft_step,
+                                                   (cache, tok_B, tokens_BJ, q_BJV))
+    tokens_BT = jnp.concatenate([root_B[:, None], tokens_BJ], axis=1)
+    q_BTV = jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1) if self.sample_drafts else None
     return base.Candidates(tokens_BT, q_BTV), state._replace(cache=cache)
 
   def expand(self, ctx, state, frontier):
@@ -139,7 +139,7 @@ class DraftModelDrafter(base.Drafter):
       width, num_B = self.tree.depth + 1, state.num_pending_B
       j_W = jnp.arange(width)
       tokens_BW = jnp.where(j_W[None] < num_B[:, None],
-                            jnp.pad(state.pending_BD, ((0, 0), (0, 1))),
+                            jnp.pad(state.pending_BJ, ((0, 0), (0, 1))),
                             jnp.where(j_W[None] == num_B[:, None], frontier.tokens_BM[:, :1], 0))
       outs, cache = models.extend(ctx.module, tokens_BW, jnp.broadcast_to(j_W, (batch, width)),
                                   jnp.broadcast_to(jnp.tril(jnp.ones((width, width), bool)),

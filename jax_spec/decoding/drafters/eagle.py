@@ -76,12 +76,12 @@ class _FeatureDrafter(base.Drafter):
       draft, _ = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
                                          depth=tree.max_depth, kind=self.kind,
                                          select_fn=self._select_fn(key))
-      tokens_BT = jnp.concatenate([root_B[:, None], draft.tokens_BD], axis=1)
+      tokens_BT = jnp.concatenate([root_B[:, None], draft.tokens_BJ], axis=1)
       if not self.sample_drafts:
         return base.Candidates(tokens_BT), state
       # q of node t's children is step t + 1's distribution; the leaf's is unused.
-      q_BDV = self.probs(draft.logits_BDV)
-      return base.Candidates(tokens_BT, jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1)), state
+      q_BJV = self.probs(draft.logits_BJV)
+      return base.Candidates(tokens_BT, jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1)), state
     tokens_BT, _ = eagle_lib.feature_tree_draft(ctx.trunk, state.cache, state.logits_BV, tree,
                                                    kind=self.kind)
     return base.Candidates(tokens_BT.at[:, 0].set(root_B)), state

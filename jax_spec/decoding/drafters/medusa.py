@@ -18,7 +18,7 @@ from jax_spec.decoding.drafters import base
 
 
 class MedusaState(NamedTuple):
-  head_logits_KBV: jax.Array    # fp32 [K, B, V]: every head's logits at the last committed position
+  head_logits_JBV: jax.Array    # fp32 [K, B, V]: every head's logits at the last committed position
 
 
 @base.register
@@ -46,25 +46,25 @@ class MedusaDrafter(base.Drafter):
   def init(self, ctx, prefill):
     rows_B = jnp.arange(prefill.prompts_BT.shape[0])
     last_B = prefill.prompt_lengths_B - 1
-    return MedusaState(prefill.outputs.medusa_logits_KBTV[:, rows_B, last_B])
+    return MedusaState(prefill.outputs.medusa_logits_JBTV[:, rows_B, last_B])
 
   def propose(self, ctx, state, root_B, key):
     if self.is_dynamic:
       return self.propose_dynamic(ctx, state, root_B)
     depth = self.tree.max_depth
-    head_DBV = state.head_logits_KBV[:depth]
+    head_JBV = state.head_logits_JBV[:depth]
     if self.sample_drafts:
-      q_DBV = self.probs(head_DBV)
-      chain_DB = sampling.sample_probs(key, q_DBV)
-      tokens_BT = jnp.concatenate([root_B[:, None], chain_DB.T], axis=1)
+      q_JBV = self.probs(head_JBV)
+      chain_JB = sampling.sample_probs(key, q_JBV)
+      tokens_BT = jnp.concatenate([root_B[:, None], chain_JB.T], axis=1)
       # q of node t's children is head t + 1's (node t sits at depth t); the leaf's is unused.
-      q_BTV = jnp.concatenate([q_DBV, q_DBV[-1:]], axis=0).swapaxes(0, 1)
+      q_BTV = jnp.concatenate([q_JBV, q_JBV[-1:]], axis=0).swapaxes(0, 1)
       return base.Candidates(tokens_BT, q_BTV), state
-    topk_DBk = jax.lax.top_k(head_DBV, max(self.tree.topk_per_depth))[1]
-    return base.Candidates(base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk)), state
+    topk_JBk = jax.lax.top_k(head_JBV, max(self.tree.topk_per_depth))[1]
+    return base.Candidates(base.tree_tokens_from_ranks(self.tree, root_B, topk_JBk)), state
 
   def expand(self, ctx, state, frontier):
-    logp_BV = jax.nn.log_softmax(state.head_logits_KBV[frontier.level], axis=-1)
+    logp_BV = jax.nn.log_softmax(state.head_logits_JBV[frontier.level], axis=-1)
     return jnp.broadcast_to(logp_BV[:, None], (logp_BV.shape[0], frontier.num_frontier,
                                                logp_BV.shape[1])), state
 

@@ -21,8 +21,8 @@ from jax_spec.decoding.drafters import base
 
 class MTPState(NamedTuple):
   cache: models.MTPCache
-  chain_BD: jax.Array           # int32 [B, D]: the next chain of drafts
-  logits_BDV: jax.Array         # fp32 [B, D, V]: the logits each draft was chosen from
+  chain_BJ: jax.Array           # int32 [B, J]: the next chain of drafts
+  logits_BJV: jax.Array         # fp32 [B, J, V]: the logits each draft was chosen from
 
 
 @base.register
@@ -69,30 +69,30 @@ class MTPDrafter(base.Drafter):
     draft, cache = models.mtp_draft(ctx.trunk, cache, prefill.outputs.hidden_BTD,
                                     prefill.prompts_BT, prefill.prompt_lengths_B, prefill.root_B,
                                     select_fn=self._select_fn(prefill.key))
-    return MTPState(cache, draft.tokens_BD, draft.logits_BDV)
+    return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
 
   def propose(self, ctx, state, root_B, key):
     del key     # the chain was drawn in `mtp_draft`
     if self.is_dynamic:
       return self.propose_dynamic(ctx, state, root_B)
     depth = self.tree.max_depth
-    chain_BD, logits_BDV = state.chain_BD[:, :depth], state.logits_BDV[:, :depth]
+    chain_BJ, logits_BJV = state.chain_BJ[:, :depth], state.logits_BJV[:, :depth]
     if self.sample_drafts:
-      q_BDV = self.probs(logits_BDV)
-      tokens_BT = jnp.concatenate([root_B[:, None], chain_BD], axis=1)
-      return base.Candidates(tokens_BT, jnp.concatenate([q_BDV, q_BDV[:, -1:]], axis=1)), state
-    topk_DBk = jax.lax.top_k(logits_BDV, max(self.tree.topk_per_depth))[1].swapaxes(0, 1)
-    tokens_BT = base.tree_tokens_from_ranks(self.tree, root_B, topk_DBk, chain_BD)
+      q_BJV = self.probs(logits_BJV)
+      tokens_BT = jnp.concatenate([root_B[:, None], chain_BJ], axis=1)
+      return base.Candidates(tokens_BT, jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1)), state
+    topk_JBk = jax.lax.top_k(logits_BJV, max(self.tree.topk_per_depth))[1].swapaxes(0, 1)
+    tokens_BT = base.tree_tokens_from_ranks(self.tree, root_B, topk_JBk, chain_BJ)
     return base.Candidates(tokens_BT), state
 
   def expand(self, ctx, state, frontier):
     # A frontier node has children iff its path is the chain's prefix: root, d_1, .., d_level.
     tokens_BM, depths_BM = frontier.tokens_BM, frontier.depths_BM
-    chain_BM = jnp.take_along_axis(state.chain_BD, jnp.maximum(depths_BM - 1, 0), axis=1)
+    chain_BM = jnp.take_along_axis(state.chain_BJ, jnp.maximum(depths_BM - 1, 0), axis=1)
     on_chain_BM = (depths_BM == 0) | (tokens_BM == chain_BM)
     mask_BFM = frontier.mask_BMM[:, -frontier.num_frontier:]
     on_chain_BF = jnp.all(~mask_BFM | on_chain_BM[:, None], axis=-1)
-    logp_BV = jax.nn.log_softmax(state.logits_BDV[:, frontier.level], axis=-1)
+    logp_BV = jax.nn.log_softmax(state.logits_BJV[:, frontier.level], axis=-1)
     return jnp.where(on_chain_BF[:, :, None], logp_BV[:, None], -jnp.inf), state
 
   def update(self, ctx, state, verify):
@@ -102,4 +102,4 @@ class MTPDrafter(base.Drafter):
         base.gather_nodes(verify.tokens_BT, path_BP),
         jnp.where(verify.active_B, verify.num_accepted_B + 1, 0), verify.accepted.next_token_B,
         select_fn=self._select_fn(verify.key))
-    return MTPState(cache, draft.tokens_BD, draft.logits_BDV)
+    return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
