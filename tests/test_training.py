@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,16 @@ def test_load_model_from_workdir_reproduces_validation(reference_run, corpus, ca
   last = read_metrics(workdir)[-1]
   np.testing.assert_allclose(bits, last['val_bits_per_token'], rtol=1e-6)
   np.testing.assert_allclose(float(means['main_loss']), last['val_main_loss'], rtol=1e-6)
+
+
+def test_load_model_from_a_mismatched_checkpoint_is_a_value_error(reference_run, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference_run['workdir'], workdir)
+  info = json.loads((workdir / 'train_config.json').read_text())
+  info['model']['d_ff'] = 64   # the checkpoint holds d_ff = 96
+  (workdir / 'train_config.json').write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="checkpoint cannot be restored into the run's model"):
+    restore.load_model_from_workdir(str(workdir))
 
 
 def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):

@@ -41,6 +41,9 @@ def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=Non
                                     read_only=True)
   try:
     _, restored = ckpt.restore_partial(step, {'params': abstract_params})
+  except Exception as e:  # orbax: missing files, tree / shape / dtype mismatch
+    raise ValueError(f'{workdir}: the checkpoint cannot be restored into the run\'s model config '
+                     f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
   finally:
     ckpt.close()
   # Non-parameter variables (none are trained) come from a fresh model.
