@@ -126,6 +126,15 @@ def test_typical_acceptance_with_a_static_tree(models_, prompts):
   assert _tau(out) > 2.0
 
 
+def test_default_depth_follows_an_explicit_tree(models_):
+  cls = spec.drafters_lib.registered()['eagle']
+  assert cls.default_depth(models_['never'], None, 'chain') == 4
+  assert cls.default_depth(models_['never'], None, [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0],
+                                                    [0, 0, 0, 0, 0], [1]]) == 5
+  assert cls.default_depth(models_['never'], None, trees.chain(7)) == 7
+  assert cls.default_depth(models_['never'], None, dynamic_tree.DynamicTree(4, 2, 6)) == 6
+
+
 def test_drafter_errors(models_, prompts):
   no_eagle = models.Transformer(CFG.replace(eagle_layers=0, mtp_depth=0), rngs=nnx.Rngs(0))
   for drafter, match in (('eagle', 'eagle_layers'), ('mtp_recursive', 'mtp_depth')):
