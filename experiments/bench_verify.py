@@ -1,153 +1,88 @@
-"""What a verify step costs: one trunk `extend` of a T-token chain vs a one-token decode step.
+"""The verify cost model: what a speculative step costs, part by part, in plain one-token steps.
 
   python -m experiments.bench_verify --workdir=/tmp/bench_verify --config=small
 
-Speculative decoding wins when verifying T = (draft nodes + 1) tokens costs little more than
-decoding one. This measures that ratio r(T) for a preset on the current backend, with the
-sampler's own chain verify path (`models.extend` with a causal mask, then `models.advance`) in a
-jitted `fori_loop` over a warm KV cache, so the per-step time excludes dispatch. Weights are random
-(timing does not depend on their values). Variants are compiled first and timed interleaved.
-
-Reported per precision and T: ms per step, r(T) = step(T) / step(1), which is also the break-even
-tau (a speculative step must emit r(T) tokens to pay for itself), and T / r(T), the speedup
-ceiling of a chain of T - 1 drafts that are always accepted (drafting cost excluded).
-Writes results.json, results.md and verify_cost.png into --workdir.
+Times, in one run and interleaved (jax_spec/evaluation/cost_model.py): the plain one-token step;
+the verify forward of T = 1..64 nodes (chain and Medusa-tree masks), r(T) = verify(T) / plain
+(the break-even tau of a T-node tree); each drafter's propose step; acceptance + commit +
+emission; whole plain and speculative loops, including a model drafting for itself at full and at
+zero acceptance. Prints the predicted speedup tau / (step cost in plain steps) next to the
+measured one for each drafter, and the top XLA ops of a `jax.profiler` trace of both loops.
+Weights are random (timing does not depend on their values; tau does, so the speedups of the
+trained-head drafters here are those of untrained heads). Writes results.json, results.md and
+cost_model.png into --workdir.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import time
 
-import jax
-import jax.numpy as jnp
 from absl import flags
-from absl import logging
-import matplotlib
-from flax import nnx
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from jax_spec import cli  # pylint: disable=wrong-import-position
-from jax_spec import models
-from jax_spec import precision as precision_lib
+from jax_spec import cli
 from jax_spec import runtime
-from jax_spec.models import kv_cache
-from jax_spec.training.state import build_model
+from jax_spec.evaluation import cost_model
+from jax_spec.evaluation import verify_ab
 
+_DEFAULTS = cost_model.CostOptions()
 flags.DEFINE_string('workdir', None, 'Output directory.')
-flags.DEFINE_string('config', 'small', 'Model preset.')
-flags.DEFINE_list('precisions', ['fp32', 'bf16'], 'Compute precisions.')
-flags.DEFINE_list('tokens', ['1', '2', '4', '8', '16'], 'Tokens per verify step (T).')
-flags.DEFINE_integer('cache_len', 512, 'KV cache slots.')
-flags.DEFINE_integer('prefix_len', 128, 'Committed tokens in the cache before the timed steps.')
-flags.DEFINE_integer('steps', 32, 'Verify steps per timed call.')
-flags.DEFINE_integer('repeats', 7, 'Timed calls per variant (the median is reported).')
-flags.DEFINE_bool('ynn_dots', False, 'Keep XLA:CPU\'s YNNPACK dot fusion (default: opt out, as the '
-                  'decoding experiments do; see jax_spec/runtime.py).')
+flags.DEFINE_string('config', _DEFAULTS.config, 'Model preset of the target.')
+flags.DEFINE_enum('precision', _DEFAULTS.precision, ['fp32', 'bf16', 'fp16'], 'Compute precision.')
+flags.DEFINE_string('draft_config', _DEFAULTS.draft_config, "Preset of the 'model' drafter's draft.")
+flags.DEFINE_list('tokens', [str(t) for t in _DEFAULTS.verify_tokens], 'Chain verify sizes T.')
+flags.DEFINE_list('tree_tokens', [str(t) for t in _DEFAULTS.tree_tokens], 'Tree verify sizes T.')
+flags.DEFINE_list('drafters', list(_DEFAULTS.drafters), 'Drafters to model and time.')
+flags.DEFINE_integer('depth', _DEFAULTS.depth, "Chain depth of 'model', 'eagle', 'mtp_recursive' and "
+                     'of the self-drafting loops.')
+flags.DEFINE_integer('cache_len', _DEFAULTS.cache_len, 'KV cache slots of the part loops.')
+flags.DEFINE_integer('prefix_len', _DEFAULTS.prefix_len, 'Committed tokens before the timed steps.')
+flags.DEFINE_integer('steps', _DEFAULTS.steps, 'Iterations per timed call of a part.')
+flags.DEFINE_integer('repeats', _DEFAULTS.repeats, 'Timed calls per part (medians are reported).')
+flags.DEFINE_integer('prompt_len', _DEFAULTS.prompt_len, 'Prompt of the whole loops.')
+flags.DEFINE_list('new_tokens', [str(t) for t in _DEFAULTS.new_tokens], 'Two max_new_tokens of '
+                  'the whole loops (differenced: per-step costs without the prefill).')
+flags.DEFINE_bool('loops', True, 'Also the drafters and whole loops (False: the verify sweep only).')
+flags.DEFINE_bool('profile', True, 'Trace one call of each loop and print its top ops.')
+flags.DEFINE_bool('ynn_dots', False, "Keep XLA:CPU's YNNPACK dot fusion (default: the experiments' "
+                  'XLA:CPU flags, jax_spec/runtime.py).')
+flags.DEFINE_multi_string('ab', [], "'label=CHECKOUT [XLA flags]', repeated: instead of the cost "
+                          'model, r(T) of each checkout / flag set timed interleaved in one run '
+                          "(jax_spec/evaluation/verify_ab.py); flags default to the experiments'.")
+flags.DEFINE_integer('ab_calls', 3, 'With --ab: calls per T and round (the fastest counts).')
 FLAGS = flags.FLAGS
 
 
-def make_verify_loop(model, num_tokens: int, cache_len: int, prefix_len: int, steps: int):
-  """A jitted function of the model state running `steps` verify steps of `num_tokens` tokens."""
-  graphdef, state = nnx.split(model)
-  depths_BT = jnp.arange(num_tokens, dtype=jnp.int32)[None]
-  mask_BTT = jnp.tril(jnp.ones((num_tokens, num_tokens), bool))[None]
-
-  @jax.jit
-  def run(state):
-    m = nnx.merge(graphdef, state)
-    cache = models.init_cache(m, 1, cache_len).replace(lengths=jnp.array([prefix_len], jnp.int32))
-
-    def body(_, carry):
-      cache, token_B = carry
-      tokens_BT = (token_B[:, None] + jnp.arange(num_tokens)) % m.config.vocab_size
-      outs, cache = models.extend(m, tokens_BT.astype(jnp.int32), depths_BT, mask_BTT, cache)
-      # Accept one token per step so the cache length (and attention span) grows as in decoding;
-      # a chain commits by advancing the lengths (trees add a `commit` gather/scatter).
-      cache = models.advance(cache, jnp.ones((1,), jnp.int32))
-      return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
-
-    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
-
-  return lambda: run(state)
-
-
-def plot(rows, out_png):
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-  for precision in dict.fromkeys(r['precision'] for r in rows):
-    rs = [r for r in rows if r['precision'] == precision]
-    ts = [r['tokens'] for r in rs]
-    axes[0].plot(ts, [r['ms_per_step'] for r in rs], 'o-', label=precision)
-    axes[1].plot(ts, [r['ceiling_speedup'] for r in rs], 'o-', label=precision)
-  axes[0].set_ylabel('ms per verify step')
-  axes[1].set_ylabel('T / r(T): speedup if every draft is accepted')
-  axes[1].axhline(1.0, color='k', lw=0.8)
-  for ax in axes:
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('tokens per step T')
-    ax.legend(fontsize=8)
-  fig.suptitle(f'{FLAGS.config} preset, {jax.devices()[0].device_kind}, batch 1', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
+def run_ab():
+  default_flags = ' '.join(runtime.CPU_FLAGS)
+  variants = [verify_ab.Variant.parse(spec, default_flags) for spec in FLAGS.ab]
+  results = verify_ab.compare(variants, config=FLAGS.config, precision=FLAGS.precision,
+                              tokens=[int(t) for t in FLAGS.tokens], cache_len=FLAGS.cache_len,
+                              prefix_len=FLAGS.prefix_len, steps=FLAGS.steps,
+                              repeats=FLAGS.repeats, calls=FLAGS.ab_calls)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  with open(os.path.join(FLAGS.workdir, 'ab.json'), 'w') as fh:
+    json.dump(results, fh, indent=2)
+  print(verify_ab.format_table(results))
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
+  del argv  # cli.run rejects extra arguments
   if not FLAGS.workdir:
     raise ValueError('--workdir is required')
-  tokens = sorted({int(t) for t in FLAGS.tokens} | {1})
-  if tokens[0] < 1 or tokens[-1] > kv_cache.MAX_NEW_TOKENS_PER_CALL:
-    raise ValueError(f'--tokens must lie in [1, {kv_cache.MAX_NEW_TOKENS_PER_CALL}]')
-  if FLAGS.prefix_len + FLAGS.steps + tokens[-1] > FLAGS.cache_len:
-    raise ValueError('--prefix_len + --steps + max(--tokens) must fit in --cache_len')
+  if FLAGS.ab:
+    return run_ab()
   if not FLAGS.ynn_dots:
     runtime.configure_xla_cpu()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  if FLAGS.config not in models.PRESETS:
-    raise ValueError(f'--config must be one of {sorted(models.PRESETS)}')
-  config = models.PRESETS[FLAGS.config]
-
-  runs = {}
-  for precision in FLAGS.precisions:
-    model = build_model(config, precision_lib.get_policy(precision), 0)
-    for t in tokens:
-      logging.info('compiling %s T=%d', precision, t)
-      fn = make_verify_loop(model, t, FLAGS.cache_len, FLAGS.prefix_len, FLAGS.steps)
-      jax.block_until_ready(fn())
-      runs[(precision, t)] = (fn, [])
-  for r in range(FLAGS.repeats):
-    for fn, times in runs.values():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times.append((time.perf_counter() - t0) / FLAGS.steps)
-    logging.info('round %d/%d done', r + 1, FLAGS.repeats)
-
-  rows = []
-  for (precision, t), (_, times) in runs.items():
-    ms = 1e3 * statistics.median(times)
-    one = 1e3 * statistics.median(runs[(precision, 1)][1])
-    rows.append({'precision': precision, 'tokens': t, 'ms_per_step': ms, 'ratio': ms / one,
-                 'ceiling_speedup': t * one / ms})
-  results = {'config': FLAGS.config, 'cache_len': FLAGS.cache_len, 'prefix_len': FLAGS.prefix_len,
-             'device': jax.devices()[0].device_kind, 'machine': platform.processor() or
-             platform.machine(), 'cpu_count': os.cpu_count(),
-             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'rows': rows}
-  with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as fh:
-    json.dump(results, fh, indent=2)
-  lines = ['| precision | T | ms / step | r(T) = break-even tau | ceiling T / r(T) |',
-           '|---|---|---|---|---|']
-  lines += [f'| {r["precision"]} | {r["tokens"]} | {r["ms_per_step"]:.2f} | {r["ratio"]:.2f} | '
-            f'{r["ceiling_speedup"]:.2f}x |' for r in rows]
-  with open(os.path.join(FLAGS.workdir, 'results.md'), 'w') as fh:
-    fh.write('\n'.join(lines) + '\n')
-  plot(rows, os.path.join(FLAGS.workdir, 'verify_cost.png'))
-  print('\n'.join(lines))
+  ints = lambda xs: tuple(int(x) for x in xs)
+  opts = cost_model.CostOptions(
+      config=FLAGS.config, precision=FLAGS.precision, draft_config=FLAGS.draft_config,
+      verify_tokens=ints(FLAGS.tokens), tree_tokens=ints(FLAGS.tree_tokens),
+      drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, cache_len=FLAGS.cache_len,
+      prefix_len=FLAGS.prefix_len, steps=FLAGS.steps, repeats=FLAGS.repeats,
+      prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile,
+      loops=FLAGS.loops)
+  results = cost_model.run_cost_model(opts, FLAGS.workdir)
+  print(cost_model.format_tables(results))
 
 
 if __name__ == '__main__':

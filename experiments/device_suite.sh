@@ -5,7 +5,10 @@
 #   2. attention TFLOP/s: this project's Pallas kernel vs cuDNN, JAX's stock Pallas kernel and XLA
 #      (experiments.bench_attention), forward and forward + backward;
 #   3. the kernel's tile / launch-option sweeps (experiments.tune_flash_attention);
-#   4. verify cost r(T) of the sampler's chain verify step (experiments.bench_verify);
+#   4. the verify cost model (experiments.bench_verify): r(T), each drafter's propose, acceptance,
+#      whole loops at full / zero acceptance, predicted vs measured speedups, top ops; on `small`
+#      and `base`, and XLA command buffers for the while body side by side (interleaved r(T), and
+#      the cost model again with command buffers on);
 #   5. the quickstart on a short budget (training with the Pallas kernels, then speculative
 #      decoding), and greedy identity of tree decoding in bf16 vs fp32 on the model it trained.
 #
@@ -16,8 +19,9 @@
 #   SUITE_SMOKE=1 bash experiments/device_suite.sh /tmp/s # tiny sizes: checks the script on a CPU
 #
 # SUITE_STAGES=a,b runs only the named stages (tests, tests_slow_sweep, attention_fwd,
-# attention_fwd_bwd, tune_fwd_d128, tune_fwd_bwd_d128, verify_small, verify_base, quickstart,
-# spec_precision, tune_fwd_d64); SUITE_TESTS overrides the test files.
+# attention_fwd_bwd, tune_fwd_d128, tune_fwd_bwd_d128, verify_small, verify_base, verify_cmdbuf_ab,
+# verify_small_cmdbuf, quickstart, spec_precision, tune_fwd_d64); SUITE_TESTS overrides the test
+# files.
 # Every stage has its own time limit and log; a failing stage does not stop the next. After each
 # stage all logs and results so far are packed into OUTPUT_DIR/suite.tgz (a killed call still
 # returns what finished) and OUTPUT_DIR/stages.txt lists each stage's exit code and seconds.
@@ -31,7 +35,9 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEV
 if [[ -n "${SUITE_SMOKE:-}" ]]; then
   TEST_ARGS=(tests/test_decode_attention.py -k "triton or matches") SLOW_ARGS=(-k "nothing_matches")
   ATTN=(--seq_lens=64,128 --batch_tokens=256 --num_heads=2 --head_dim=32 --repeats=2)
-  VERIFY=(--tokens=1,4 --steps=4 --repeats=2 --cache_len=64 --prefix_len=16) BASE_VERIFY=(--config=tiny)
+  VERIFY=(--tokens=1,4 --tree_tokens=4 --drafters=mtp --steps=2 --repeats=2 --cache_len=64
+          --prefix_len=16 --prompt_len=8 --new_tokens=4,8) BASE_VERIFY=(--config=tiny)
+  AB_VERIFY=(--config=tiny --tokens=1,4 --steps=2 --repeats=2 --cache_len=64 --prefix_len=16)
   QUICK=(--minutes=0.1 --steps=4 --draft_minutes=0.05 --draft_steps=4 --draft_config=tiny
          --config=tiny --num_prompts=1 --prompt_len=8 --max_new_tokens=8 --batch_size=2 --seq_len=32
          --drafters=medusa_chain,model_chain --draft_gamma=3)
@@ -46,7 +52,7 @@ else
   SLOW_ARGS=(tests/test_flash_attention.py -m slow -k "gpu")
   ATTN=(--seq_lens=1024,4096,16384 --batch_tokens=16384 --num_heads=16 --head_dim=128 --repeats=10
         --max_memory_gb=40)
-  VERIFY=() BASE_VERIFY=(--config=base --precisions=bf16)
+  VERIFY=() BASE_VERIFY=(--config=base) AB_VERIFY=(--config=small --tokens=1,2,4,8,16,32,64)
   QUICK=(--minutes=1 --steps=2000 --draft_minutes=0.3 --draft_steps=1500 --num_prompts=4
          --drafters=mtp_chain,medusa_chain,medusa_tree,model_chain)
   TUNE=(--seq_lens=4096 --batch_tokens=16384 --repeats=10) TUNE_LIMIT=80
@@ -88,10 +94,21 @@ want attention_fwd_bwd && stage attention_fwd_bwd 110 "$PY" -m experiments.bench
   --mode=fwd_bwd --dtype=bfloat16 --causal "${ATTN[@]}" --output="$WORK/attention_fwd_bwd"
 tune tune_fwd_d128 128 16 fwd
 tune tune_fwd_bwd_d128 128 16 fwd_bwd --num_stages=2
-want verify_small && stage verify_small 60 "$PY" -m experiments.bench_verify --config=small \
+want verify_small && stage verify_small 150 "$PY" -m experiments.bench_verify --config=small \
   "${VERIFY[@]}" --workdir="$WORK/verify_small"
-want verify_base && stage verify_base 50 "$PY" -m experiments.bench_verify "${VERIFY[@]}" \
+want verify_base && stage verify_base 150 "$PY" -m experiments.bench_verify "${VERIFY[@]}" \
   "${BASE_VERIFY[@]}" --workdir="$WORK/verify_base"
+# XLA command buffers (CUDA graphs) for the loop bodies, WHILE included, side by side with XLA's
+# default and with none: interleaved r(T) of one checkout under three flag sets, then the whole
+# cost model (loops at full acceptance) with command buffers on, to compare with verify_small.
+CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CONDITIONAL,WHILE"
+CMDBUF="$CMDBUF --xla_gpu_graph_min_graph_size=1"
+want verify_cmdbuf_ab && stage verify_cmdbuf_ab 150 "$PY" -m experiments.bench_verify \
+  "${AB_VERIFY[@]}" --ab="xla_default=." \
+  --ab="none=. --xla_gpu_enable_command_buffer=" --ab="while=. $CMDBUF" \
+  --workdir="$WORK/verify_cmdbuf_ab"
+want verify_small_cmdbuf && stage verify_small_cmdbuf 150 env XLA_FLAGS="$CMDBUF" "$PY" \
+  -m experiments.bench_verify --config=small "${VERIFY[@]}" --workdir="$WORK/verify_small_cmdbuf"
 want quickstart && stage quickstart 200 "$PY" -m experiments.quickstart "${QUICK[@]}" \
   --workdir="$WORK/quickstart"
 # Greedy identity vs decoding precision, on the model the quickstart trained.
@@ -110,7 +127,9 @@ for name in attention_fwd attention_fwd_bwd; do
   echo "--- $name"; grep -A 40 '^impl ' "$WORK/$name.log" | head -n 20; done
 for name in tune_fwd_d128 tune_fwd_bwd_d128 tune_fwd_d64; do
   echo "--- $name"; grep -A 8 'block_q block_k' "$WORK/$name.log" 2>/dev/null; done
-for name in verify_small verify_base; do echo "--- $name"; cat "$WORK/$name/results.md" 2>/dev/null; done
+for name in verify_small verify_base verify_small_cmdbuf; do
+  echo "--- $name"; head -n 40 "$WORK/$name/results.md" 2>/dev/null; done
+echo "--- verify_cmdbuf_ab"; tail -n 25 "$WORK/verify_cmdbuf_ab.log" 2>/dev/null
 echo "--- quickstart"; grep -A 8 '^drafter ' "$WORK/quickstart.log"
 for f in "$WORK"/spec_*.log; do echo "--- $(basename "$f")"; grep -A 2 'tau  speedup' "$f"; done
 cat "$WORK/stages.txt"

@@ -1,4 +1,5 @@
-"""Smoke test of experiments.bench_verify, the verify-cost benchmark behind runtime.configure_xla_cpu."""
+"""Smoke test of experiments.bench_verify (the verify sweep of the cost model, on the experiments'
+XLA:CPU flags); the whole cost model's smoke test is tests/test_cost_model.py."""
 import json
 import os
 import subprocess
@@ -7,15 +8,16 @@ import sys
 
 def test_bench_verify_smoke(tmp_path):
   cmd = [sys.executable, '-m', 'experiments.bench_verify', f'--workdir={tmp_path}', '--config=tiny',
-         '--precisions=fp32', '--tokens=2', '--steps=2', '--repeats=1', '--cache_len=32',
-         '--prefix_len=8']
+         '--tokens=1,2', '--tree_tokens=', '--loops=false', '--steps=2', '--repeats=1',
+         '--cache_len=32', '--prefix_len=8']
   subprocess.run(cmd, check=True, capture_output=True, timeout=300,
                  cwd=os.path.dirname(os.path.dirname(__file__)))
   results = json.load(open(tmp_path / 'results.json'))
   assert '--xla_cpu_experimental_ynn_fusion_type=' in results['xla_flags']
-  rows = {r['tokens']: r for r in results['rows']}
+  rows = {r['tokens']: r for r in results['verify']}
   assert sorted(rows) == [1, 2]                          # T=1 is always measured (the reference)
   assert rows[1]['ratio'] == 1.0 and rows[1]['ceiling_speedup'] == 1.0
   assert rows[2]['ms_per_step'] > 0
   assert abs(rows[2]['ceiling_speedup'] - 2 / rows[2]['ratio']) < 1e-9
-  assert (tmp_path / 'verify_cost.png').stat().st_size > 0
+  assert results['drafters'] == [] and results['profile'] is None
+  assert (tmp_path / 'cost_model.png').stat().st_size > 0

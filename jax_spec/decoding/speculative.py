@@ -225,6 +225,35 @@ def _accept(s, tree, key, candidates, logits_BTV):
                                        eps=s.typical_eps, delta=s.typical_delta)
 
 
+def emit(tokens_BT, acc, num_B, active_B, done_B, buffer_BN, num_out_B, eos_id, *, pad_id: int,
+         max_new_tokens: int):
+  """Writes a step's accepted draft tokens, then its next token, at each row's output offset.
+
+  Truncates at EOS and at `max_new_tokens`; finished rows (`~active_B`) write padding past the
+  end. Returns (buffer_BN, num_out_B, done_B). `buffer_BN` has `max_new_tokens + max_depth + 1`
+  columns, so a whole accepted path always fits.
+  """
+  depth = acc.path_BP.shape[1] - 1
+  out_width = buffer_BN.shape[1]
+  j_P = jnp.arange(depth + 1)
+  nodes_BP = gather_nodes(tokens_BT, jnp.maximum(acc.path_BP, 0))
+  shifted_BP = jnp.concatenate([nodes_BP[:, 1:], nodes_BP[:, :1]], axis=1)
+  emit_BP = jnp.where(j_P[None] < num_B[:, None], shifted_BP,
+                      jnp.where(j_P[None] == num_B[:, None], acc.next_token_B[:, None], pad_id))
+  count_B = num_B + 1
+  is_eos_BP = (emit_BP == eos_id) & (j_P[None] <= num_B[:, None])
+  hit_eos_B = jnp.any(is_eos_BP, axis=1)
+  count_B = jnp.where(hit_eos_B, jnp.argmax(is_eos_BP, axis=1) + 1, count_B)
+  count_B = jnp.minimum(count_B, max_new_tokens - num_out_B)
+  count_B = jnp.where(active_B, count_B, 0)
+  buffer_BN = jax.vmap(lambda buf, e, off: jax.lax.dynamic_update_slice(buf, e, (off,)))(
+      buffer_BN, jnp.where(active_B[:, None], emit_BP, pad_id),
+      jnp.where(active_B, num_out_B, out_width - depth - 1))
+  num_out_B = num_out_B + count_B
+  done_B = done_B | (active_B & hit_eos_B) | (num_out_B >= max_new_tokens)
+  return buffer_BN, num_out_B, done_B
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'own_graphdef', 'settings'))
 def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_lengths_B, rng,
                  eos_id, *, settings):
@@ -281,23 +310,9 @@ def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_le
     new_cache = (models.advance(cache_ext, keep_B) if tree.is_chain else
                  models.commit(cache_ext, path_BP, keep_B))
 
-    # Emit: accepted draft tokens, then the next token; truncate at EOS and max_new_tokens.
-    j_P = jnp.arange(depth + 1)
-    nodes_BP = gather_nodes(tokens_BT, path_BP)
-    shifted_BP = jnp.concatenate([nodes_BP[:, 1:], nodes_BP[:, :1]], axis=1)
-    emit_BP = jnp.where(j_P[None] < num_B[:, None], shifted_BP,
-                        jnp.where(j_P[None] == num_B[:, None], acc.next_token_B[:, None], s.pad_id))
-    count_B = num_B + 1
-    is_eos_BP = (emit_BP == eos_id) & (j_P[None] <= num_B[:, None])
-    hit_eos_B = jnp.any(is_eos_BP, axis=1)
-    count_B = jnp.where(hit_eos_B, jnp.argmax(is_eos_BP, axis=1) + 1, count_B)
-    count_B = jnp.minimum(count_B, s.max_new_tokens - carry.num_out_B)
-    count_B = jnp.where(active_B, count_B, 0)
-    buffer_BN = jax.vmap(lambda buf, e, off: jax.lax.dynamic_update_slice(buf, e, (off,)))(
-        carry.buffer_BN, jnp.where(active_B[:, None], emit_BP, s.pad_id),
-        jnp.where(active_B, carry.num_out_B, out_width - depth - 1))
-    num_out_B = carry.num_out_B + count_B
-    done_B = done_B | (active_B & hit_eos_B) | (num_out_B >= s.max_new_tokens)
+    buffer_BN, num_out_B, done_B = emit(tokens_BT, acc, num_B, active_B, done_B, carry.buffer_BN,
+                                        carry.num_out_B, eos_id, pad_id=s.pad_id,
+                                        max_new_tokens=s.max_new_tokens)
 
     drafter_state = drafter.update(ctx, drafter_state, drafters_lib.Verify(
         outs, tokens_BT, acc, active_B, num_B, cache.lengths, k_next_draft))

@@ -9,6 +9,7 @@ Attention has two entry points: `__call__` for training/prefill (whole sequences
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -54,6 +55,25 @@ class Dense(nnx.Module):
   def __call__(self, x):
     y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def fused_dense(x, denses):
+  """`[d(x) for d in denses]` with one matmul: Dense layers of the same input, each a kernel
+  `[D, *out]` with equation '...d,d...->...', their kernels concatenated along the outputs.
+
+  Decoding runs a few rows per step, where a matmul costs per call more than per FLOP
+  (docs/benchmarks.md, "Verify cost model"); the concatenation of loop-invariant weights is
+  hoisted out of the decode loop by XLA. The stored kernels (and checkpoints) keep their layout.
+  """
+  dtype = denses[0].dtype
+  kernels = [d.kernel[...].astype(dtype) for d in denses]
+  sizes = [math.prod(k.shape[1:]) for k in kernels]
+  y = x.astype(dtype) @ jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+  outs = []
+  for d, k, part in zip(denses, kernels, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
+    part = part.reshape(x.shape[:-1] + k.shape[1:])
+    outs.append(part if d.bias is None else part + d.bias[...].astype(dtype))
+  return outs
 
 
 class RMSNorm(nnx.Module):
@@ -137,13 +157,16 @@ class Attention(nnx.Module):
     self.rope_scaling = c.rope_scaling
     self.impl = c.attention_impl
 
-  def qkv(self, x_BTD, positions_BT):
-    q_BTHD, k_BTKD = self.q(x_BTD), self.k(x_BTD)
+  def qkv(self, x_BTD, positions_BT, fused: bool = False):
+    if fused:
+      q_BTHD, k_BTKD, v_BTKD = fused_dense(x_BTD, (self.q, self.k, self.v))
+    else:
+      q_BTHD, k_BTKD, v_BTKD = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if self.q_norm is not None:
       q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
     q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta, self.rope_scaling)
     k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta, self.rope_scaling)
-    return q_BTHD, k_BTKD, self.v(x_BTD)
+    return q_BTHD, k_BTKD, v_BTKD
 
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
     """Causal self-attention over the sequence; also returns this layer's K and V."""
@@ -155,7 +178,7 @@ class Attention(nnx.Module):
 
   def decode(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, lengths_B, tree_mask_BTT):
     """New tokens against the cache: writes K/V at slots `[len, len + T)`, then attends."""
-    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+    q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT, fused=True)
     slots_BT = lengths_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
     k_cache = write_cache(k_cache, layer, k_BTKD, slots_BT)
     v_cache = write_cache(v_cache, layer, v_BTKD, slots_BT)
@@ -176,8 +199,10 @@ class SwiGLU(nnx.Module):
     self.up = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)
     self.down = Dense((c.d_ff, c.d_model), 'btf,fd->btd', init=out_init, **kw)
 
-  def __call__(self, x_BTD):
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+  def __call__(self, x_BTD, fused: bool = False):
+    gate_BTF, up_BTF = (fused_dense(x_BTD, (self.gate, self.up)) if fused else
+                        (self.gate(x_BTD), self.up(x_BTD)))
+    return self.down(jax.nn.silu(gate_BTF) * up_BTF)
 
 
 class Block(nnx.Module):
@@ -200,4 +225,4 @@ class Block(nnx.Module):
     a_BTD, k_cache, v_cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, k_cache,
                                                v_cache, layer, lengths_B, tree_mask_BTT)
     x_BTD = x_BTD + a_BTD
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_cache, v_cache
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD), fused=True), k_cache, v_cache

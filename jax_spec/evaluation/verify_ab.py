@@ -1,0 +1,152 @@
+"""Verify cost r(T) of several checkouts / XLA flag sets, timed interleaved in one run.
+
+Comparing today's code with a change (or one XLA:CPU flag set with another) needs both timed under
+the same machine load. `compare(variants, ...)` starts one worker process per `Variant` (its
+checkout first on PYTHONPATH, its own XLA_FLAGS), each compiles the same verify loops (this file's
+`_verify_loop`, which uses only the stable `models.extend` / `advance` API, so old checkouts run
+it too), then the driver asks the workers for one timed round each, in rotating order, `repeats`
+times (each round: per T the fastest of `calls` calls, the least disturbed by the other jobs on a
+shared machine). Reported per variant and T: median ms per step, r(T) as the median of per-round ratios, and
+the plain step's speedup over the first variant (median of per-round ratios).
+
+  python -m experiments.bench_verify --workdir=/tmp/ab --ab='base=/tmp/cost_base' --ab='new=.'
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  label: str
+  checkout: str                 # repository root whose jax_spec is imported
+  xla_flags: str = ''           # the worker's whole XLA_FLAGS
+
+  @classmethod
+  def parse(cls, spec: str, default_flags: str) -> 'Variant':
+    """'label=PATH' or 'label=PATH --xla_flag=... ...' (the flags replace `default_flags`)."""
+    label, sep, rest = spec.partition('=')
+    path, _, flags = rest.strip().partition(' ')
+    if not sep or not label or not path:
+      raise ValueError(f"ab variant must be 'label=PATH [XLA flags]', got {spec!r}")
+    if not os.path.isdir(os.path.join(path, 'jax_spec')):
+      raise ValueError(f'ab variant {label!r}: {path!r} is not a checkout (no jax_spec/ in it)')
+    return cls(label, os.path.abspath(path), flags.strip() or default_flags)
+
+
+def _verify_loop(model, num_tokens, cache_len, prefix_len, steps):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax_spec import models  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+  depths_BT = jnp.arange(num_tokens, dtype=jnp.int32)[None]
+  mask_BTT = jnp.tril(jnp.ones((num_tokens, num_tokens), bool))[None]
+
+  @jax.jit
+  def run(state):
+    m = nnx.merge(graphdef, state)
+    cache = models.init_cache(m, 1, cache_len).replace(lengths=jnp.array([prefix_len], jnp.int32))
+
+    def body(_, carry):
+      cache, token_B = carry
+      tokens_BT = (token_B[:, None] + jnp.arange(num_tokens)) % m.config.vocab_size
+      outs, cache = models.extend(m, tokens_BT.astype(jnp.int32), depths_BT, mask_BTT, cache)
+      cache = models.advance(cache, jnp.ones((1,), jnp.int32))
+      return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
+
+  return lambda: run(state)
+
+
+def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefix_len: int,
+           steps: int, calls: int) -> None:
+  """Compiles, prints 'ready', then for every input line one JSON line: per T, seconds per step
+  of the fastest of `calls` calls."""
+  # Imports here: the worker must import the jax_spec of its own checkout (PYTHONPATH).
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax_spec import models  # pylint: disable=g-import-not-at-top
+  from jax_spec import precision as precision_lib  # pylint: disable=g-import-not-at-top
+  model = models.Transformer(models.PRESETS[config], policy=precision_lib.get_policy(precision),
+                             rngs=nnx.Rngs(params=0))
+  fns = {t: _verify_loop(model, t, cache_len, prefix_len, steps) for t in tokens}
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  print('ready', flush=True)
+  for _ in sys.stdin:
+    out = {}
+    for t, fn in fns.items():
+      best = float('inf')
+      for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+      out[t] = best / steps
+    print(json.dumps(out), flush=True)
+
+
+def compare(variants: list[Variant], *, config: str = 'small', precision: str = 'fp32',
+            tokens=(1, 2, 4, 8, 16), cache_len: int = 512, prefix_len: int = 128, steps: int = 16,
+            repeats: int = 9, calls: int = 3) -> dict[str, Any]:
+  """Times every variant's verify loops interleaved (see the module docstring)."""
+  if not variants or len({v.label for v in variants}) != len(variants):
+    raise ValueError(f'variants must be non-empty with distinct labels, got {variants}')
+  tokens = sorted(set(tokens) | {1})
+  args = json.dumps(dict(config=config, precision=precision, tokens=tokens, cache_len=cache_len,
+                         prefix_len=prefix_len, steps=steps, calls=calls))
+  procs = {}
+  for v in variants:
+    env = dict(os.environ, PYTHONPATH=v.checkout, XLA_FLAGS=v.xla_flags)
+    procs[v.label] = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), args], cwd=v.checkout, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    for label, p in procs.items():
+      line = p.stdout.readline()
+      if line.strip() != 'ready':
+        raise RuntimeError(f'worker {label!r} failed to start (exit {p.poll()})')
+    times = {v.label: [] for v in variants}
+    labels = [v.label for v in variants]
+    for r in range(repeats):
+      for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+        procs[label].stdin.write('go\n')
+        procs[label].stdin.flush()
+        times[label].append({int(k): s for k, s in json.loads(procs[label].stdout.readline()).items()})
+  finally:
+    for p in procs.values():
+      p.stdin.close()
+      p.wait(timeout=60)
+  first = labels[0]
+  rows = []
+  for v in variants:
+    rounds = times[v.label]
+    for t in tokens:
+      rows.append({
+          'variant': v.label, 'tokens': t,
+          'ms_per_step': 1e3 * statistics.median(x[t] for x in rounds),
+          'ratio': statistics.median(x[t] / x[1] for x in rounds),
+          # > 1: this variant's step is faster than the first variant's, in the same rounds.
+          'speedup_vs_first': statistics.median(a[t] / b[t] for a, b in zip(times[first], rounds))})
+  return {'variants': [dataclasses.asdict(v) for v in variants], 'config': config,
+          'precision': precision, 'steps': steps, 'repeats': repeats, 'rows': rows}
+
+
+def format_table(results: dict[str, Any]) -> str:
+  lines = [f"| variant | T | ms / step | r(T) | speedup vs {results['variants'][0]['label']} |",
+           '|---|---|---|---|---|']
+  lines += [f"| {r['variant']} | {r['tokens']} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} | "
+            f"{r['speedup_vs_first']:.2f}x |" for r in results['rows']]
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  worker(**json.loads(sys.argv[1]))
