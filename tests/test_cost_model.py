@@ -50,7 +50,9 @@ def test_top_ops_self_time_and_filter():
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 1, 'dur': 4, 'name': 'dot.5'},
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 6, 'dur': 3, 'name': 'dot.7'},
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 9, 'dur': 0.5, 'name': 'end: dot.7'},
-      {'ph': 'X', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 99, 'name': 'PjitFunction(f)'}]}
+      {'ph': 'X', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 99, 'name': 'PjitFunction(f)'},
+      {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 20, 'dur': 50,
+       'name': 'ThunkExecutor::Execute (wait for completion)'}]}
   ops = {o['op']: o for o in cost_model.top_ops(trace)}
   assert {k: v['self_us'] for k, v in ops.items()} == {'dot.5': 4, 'dot.7': 3, 'while.1': 3}
   kinds = {o['op']: o for o in cost_model.top_ops(trace, by_kind=True)}
