@@ -23,12 +23,14 @@ import jax.numpy as jnp
 
 from jax_spec import cli
 from jax_spec import pretrained
+from jax_spec.decoding import drafters as drafters_lib
 from jax_spec.decoding import text as text_lib
 from jax_spec.training import restore
 from jax_spec.evaluation import speculative_benchmark as benchmark_lib
 
 FLAGS = flags.FLAGS
-DRAFTS = ('none', 'medusa', 'mtp')
+# Drafters that live in the model itself (a separate draft model is experiments.speculative's).
+DRAFTS = ('none',) + tuple(sorted(set(drafters_lib.registered()) - {'model'}))
 
 
 def define_flags():
@@ -37,9 +39,10 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Or: a run of experiments.train.')
   flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable).')
   flags.DEFINE_string('prompt_file', None, 'A file with one prompt per line.')
-  flags.DEFINE_enum('draft', 'none', list(DRAFTS), 'Drafter (none: plain decoding only).')
+  flags.DEFINE_enum('draft', 'none', list(DRAFTS), 'Drafter (none: plain decoding only; the '
+                    'heads must be in the model).')
   flags.DEFINE_string('tree', None, "Candidate tree: chain | chainN | default | default:N "
-                      "(default: 'default' for medusa, 'chain' for mtp).")
+                      "(default: 'default' for medusa, 'chain' otherwise).")
   flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
   flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0 = greedy).')
   flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')

@@ -52,12 +52,20 @@ flags.DEFINE_enum('decode_precision', 'fp32', list(benchmark_lib.DECODE_PRECISIO
                   'jax_spec/evaluation/speculative_benchmark.py).')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
+flags.DEFINE_integer('eagle_layers', 1, 'Blocks of the EAGLE feature drafter (0 = none).')
+flags.DEFINE_integer('eagle_depth', 6, 'Draft depth of the EAGLE chain and dynamic tree.')
+flags.DEFINE_enum('head_targets', 'data', ['data', 'trunk', 'mix'], 'What every draft head learns '
+                  '(jax_spec.training.config.TrainConfig.head_targets).')
+flags.DEFINE_float('sampled_temperature', 0.7, 'Temperature of the rejection-sampling rows.')
+flags.DEFINE_list('sampled_drafters', ['eagle_chain', 'model_chain'], 'Drafters benchmarked again '
+                  'with exact rejection sampling at --sampled_temperature (empty: none).')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
 flags.DEFINE_integer('seq_len', 256, 'Training sequence length.')
 flags.DEFINE_float('learning_rate', 3e-3, 'Peak learning rate.')
 flags.DEFINE_list('drafters', ['mtp_chain', 'mtp_tree', 'medusa_chain', 'medusa_tree',
-                                'model_chain'],
-                  'Drafter runs to benchmark: {mtp,medusa}_{chain,tree}, model_chain.')
+                                'eagle_chain', 'eagle_dynamic', 'model_chain'],
+                  'Drafter runs to benchmark: {mtp,medusa}_{chain,tree} (trees derived from the '
+                  'heads\' accuracies), medusa_dynamic, eagle_{chain,dynamic}, model_chain.')
 flags.DEFINE_string('draft_config', 'tiny', 'Preset of the draft model (trained without heads).')
 flags.DEFINE_float('draft_minutes', 1.5, 'Draft-model training budget in minutes.')
 flags.DEFINE_integer('draft_steps', 500, 'Draft-model training steps (the schedule\'s length).')
@@ -71,16 +79,33 @@ flags.DEFINE_integer('seed', 0, 'Seed for training and sampling.')
 FLAGS = flags.FLAGS
 
 
-def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num_draft=None):
-  """One side-by-side greedy run of the speculative benchmark; its row of the summary table."""
+# --drafters row -> (drafter, tree name, fixed tree spec or None when derived from head accuracies).
+DRAFTER_ROWS = {
+    'mtp_chain': ('mtp', 'chain', None), 'mtp_tree': ('mtp', 'tree', None),
+    'medusa_chain': ('medusa', 'chain', None), 'medusa_tree': ('medusa', 'tree', None),
+    'medusa_dynamic': ('medusa', 'dynamic', 'dynamic:12:4'),
+    'eagle_chain': ('eagle', 'chain', 'chain'), 'eagle_dynamic': ('eagle', 'dynamic', 'dynamic:16:4'),
+    'model_chain': ('model', 'chain', 'chain'),
+}
+
+
+def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num_draft=None,
+              temperature=0.0):
+  """One side-by-side run of the speculative benchmark (greedy at temperature 0, exact rejection
+  sampling above); its row of the summary table."""
+  sampled = temperature > 0
   opts = benchmark_lib.BenchmarkOptions(
-      workdir=workdir, draft=drafter, draft_workdir=draft_workdir, acceptance='greedy',
+      workdir=workdir, draft=drafter, draft_workdir=draft_workdir,
+      acceptance='rejection' if sampled else 'greedy', temperature=temperature,
       tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
       max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
       precision=f.decode_precision,
-      output=os.path.join(workdir, 'speculative', f'{drafter}_{tree_name}'))
+      output=os.path.join(workdir, 'speculative',
+                          f'{drafter}_{tree_name}' + (f'_T{temperature:g}' if sampled else '')))
   r = benchmark_lib.run_benchmark(opts)
-  return {'drafter': f'{drafter} ({tree_name})', 'draft': drafter, 'tree': tree_name,
+  label = f'{drafter} ({tree_name}' + (f', T={temperature:g})' if sampled else ')')
+  return {'drafter': label, 'draft': drafter, 'tree': tree_name, 'temperature': temperature,
+          'whitespace_fraction': r['whitespace_fraction'],
           'tree_nodes': r['tree']['num_nodes'], 'tau': r['speculative']['mean_accepted_length'],
           'tokens_per_s': r['speculative']['tokens_per_s'],
           'baseline_tokens_per_s': r['baseline']['tokens_per_s'], 'speedup': r['speedup'],
@@ -105,13 +130,19 @@ def completions(f, model, tokenizer, data, num):
 
 def run(f) -> dict:
   workdir = os.path.abspath(f.workdir)
-  known = {f'{d}_{t}' for d in ('mtp', 'medusa') for t in ('chain', 'tree')} | {'model_chain'}
-  if not f.drafters or set(f.drafters) - known:
-    raise ValueError(f'--drafters must be a non-empty subset of {sorted(known)}, got {f.drafters}')
+  if not f.drafters or set(f.drafters) - set(DRAFTER_ROWS):
+    raise ValueError(f'--drafters must be a non-empty subset of {sorted(DRAFTER_ROWS)}, '
+                     f'got {f.drafters}')
+  if set(f.sampled_drafters) - set(DRAFTER_ROWS):
+    raise ValueError(f'--sampled_drafters must be a subset of {sorted(DRAFTER_ROWS)} (rows not in '
+                     f'--drafters are skipped), got {f.sampled_drafters}')
+  if any(d.startswith('eagle') for d in f.drafters) and not f.eagle_layers:
+    raise ValueError('--drafters eagle_* need --eagle_layers >= 1')
   cfg = TrainConfig(
       workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
       seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
-      precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads, seed=f.seed,
+      precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads,
+      eagle_layers=f.eagle_layers, head_targets=f.head_targets, seed=f.seed,
       minutes=f.minutes, log_every=20, eval_every=max(f.steps // 4, 1),
       checkpoint_every=max(f.steps // 6, 1))
   logging.info('1/4 training %s (%s) for up to %.1f min in %s', f.config, f.precision, f.minutes,
@@ -124,7 +155,8 @@ def run(f) -> dict:
                  f.draft_minutes, draft_workdir)
     draft_summary = loop.train(dataclasses.replace(
         cfg, workdir=draft_workdir, config=f.draft_config, steps=f.draft_steps,
-        warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, minutes=f.draft_minutes,
+        warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, eagle_layers=0,
+        head_targets='data', minutes=f.draft_minutes,
         eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
 
   logging.info('2/4 evaluating the draft heads')
@@ -145,16 +177,29 @@ def run(f) -> dict:
                    if f'{drafter}_{name}' in f.drafters]
 
   logging.info('3/4 benchmarking plain vs speculative decoding')
-  rows = [benchmark(f, workdir, d, name, spec) for d, name, spec in tree_specs]
-  if 'model_chain' in f.drafters:
-    rows.append(benchmark(f, workdir, 'model', 'chain', 'chain', draft_workdir=draft_workdir,
-                          num_draft=f.draft_gamma))
+  # Fixed-spec rows: EAGLE chain / dynamic tree, dynamic trees of the heads, the draft model.
+  tree_specs += [DRAFTER_ROWS[row] for row in f.drafters if DRAFTER_ROWS[row][2]]
+  rows = []
+  for drafter, name, spec in tree_specs:
+    extra = {}
+    if drafter == 'model':
+      extra = dict(draft_workdir=draft_workdir, num_draft=f.draft_gamma)
+    elif drafter == 'eagle':
+      extra = dict(num_draft=f.eagle_depth)
+    rows.append(benchmark(f, workdir, drafter, name, spec, **extra))
+    if f'{drafter}_{name}' in f.sampled_drafters:
+      rows.append(benchmark(f, workdir, drafter, name, spec, temperature=f.sampled_temperature,
+                            **extra))
   texts = completions(f, model, tokenizer, data, f.num_completions) if f.num_completions else []
 
   lossless = [r for r in rows if r['outputs_identical']]  # greedy: the claim is identical output
   best = max(lossless, key=lambda r: r['speedup']) if lossless else None
+  # Sampled rows are exact by construction (tests/test_speculative.py checks the law).
+  sampled_rows = [r for r in rows if r['temperature'] > 0]
+  best_sampled = max(sampled_rows, key=lambda r: r['speedup']) if sampled_rows else None
   results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
              'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best,
+             'best_sampled': best_sampled,
              'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
                            'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
@@ -172,10 +217,12 @@ def run(f) -> dict:
           f'(step {draft_summary.get("step")})')
   for drafter, h in heads.items():
     print(f'{drafter} heads top-1 accuracy: {np.round(h["top1_acc"], 3).tolist()}')
-  print(f'\n{"drafter":<16}{"tau":>6}{"tokens/s":>10}{"baseline":>10}{"speedup":>9}  identical')
+  print(f'\n{"drafter":<26}{"tau":>6}{"tokens/s":>10}{"baseline":>10}{"speedup":>9}'
+        f'{"spaces":>8}  identical')
   for r in rows:
-    print(f'{r["drafter"]:<16}{r["tau"]:>6.2f}{r["tokens_per_s"]:>10.1f}'
-          f'{r["baseline_tokens_per_s"]:>10.1f}{r["speedup"]:>8.2f}x  {r["outputs_identical"]}')
+    print(f'{r["drafter"]:<26}{r["tau"]:>6.2f}{r["tokens_per_s"]:>10.1f}'
+          f'{r["baseline_tokens_per_s"]:>10.1f}{r["speedup"]:>8.2f}x'
+          f'{r["whitespace_fraction"]:>8.2f}  {r["outputs_identical"]}')
   for t in texts:
     print('\n--- prompt ---\n' + t['prompt'] + '\n--- completion ---\n' + t['completion'])
   print(f'\nresults.json, training_curves.png, speedups.png and per-drafter plots in {workdir}')

@@ -1,7 +1,10 @@
 """Train a transformer (optionally with MTP modules / Medusa heads): python -m experiments.train.
 
   python -m experiments.train --workdir=/tmp/run --config=small --steps=2000 --precision=bf16
+  python -m experiments.train --workdir=/tmp/wide --config=configs/small_wide.py --model.num_layers=6
 
+One flag per TrainConfig field (jax_spec/training/config.py) and `--model.<field>` per
+TransformerConfig field; `--config` is a preset or a config file, overridden by the flags given.
 Writes into --workdir: train_config.json, tokenizer/, checkpoints/, metrics.jsonl, tensorboard/,
 training_curves.png and results.json. Running the same command again resumes from the latest
 checkpoint (and does nothing more once --steps is reached). SIGTERM / Ctrl-C save a checkpoint

@@ -113,6 +113,25 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, laun
   )
 
 
+def _q_major_specs(cfg, group, head_dim):
+  """BlockSpecs of q, k/v and the segment ids on the `(batch, heads, q_blocks, kv_blocks)` grid of
+  the forward and dq kernels; out-of-band kv steps repeat an in-band block (no new DMA)."""
+  bq, bk = cfg.block_q, cfg.block_k
+
+  def kv_block(i, j):
+    lo, _, _, hi = common.kv_block_range(cfg, i * bq, bq, bk)
+    return _clamp_block(j, lo, hi)
+
+  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, head_dim),
+                         lambda b, h, i, j: (b, h // group, kv_block(i, j), 0))
+  q_ids_spec = kv_ids_spec = None
+  if cfg.has_segments:
+    q_ids_spec = pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0))
+    kv_ids_spec = pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))
+  return q_spec, kv_spec, q_ids_spec, kv_ids_spec
+
+
 # ----------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
@@ -153,18 +172,7 @@ def forward(q, k, v, q_ids, kv_ids, cfg, launch):
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   bq, bk = cfg.block_q, cfg.block_k
-
-  def kv_block(i, j):
-    lo, _, _, hi = common.kv_block_range(cfg, i * bq, bq, bk)
-    return _clamp_block(j, lo, hi)
-
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim),
-                         lambda b, h, i, j: (b, h // group, kv_block(i, j), 0))
-  q_ids_spec = kv_ids_spec = None
-  if cfg.has_segments:
-    q_ids_spec = pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0))
-    kv_ids_spec = pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))
+  q_spec, kv_spec, q_ids_spec, kv_ids_spec = _q_major_specs(cfg, group, head_dim)
   lse_spec = pl.BlockSpec((None, None, bq, NUM_LANES), lambda b, h, i, j: (b, h, i, 0))
   o, lse = _call(
       functools.partial(_fwd_kernel, cfg=cfg),
@@ -257,19 +265,9 @@ def backward(q, k, v, q_ids, kv_ids, do, lse, delta, cfg, launch):
   lse, delta = lse[:, :, None, :], delta[:, :, None, :]              # [B, H, 1, Tq]
   q_ids_t, kv_ids_t = _segment_inputs(q_ids, kv_ids)
 
-  # dq: grid (batch, heads, q_blocks, kv_blocks).
-  def kv_block(i, j):
-    lo, _, _, hi = common.kv_block_range(cfg, i * bq, bq, bk)
-    return _clamp_block(j, lo, hi)
-
-  q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+  # dq: grid (batch, heads, q_blocks, kv_blocks), as the forward.
+  q_spec, kv_spec, q_ids_spec, kv_ids_spec = _q_major_specs(cfg, group, head_dim)
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
-  kv_spec = pl.BlockSpec((None, None, bk, head_dim),
-                         lambda b, h, i, j: (b, h // group, kv_block(i, j), 0))
-  q_ids_spec = kv_ids_spec = None
-  if cfg.has_segments:
-    q_ids_spec = pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0))
-    kv_ids_spec = pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))
   dq = _call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(batch, num_heads, nq, nk),

@@ -55,3 +55,11 @@ def test_finished_rows_draft_cache_stops_growing():
     cache_len_B, position_B = np.asarray(cache_len_B), np.asarray(position_B)
     assert cache_len_B[1] == 3, (step, cache_len_B)          # never grows
     assert cache_len_B[0] == position_B[0] + 1 + min(int(accepted_S[step]), gamma - 1)
+
+
+def test_benchmark_resolves_dynamic_trees():
+  from jax_spec.decoding import dynamic_tree   # pylint: disable=g-import-not-at-top
+  from jax_spec.evaluation import speculative_benchmark   # pylint: disable=g-import-not-at-top
+  assert (speculative_benchmark.resolve_tree('dynamic:6:2', 3)
+          == dynamic_tree.DynamicTree(num_draft_nodes=6, branching=2, depth=3))
+  assert speculative_benchmark.resolve_tree('chain', 3).is_chain

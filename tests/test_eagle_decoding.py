@@ -1,7 +1,7 @@
 """The EAGLE and recursive-MTP drafters in `speculative_generate`: greedy output identical to
 `generate` (never / always / partly agreeing drafters, ragged prompts, EOS inside an accepted chunk,
-max_new_tokens 1 and not a multiple of the depth, chain and static tree); rejection sampling
-emits the target's exact law."""
+max_new_tokens 1 and not a multiple of the depth, chain, static and dynamic trees); rejection
+sampling (chain, static and dynamic tree) emits the target's exact law."""
 import functools
 import itertools
 
@@ -14,7 +14,7 @@ from flax import nnx
 from jax_spec import models
 from jax_spec.decoding import autoregressive as generate_lib
 from jax_spec.decoding import speculative as spec
-from jax_spec.decoding import trees
+from jax_spec.decoding import dynamic_tree, trees
 from jax_spec.models import eagle as eagle_lib
 
 CFG = models.get_config('tiny', num_layers=1, mtp_depth=1, medusa_heads=0, eagle_layers=1,
@@ -99,6 +99,7 @@ def test_greedy_chain_identical_to_generate(models_, prompts):
 
 @pytest.mark.parametrize('drafter, tree, max_new', [
     ('eagle', [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], MAX_NEW),   # static tree
+    ('eagle', 'dynamic:6:2', MAX_NEW),                 # EAGLE-2 dynamic tree, depth 4
     ('mtp_recursive', trees.chain(DEPTH), MAX_NEW),    # MTP module 1 drafting past mtp_depth = 1
     ('eagle', trees.chain(DEPTH), 1),
 ])
@@ -171,7 +172,8 @@ def laws():
   return model, _exact_laws(model, [1, 3])
 
 
-@pytest.mark.parametrize('tree', [trees.chain(2), [[0], [1], [0, 0]]])
+@pytest.mark.parametrize('tree', [trees.chain(2), [[0], [1], [0, 0]],
+                                  dynamic_tree.DynamicTree(num_draft_nodes=4, branching=2, depth=2)])
 def test_rejection_sampling_emits_the_target_law(laws, tree):
   model, (target, wrong) = laws
   prompt = [1, 3]

@@ -1,5 +1,6 @@
 """Draft-head accuracies (jax_spec.evaluation.head_accuracy) against a direct count."""
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,19 +10,27 @@ from jax_spec import models
 from jax_spec.evaluation import head_accuracy
 
 
-@pytest.mark.parametrize('drafter, heads', [('mtp', 2), ('medusa', 3)])
-def test_head_targets_are_the_tokens_k_plus_1_ahead_within_a_document(drafter, heads):
+@pytest.fixture(scope='module')
+def model():
   config = models.get_config('tiny', num_layers=1, mtp_depth=2, medusa_heads=3, vocab_size=37)
-  model = models.Transformer(config, rngs=nnx.Rngs(1))
+  return models.Transformer(config, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize('drafter, heads', [('mtp', 2), ('medusa', 3)])
+def test_head_targets_are_the_tokens_k_plus_1_ahead_within_a_document(model, drafter, heads):
   rng = np.random.default_rng(0)
   batch, seq_len = 2, 11
   tokens = rng.integers(0, 37, (batch, seq_len)).astype(np.int32)
   segments = np.ones_like(tokens)
   segments[0, 6:] = 2   # a second document in row 0
   segments[1, 9:] = 0   # padding at the end of row 1
-  logits, targets, valid = head_accuracy.head_logits_and_targets(
-      model, jnp.asarray(tokens), jnp.asarray(segments), drafter)
+  graphdef, state = nnx.split(model)
+  # Jitted: an eager forward dispatches (and compiles) op by op, several times slower here.
+  fn = jax.jit(lambda st, t, s: head_accuracy.head_logits_and_targets(
+      nnx.merge(graphdef, st), t, s, drafter))
+  logits, targets, valid = fn(state, jnp.asarray(tokens), jnp.asarray(segments))
   chex.assert_shape(logits, (heads, batch * seq_len, 37))
+  targets, valid = np.asarray(targets), np.asarray(valid)
   chex.assert_shape((targets, valid), (heads, batch * seq_len))
   for k in range(1, heads + 1):   # head k at position i predicts t_{i+k+1}
     for b in range(batch):

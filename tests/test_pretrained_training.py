@@ -27,7 +27,7 @@ def test_train_heads_on_frozen_pretrained_trunk_and_resume(tmp_path):
   source = open(os.path.join(os.path.dirname(__file__), 'fixtures', 'make_hf_fixtures.py')).read()
   (data / 'a.txt').write_text(source[:3000])
   (data / 'b.txt').write_text(source[3000:6000])
-  kwargs = dict(workdir=str(tmp_path / 'run'), init_from_hf=FIXTURE, medusa_mode='frozen_trunk',
+  kwargs = dict(workdir=str(tmp_path / 'run'), init_from_hf=FIXTURE, freeze_trunk=True,
                 medusa_heads=2, mtp_depth=0, data_path=str(data), batch_size=2, seq_len=32,
                 warmup_steps=0, learning_rate=1e-2, eval_every=2, eval_batches=1, log_every=1,
                 checkpoint_every=2, progress=False)

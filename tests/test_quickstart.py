@@ -9,7 +9,8 @@ def test_quickstart_end_to_end(tmp_path):
   workdir = tmp_path / 'qs'
   cmd = [sys.executable, '-m', 'experiments.quickstart', f'--workdir={workdir}', '--config=tiny',
          '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=1',
-         '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--tree_nodes=4',
+         '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--sampled_drafters=model_chain',
+         '--sampled_temperature=0.7', '--eagle_layers=1', '--tree_nodes=4',
          '--draft_steps=4', '--draft_gamma=3',
          '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -17,8 +18,14 @@ def test_quickstart_end_to_end(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / 'results.json').read_text())
-  assert [r['drafter'] for r in results['drafters']] == ['medusa (tree)', 'model (chain)']
-  for row, depth in zip(results['drafters'], (2, 3)):   # 2 Medusa heads; gamma 3
+  assert [r['drafter'] for r in results['drafters']] == ['medusa (tree)', 'model (chain)',
+                                                         'model (chain, T=0.7)']
+  sampled = results['drafters'][2]
+  assert sampled['temperature'] == 0.7 and sampled['outputs_identical'] is None
+  assert 1.0 <= sampled['tau'] <= 4 and results['best_sampled'] == sampled
+  for row in results['drafters']:
+    assert 0.0 <= row['whitespace_fraction'] <= 1.0
+  for row, depth in zip(results['drafters'][:2], (2, 3)):   # 2 Medusa heads; gamma 3
     for key in ('drafter', 'tau', 'tokens_per_s', 'speedup', 'outputs_identical'):
       assert key in row, key
     assert row['outputs_identical'] is True

@@ -168,7 +168,7 @@ def test_bad_arguments(model, prompts):
   with pytest.raises(ValueError, match='cache_len'):
     spec.speculative_generate(model, *prompts, drafter='medusa', max_new_tokens=4, cache_len=12)
   with pytest.raises(ValueError, match='drafter'):
-    spec.speculative_generate(model, *prompts, drafter='eagle', max_new_tokens=4)
+    spec.speculative_generate(model, *prompts, drafter='nope', max_new_tokens=4)
   with pytest.raises(ValueError, match='acceptance'):
     spec.speculative_generate(model, *prompts, acceptance='maybe', max_new_tokens=4)
   other_vocab = models.Transformer(models.get_config('tiny', num_layers=1, vocab_size=100),

@@ -101,11 +101,12 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   # The samplers stop at one EOS id; other stop ids (e.g. Llama 3's <|eot_id|> besides
   # <|end_of_text|>, from generation_config.json) end the row here, on the host.
   stop_ids = set(getattr(tokenizer, 'eos_ids', ())) | {eos_id} if stop_at_eos else set()
-  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+  pad_id = tokenizer.pad_id
   batch, width = len(encoded), max(map(len, encoded)) + max_new_tokens
   if width > model.config.max_seq_len:
     raise ValueError(f'the longest prompt ({width - max_new_tokens} tokens) plus max_new_tokens '
-                     f'({max_new_tokens}) exceeds the model\'s max_seq_len {model.config.max_seq_len}')
+                     f'({max_new_tokens}) exceeds the model\'s max_seq_len '
+                     f'{model.config.max_seq_len}')
   width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
   step = max_new_tokens if on_text is None else min(chunk_tokens, max_new_tokens)
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
@@ -118,21 +119,23 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   stats = None
   chunk = 0
   while not all(done):
-    tokens_BT, lengths_B = right_pad([e + g for e, g in zip(encoded, generated)], width, pad_id)
+    seqs = [e + g for e, g in zip(encoded, generated)]
+    tokens_BT, lengths_B = map(jnp.asarray, right_pad(seqs, width, pad_id))
     rng = jax.random.fold_in(key, chunk) if temperature > 0 else None
     if drafter is None:
-      out = autoregressive.generate(model, jnp.asarray(tokens_BT), jnp.asarray(lengths_B), max_new_tokens=step,
-                                    rng=rng, **sampling)
+      out = autoregressive.generate(model, tokens_BT, lengths_B, max_new_tokens=step, rng=rng,
+                                    **sampling)
     else:
-      out = speculative.speculative_generate(model, jnp.asarray(tokens_BT), jnp.asarray(lengths_B),
-                                             drafter=drafter, max_new_tokens=step, rng=rng,
-                                             **sampling, **speculative_kwargs)
+      out = speculative.speculative_generate(model, tokens_BT, lengths_B, drafter=drafter,
+                                             max_new_tokens=step, rng=rng, **sampling,
+                                             **speculative_kwargs)
       stats = _merge_stats(stats, out.stats)
     new_BN, new_len_B = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
     for b in range(batch):
       if done[b]:
         continue
-      new = [int(t) for t in new_BN[b, :min(int(new_len_B[b]), max_new_tokens - len(generated[b]))]]
+      room = max_new_tokens - len(generated[b])
+      new = [int(t) for t in new_BN[b, :min(int(new_len_B[b]), room)]]
       stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
       generated[b].extend(new if stop is None else new[:stop + 1])
       done[b] = stop is not None or len(generated[b]) >= max_new_tokens

@@ -136,9 +136,9 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   info = workdir_lib.read_run_info(workdir)
   try:
     model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
-  except ValueError:
-    raise
   except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint
+    if isinstance(e, ValueError):
+      raise  # the loader's own errors already name what is wrong
     raise ValueError(f'{what}={workdir!r}: the checkpoint does not match the run\'s model '
                      f'config ({type(e).__name__}: {e})') from e
   return model, tokenizer, model_config, info
@@ -248,7 +248,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   base_time = spec_time = 0.0
   base_tokens = spec_tokens = 0
   identical = True
-  all_stats = []
+  all_stats, texts = [], []
   profiler = runtime.StepProfiler(opts.profile_steps, os.path.join(out_dir, 'profile'))
   with runtime.count_compiles() as compiles, profiler:
     for i, (batch, key) in enumerate(zip(tqdm(batches, desc='prompts'), keys)):
@@ -260,6 +260,8 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
       spec_time += dt
       spec_tokens += int(np.asarray(s_out.lengths_B).sum())
       all_stats.append(s_out.stats)
+      texts += [tokenizer.decode(t[:n].tolist()) for t, n in
+                zip(np.asarray(s_out.tokens_BN), np.asarray(s_out.lengths_B))]
       identical &= bool(np.array_equal(b_out.tokens_BN, s_out.tokens_BN)
                         and np.array_equal(b_out.lengths_B, s_out.lengths_B))
   if compiles[0]:
@@ -282,6 +284,8 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
       'speedup': (spec_tokens / spec_time) / (base_tokens / base_time),
       'compiles_while_timing': compiles[0],
       'outputs_identical': identical if opts.temperature == 0 else None,
+      # Runs of spaces are easy to draft: a high fraction flatters tau.
+      'whitespace_fraction': whitespace_fraction(texts),
       'output_dir': out_dir,
   }
   results['config']['num_prompts'] = len(prompts)
@@ -293,6 +297,12 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
       stats, out_dir, f'{opts.draft} / {opts.acceptance or "default"} / tree {tree_spec} '
       f'({tree.num_nodes} nodes) / T={opts.temperature:g}')
   return results
+
+
+def whitespace_fraction(texts: list[str]) -> float:
+  """The fraction of whitespace characters in the decoded continuations."""
+  chars = sum(len(t) for t in texts)
+  return sum(c.isspace() for t in texts for c in t) / max(chars, 1)
 
 
 def format_table(results: dict[str, Any]) -> str:

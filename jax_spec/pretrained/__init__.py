@@ -7,5 +7,6 @@ from jax_spec.pretrained.checkpoint import (HEADS_FILE, PretrainedInfo, from_pre
                                             save_pretrained)
 from jax_spec.pretrained.tokenizer import HfTokenizer
 
-__all__ = ['MODEL_TYPES', 'TRUNK_FIELDS', 'read_config', 'load_tokenizer', 'config_from_hf', 'config_to_hf', 'HEADS_FILE', 'PretrainedInfo',
-           'from_pretrained', 'head_state', 'save_heads', 'save_pretrained', 'HfTokenizer']
+__all__ = ['MODEL_TYPES', 'TRUNK_FIELDS', 'config_from_hf', 'config_to_hf', 'HEADS_FILE',
+           'PretrainedInfo', 'from_pretrained', 'head_state', 'load_tokenizer', 'read_config',
+           'save_heads', 'save_pretrained', 'HfTokenizer']

@@ -59,20 +59,22 @@ def tensor_specs(config: TransformerConfig) -> list[TensorSpec]:
   for i in range(config.num_layers):
     hf, ours = f'model.layers.{i}.', ('layers', i)
     specs.append(TensorSpec(hf + 'input_layernorm.weight', ours + ('attn_norm', 'scale'), 0))
-    for name, mod in (('q', 'q'), ('k', 'k'), ('v', 'v')):
-      specs.append(TensorSpec(f'{hf}self_attn.{name}_proj.weight', ours + ('attn', mod, 'kernel'), 1))
+    attn = ours + ('attn',)
+    for name in ('q', 'k', 'v'):
+      specs.append(TensorSpec(f'{hf}self_attn.{name}_proj.weight', attn + (name, 'kernel'), 1))
       if config.qkv_bias:
-        specs.append(TensorSpec(f'{hf}self_attn.{name}_proj.bias', ours + ('attn', mod, 'bias'), 0,
-                                    flat=True))
-    specs.append(TensorSpec(hf + 'self_attn.o_proj.weight', ours + ('attn', 'out', 'kernel'), 2))
+        specs.append(TensorSpec(f'{hf}self_attn.{name}_proj.bias', attn + (name, 'bias'), 0,
+                                flat=True))
+    specs.append(TensorSpec(hf + 'self_attn.o_proj.weight', attn + ('out', 'kernel'), 2))
     if config.out_bias:
-      specs.append(TensorSpec(hf + 'self_attn.o_proj.bias', ours + ('attn', 'out', 'bias'), 0))
+      specs.append(TensorSpec(hf + 'self_attn.o_proj.bias', attn + ('out', 'bias'), 0))
     if config.qk_norm:
-      specs.append(TensorSpec(hf + 'self_attn.q_norm.weight', ours + ('attn', 'q_norm', 'scale'), 0))
-      specs.append(TensorSpec(hf + 'self_attn.k_norm.weight', ours + ('attn', 'k_norm', 'scale'), 0))
-    specs.append(TensorSpec(hf + 'post_attention_layernorm.weight', ours + ('mlp_norm', 'scale'), 0))
-    for name, mod in (('gate', 'gate'), ('up', 'up'), ('down', 'down')):
-      specs.append(TensorSpec(f'{hf}mlp.{name}_proj.weight', ours + ('mlp', mod, 'kernel'), 1))
+      specs.append(TensorSpec(hf + 'self_attn.q_norm.weight', attn + ('q_norm', 'scale'), 0))
+      specs.append(TensorSpec(hf + 'self_attn.k_norm.weight', attn + ('k_norm', 'scale'), 0))
+    specs.append(TensorSpec(hf + 'post_attention_layernorm.weight', ours + ('mlp_norm', 'scale'),
+                            0))
+    for name in ('gate', 'up', 'down'):
+      specs.append(TensorSpec(f'{hf}mlp.{name}_proj.weight', ours + ('mlp', name, 'kernel'), 1))
   specs.append(TensorSpec('model.norm.weight', ('final_norm', 'scale'), 0))
   if not config.tie_embeddings:
     specs.append(TensorSpec('lm_head.weight', ('lm_head', 'kernel'), 1))

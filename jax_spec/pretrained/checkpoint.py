@@ -4,7 +4,7 @@
 model.safetensors.index.json) with the `safetensors` package, and tokenizer.json. Nothing imports
 torch or transformers. The trunk is built abstractly (`nnx.eval_shape`) and filled tensor by
 tensor in `param_dtype`, so a bf16 trunk never exists in fp32: a 7B model needs ~14 GB, not 28.
-Heads (Medusa, MTP, ...) are not in Hugging Face checkpoints: they are initialised fresh (fp32,
+Heads (Medusa, MTP, EAGLE) are not in Hugging Face checkpoints: they are initialised fresh (fp32,
 the policy's param dtype) or read from `heads.safetensors`, which `save_pretrained` writes beside
 the trunk together with their config under config.json's "jax_spec_heads" key (transformers
 ignores both).
@@ -35,7 +35,8 @@ INDEX_FILE = 'model.safetensors.index.json'
 HEADS_FILE = 'heads.safetensors'
 HEADS_CONFIG_KEY = 'jax_spec_heads'
 # Head fields saved with the heads (and checked on load); other non-trunk fields are free overrides.
-HEAD_FIELDS = ('mtp_depth', 'medusa_heads', 'medusa_num_layers', 'medusa_shared_head')
+HEAD_FIELDS = ('mtp_depth', 'medusa_heads', 'medusa_num_layers', 'medusa_shared_head',
+               'eagle_layers')
 PARAM_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -71,13 +72,22 @@ def _weight_index(directory: str) -> dict[str, str]:
         raise ValueError(f'missing file {os.path.join(directory, shard)} (listed in {index_path})')
     return {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
   if os.path.isfile(single_path):
-    with safe_open(single_path, framework='flax') as f:
+    with _open(single_path) as f:
       return {name: single_path for name in f.keys()}
   raise ValueError(f'missing file {single_path} (or {INDEX_FILE}) in {directory}')
 
 
+def _open(path: str):
+  """A safetensors file read with pread(2) where the package supports it (safetensors >= 0.8):
+  an mmap would leave every tensor's pages resident (counted in RSS) until the file is closed."""
+  try:
+    return safe_open(path, framework='flax', backend='pread')
+  except TypeError:
+    return safe_open(path, framework='flax')
+
+
 class _Reader:
-  """Reads tensors by name, keeping each file open once."""
+  """Reads tensors by name, each file opened once; `close` releases them."""
 
   def __init__(self, index: dict[str, str]):
     self.index = index
@@ -86,8 +96,11 @@ class _Reader:
   def get(self, name: str):
     path = self.index[name]
     if path not in self._files:
-      self._files[path] = safe_open(path, framework='flax')
+      self._files[path] = _open(path)
     return self._files[path].get_tensor(name)
+
+  def close(self):
+    self._files.clear()
 
 
 def _check_param_dtype(param_dtype):
@@ -216,6 +229,7 @@ def from_pretrained(path: str, *, param_dtype=jnp.float32, policy='fp32', tokeni
       raise ValueError(f'{index[spec.hf_name]}: tensor {spec.hf_name} has shape {tuple(w.shape)}, '
                        f'expected {spec.hf_shape(shape)} from {config_path}')
     values[spec.path] = spec.to_ours(w.astype(dtype), shape)
+  reader.close()
   used = {spec.hf_name for spec in specs}
   extra = tuple(sorted(n for n in index if n not in used and not arch.is_redundant(n, config)))
   if extra:

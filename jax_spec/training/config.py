@@ -198,7 +198,7 @@ class TrainConfig:
                                  _check_init_from)
   init_from_hf: str | None = _field(None, 'Hugging Face model directory: its model and tokenizer '
                                     'replace the preset and --tokenizer (train heads on it with '
-                                    '--medusa_mode=frozen_trunk).', _check_init_from_hf)
+                                    '--freeze_trunk).', _check_init_from_hf)
   log_every: int = _field(10, 'Write training metrics every N steps.', int_at_least(1))
   eval_every: int = _field(200, 'Validate every N steps (and at the end).', int_at_least(1))
   eval_batches: int = _field(8, 'Validation batches per evaluation.', int_at_least(1))

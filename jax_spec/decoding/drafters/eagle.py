@@ -7,8 +7,9 @@
 After the prefill and after every verify, `models.eagle.feature_update` feeds the newly committed
 positions (the accepted path's trunk hidden states and tokens) to the drafter's own KV cache and
 returns the depth-1 distribution; `propose` then drafts a chain (one cached step per depth, each
-reading the feature predicted by the step before) or a static tree (one call per depth over the
-tree's breadth-first prefix, with the ancestor mask). With sampled drafts (rejection sampling on a
+reading the feature predicted by the step before), a static tree (one call per depth over the
+tree's breadth-first prefix, with the ancestor mask) or a dynamic tree (EAGLE-2: `expand` scores
+the frontier's children with one such call per level over the entries expanded so far). With sampled drafts (rejection sampling on a
 chain) draft d is sampled from the processed distribution of step d, and q is that distribution.
 """
 from __future__ import annotations
@@ -26,11 +27,15 @@ from jax_spec.models import eagle as eagle_lib
 class FeatureState(NamedTuple):
   cache: eagle_lib.FeatureCache
   logits_BV: jax.Array          # fp32 [B, V]: depth-1 distribution (of the root's child)
+  # Dynamic trees: the features predicted at the entries expanded so far this step (entry 0, the
+  # root: `cache.feature_BD`), [B, 1 + (D - 1) k, d_model]; [B, 0, d_model] otherwise.
+  tree_features_BMD: jax.Array
 
 
 class _FeatureDrafter(base.Drafter):
   kind: ClassVar[str] = ''
   DEFAULT_DEPTH: ClassVar[int] = 4
+  supports_dynamic_trees = True
 
   @classmethod
   def check_model(cls, model, draft_model):
@@ -48,18 +53,24 @@ class _FeatureDrafter(base.Drafter):
     return lambda logits_BV, d: sampling.sample_probs(jax.random.fold_in(key, d),
                                                       self.probs(logits_BV))
 
-  def _update(self, ctx, cache, hidden_BAD, tokens_BA, num_new_B, next_token_B):
-    logits_BV, cache = eagle_lib.feature_update(ctx.trunk, cache, hidden_BAD, tokens_BA, num_new_B,
-                                                next_token_B, kind=self.kind)
-    return FeatureState(cache, logits_BV)
+  def _update(self, ctx, state, hidden_BAD, tokens_BA, num_new_B, next_token_B):
+    logits_BV, cache = eagle_lib.feature_update(ctx.trunk, state.cache, hidden_BAD, tokens_BA,
+                                                num_new_B, next_token_B, kind=self.kind)
+    return state._replace(cache=cache, logits_BV=logits_BV)
 
   def init(self, ctx, prefill):
-    cache = eagle_lib.init_feature_cache(ctx.trunk, prefill.prompts_BT.shape[0], self.cache_len,
-                                         kind=self.kind)
-    return self._update(ctx, cache, prefill.outputs.hidden_BTD, prefill.prompts_BT,
+    batch = prefill.prompts_BT.shape[0]
+    cache = eagle_lib.init_feature_cache(ctx.trunk, batch, self.cache_len, kind=self.kind)
+    entries = self.tree.expanded_nodes if self.is_dynamic else 0
+    features_BMD = jnp.zeros((batch, entries, ctx.trunk.config.d_model), cache.feature_BD.dtype)
+    state = FeatureState(cache, jnp.zeros((batch, ctx.trunk.config.vocab_size), jnp.float32),
+                         features_BMD)
+    return self._update(ctx, state, prefill.outputs.hidden_BTD, prefill.prompts_BT,
                         prefill.prompt_lengths_B, prefill.root_B)
 
   def propose(self, ctx, state, root_B, key):
+    if self.is_dynamic:
+      return self.propose_dynamic(ctx, state, root_B)
     tree = self.tree
     if tree.is_chain:
       draft, _ = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
@@ -75,9 +86,27 @@ class _FeatureDrafter(base.Drafter):
                                                    kind=self.kind)
     return base.Candidates(tokens_BT.at[:, 0].set(root_B)), state
 
+  def expand(self, ctx, state, frontier):
+    """Children of the frontier: the root's from the last update; deeper nodes' from one
+    `feature_tree_step` over the non-root entries so far, each reading its parent's feature."""
+    if frontier.level == 0:
+      return jax.nn.log_softmax(state.logits_BV, axis=-1)[:, None], state
+    depths_BM, mask_BMM = frontier.depths_BM, frontier.mask_BMM
+    num = depths_BM.shape[1]
+    features_BMD = state.tree_features_BMD[:, :num].at[:, 0].set(state.cache.feature_BD)
+    # An entry's parent: its ancestor one level up (the root for depth 1).
+    is_parent_BMM = mask_BMM & (depths_BM[:, None, :] == depths_BM[:, :, None] - 1)
+    parent_BM = jnp.argmax(is_parent_BMM[:, 1:], axis=-1)
+    new_BND, logits_BNV = eagle_lib.feature_tree_step(
+        ctx.trunk, state.cache, base.gather_nodes(features_BMD, parent_BM),
+        frontier.tokens_BM[:, 1:], depths_BM[:, 1:], mask_BMM[:, 1:, 1:], kind=self.kind)
+    features = state.tree_features_BMD.at[:, 1:num].set(new_BND.astype(features_BMD.dtype))
+    logp_BFV = jax.nn.log_softmax(logits_BNV[:, -frontier.num_frontier:], axis=-1)
+    return logp_BFV, state._replace(tree_features_BMD=features)
+
   def update(self, ctx, state, verify):
     path_BP = verify.path_BP
-    return self._update(ctx, state.cache, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
+    return self._update(ctx, state, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
                         base.gather_nodes(verify.tokens_BT, path_BP),
                         jnp.where(verify.active_B, verify.num_accepted_B + 1, 0),
                         verify.accepted.next_token_B)
