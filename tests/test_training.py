@@ -369,3 +369,17 @@ def test_time_budget_saves_and_stops(reference_run, corpus):
   assert [r['step'] for r in records] == [1, 1]
   assert 'loss' in records[0] and records[1]['val_bits_per_byte'] > 0
   assert summary['val_bits_per_byte'] == records[1]['val_bits_per_byte']
+
+
+def test_resume_check_defaults_fields_an_older_workdir_lacks():
+  """A field added to TrainConfig / TransformerConfig later does not make old runs unresumable,
+  but a saved value that differs from the current one is still a named error."""
+  train = TrainConfig(workdir='run', config='tiny').to_json()
+  model = dataclasses.asdict(get_config('tiny'))
+  current = {'train': train, 'model': model, 'tokenizer': {'kind': 'bytes'}}
+  older = {'train': {k: v for k, v in train.items() if k != 'head_targets'},
+           'model': {k: v for k, v in model.items() if k != 'eagle_layers'},
+           'tokenizer': {'kind': 'bytes'}}
+  workdir_lib.check_resume_config('run', older, current)     # both missing fields at default
+  with pytest.raises(ValueError, match='model.eagle_layers: saved 0, now 2'):
+    workdir_lib.check_resume_config('run', older, {**current, 'model': {**model, 'eagle_layers': 2}})
