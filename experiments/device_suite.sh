@@ -35,7 +35,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEV
 if [[ -n "${SUITE_SMOKE:-}" ]]; then
   TEST_ARGS=(tests/test_decode_attention.py -k "triton or matches") SLOW_ARGS=(-k "nothing_matches")
   ATTN=(--seq_lens=64,128 --batch_tokens=256 --num_heads=2 --head_dim=32 --repeats=2)
-  VERIFY=(--tokens=1,4 --tree_tokens=4 --drafters=mtp --steps=2 --repeats=2 --cache_len=64
+  VERIFY=(--config=tiny --tokens=1,4 --tree_tokens=4 --drafters=mtp --steps=2 --repeats=2 --cache_len=64
           --prefix_len=16 --prompt_len=8 --new_tokens=4,8) BASE_VERIFY=(--config=tiny)
   AB_VERIFY=(--config=tiny --tokens=1,4 --steps=2 --repeats=2 --cache_len=64 --prefix_len=16)
   QUICK=(--minutes=0.1 --steps=4 --draft_minutes=0.05 --draft_steps=4 --draft_config=tiny

@@ -2,8 +2,10 @@
 never-agreeing drafter, the profile summary, and option checks. No timing is asserted."""
 import json
 import math
+import re
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from jax_spec.evaluation import cost_model
@@ -48,7 +50,9 @@ def test_top_ops_self_time_and_filter():
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 1, 'dur': 4, 'name': 'dot.5'},
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 6, 'dur': 3, 'name': 'dot.7'},
       {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 9, 'dur': 0.5, 'name': 'end: dot.7'},
-      {'ph': 'X', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 99, 'name': 'PjitFunction(f)'}]}
+      {'ph': 'X', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 99, 'name': 'PjitFunction(f)'},
+      {'ph': 'X', 'pid': 1, 'tid': 2, 'ts': 20, 'dur': 50,
+       'name': 'ThunkExecutor::Execute (wait for completion)'}]}
   ops = {o['op']: o for o in cost_model.top_ops(trace)}
   assert {k: v['self_us'] for k, v in ops.items()} == {'dot.5': 4, 'dot.7': 3, 'while.1': 3}
   kinds = {o['op']: o for o in cost_model.top_ops(trace, by_kind=True)}
@@ -90,3 +94,23 @@ def test_fused_projections_match_unfused():
   for name in ('attn/q/kernel', 'attn/k/kernel', 'attn/v/kernel', 'attn/q/bias', 'mlp/gate/kernel',
                'mlp/up/kernel'):
     assert f'layers/0/{name}' in paths, name
+
+
+def test_speculative_loop_lowers_for_cuda():
+  """The GPU path still lowers: the whole greedy speculative loop (fused projections, the target
+  drafting for itself) exports to CUDA. (The kernels' own Triton lowering is
+  tests/test_flash_attention_export.py's; traced on a CPU host, the loop's cache attention is the
+  'xla' path.)"""
+  import jax
+  from flax import nnx
+  from jax_spec import decoding, models
+  model = models.Transformer(models.get_config('tiny', num_layers=1), rngs=nnx.Rngs(0))
+
+  def loop(prompts_BT, lengths_B):
+    return decoding.speculative_generate(model, prompts_BT, lengths_B, drafter='model',
+                                         draft_model=model, tree='chain2', max_new_tokens=4).tokens_BN
+
+  args = (jax.ShapeDtypeStruct((1, 5), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  exported = jax.export.export(jax.jit(loop), platforms=['cuda'])(*args)
+  assert exported.platforms == ('cuda',)
+  assert re.search(r'stablehlo\.while', exported.mlir_module())

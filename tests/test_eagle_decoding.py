@@ -101,7 +101,8 @@ def test_greedy_chain_identical_to_generate(models_, prompts):
     ('eagle', [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], MAX_NEW),   # static tree
     ('eagle', 'dynamic:6:2', MAX_NEW),                 # EAGLE-2 dynamic tree, depth 4
     ('mtp_recursive', trees.chain(DEPTH), MAX_NEW),    # MTP module 1 drafting past mtp_depth = 1
-    ('eagle', trees.chain(DEPTH), 1),
+    # No verify step at all (the loop's early exit, drafter-agnostic): slow for suite time.
+    pytest.param('eagle', trees.chain(DEPTH), 1, marks=pytest.mark.slow),
 ])
 def test_greedy_identical_to_generate(models_, prompts, drafter, tree, max_new):
   for name in ('always', 'partly'):
@@ -115,6 +116,7 @@ def test_greedy_identical_to_generate(models_, prompts, drafter, tree, max_new):
       assert _tau(out) > 3.0
 
 
+@pytest.mark.slow   # suite time: a smoke test (typical acceptance is not lossless)
 def test_typical_acceptance_with_a_static_tree(models_, prompts):
   """Typical acceptance (not lossless) runs on the EAGLE tree: every emitted token is a real
   token, rows end at max_new_tokens, and the agreeing drafter's drafts are accepted."""
@@ -124,6 +126,15 @@ def test_typical_acceptance_with_a_static_tree(models_, prompts):
   np.testing.assert_array_equal(out.lengths_B, MAX_NEW)
   assert np.all((np.asarray(out.tokens_BN) >= 0) & (np.asarray(out.tokens_BN) < CFG.vocab_size))
   assert _tau(out) > 2.0
+
+
+def test_default_depth_follows_an_explicit_tree(models_):
+  cls = spec.drafters_lib.registered()['eagle']
+  assert cls.default_depth(models_['never'], None, 'chain') == 4
+  assert cls.default_depth(models_['never'], None, [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0],
+                                                    [0, 0, 0, 0, 0], [1]]) == 5
+  assert cls.default_depth(models_['never'], None, trees.chain(7)) == 7
+  assert cls.default_depth(models_['never'], None, dynamic_tree.DynamicTree(4, 2, 6)) == 6
 
 
 def test_drafter_errors(models_, prompts):
@@ -172,8 +183,11 @@ def laws():
   return model, _exact_laws(model, [1, 3])
 
 
-@pytest.mark.parametrize('tree', [trees.chain(2), [[0], [1], [0, 0]],
-                                  dynamic_tree.DynamicTree(num_draft_nodes=4, branching=2, depth=2)])
+@pytest.mark.parametrize('tree', [
+    trees.chain(2),
+    pytest.param([[0], [1], [0, 0]], marks=pytest.mark.slow),   # suite time: the dynamic tree's
+    dynamic_tree.DynamicTree(num_draft_nodes=4, branching=2, depth=2),   # top-k rule is the same
+])
 def test_rejection_sampling_emits_the_target_law(laws, tree):
   model, (target, wrong) = laws
   prompt = [1, 3]

@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,6 +254,16 @@ def test_load_model_from_workdir_reproduces_validation(reference_run, corpus, ca
   np.testing.assert_allclose(float(means['main_loss']), last['val_main_loss'], rtol=1e-6)
 
 
+def test_load_model_from_a_mismatched_checkpoint_is_a_value_error(reference_run, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference_run['workdir'], workdir)
+  info = json.loads((workdir / 'train_config.json').read_text())
+  info['model']['d_ff'] = 64   # the checkpoint holds d_ff = 96
+  (workdir / 'train_config.json').write_text(json.dumps(info))
+  with pytest.raises(ValueError, match="checkpoint cannot be restored into the run's model"):
+    restore.load_model_from_workdir(str(workdir))
+
+
 def test_kill_and_resume_is_bitwise_identical(reference_run, corpus):
   workdir = str(reference_run['root'] / 'killed')
   env = _env(reference_run['cache'])
@@ -358,3 +369,17 @@ def test_time_budget_saves_and_stops(reference_run, corpus):
   assert [r['step'] for r in records] == [1, 1]
   assert 'loss' in records[0] and records[1]['val_bits_per_byte'] > 0
   assert summary['val_bits_per_byte'] == records[1]['val_bits_per_byte']
+
+
+def test_resume_check_defaults_fields_an_older_workdir_lacks():
+  """A field added to TrainConfig / TransformerConfig later does not make old runs unresumable,
+  but a saved value that differs from the current one is still a named error."""
+  train = TrainConfig(workdir='run', config='tiny').to_json()
+  model = dataclasses.asdict(get_config('tiny'))
+  current = {'train': train, 'model': model, 'tokenizer': {'kind': 'bytes'}}
+  older = {'train': {k: v for k, v in train.items() if k != 'head_targets'},
+           'model': {k: v for k, v in model.items() if k != 'eagle_layers'},
+           'tokenizer': {'kind': 'bytes'}}
+  workdir_lib.check_resume_config('run', older, current)     # both missing fields at default
+  with pytest.raises(ValueError, match='model.eagle_layers: saved 0, now 2'):
+    workdir_lib.check_resume_config('run', older, {**current, 'model': {**model, 'eagle_layers': 2}})

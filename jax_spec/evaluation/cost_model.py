@@ -359,7 +359,8 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
   with matmul_precision(model):
     part_times = time_interleaved(parts, opts.repeats, 'parts')
     loop_times = time_interleaved(loops, opts.repeats, 'loops')
-    loop_outputs = {name: fn() for name, fn in loops.items()}
+    # Blocked: an output still computing would land in the profile's trace.
+    loop_outputs = jax.block_until_ready({name: fn() for name, fn in loops.items()})
     profile = profile_loops(loops[f'plain@{opts.new_tokens[1]}'],
                             loops[f'{FULL}@{opts.new_tokens[1]}']) if opts.profile and loops else None
 
@@ -446,7 +447,8 @@ def top_ops(trace_json: dict, top: int = 15, by_kind: bool = False) -> list[dict
   threads, procs = meta('thread_name'), meta('process_name')
   by_thread = collections.defaultdict(list)
   for e in events:
-    if e.get('ph') != 'X' or e['name'].startswith('end: '):
+    # 'end: op' markers, and the caller's wait for the whole program, are not ops.
+    if e.get('ph') != 'X' or e['name'].startswith('end: ') or 'wait for completion' in e['name']:
       continue
     thread = threads.get((e.get('pid'), e.get('tid')), '')
     proc = procs.get((e.get('pid'), None), '')

@@ -134,13 +134,7 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   if not workdir or not os.path.isdir(workdir):
     raise ValueError(f'{what}={workdir!r} is not a directory (a workdir of experiments.train)')
   info = workdir_lib.read_run_info(workdir)
-  try:
-    model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
-  except Exception as e:  # orbax / tree-structure mismatches: an incompatible checkpoint
-    if isinstance(e, ValueError):
-      raise  # the loader's own errors already name what is wrong
-    raise ValueError(f'{what}={workdir!r}: the checkpoint does not match the run\'s model '
-                     f'config ({type(e).__name__}: {e})') from e
+  model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
   return model, tokenizer, model_config, info
 
 

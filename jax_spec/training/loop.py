@@ -71,7 +71,9 @@ def _restore_or_start(cfg: TrainConfig, setup, checkpointer) -> tuple[int, dict[
     if cfg.init_from:
       source, _, _ = load_model_from_workdir(cfg.init_from)
     elif cfg.init_from_hf:
-      source, _, _ = pretrained.from_pretrained(cfg.init_from_hf, tokenizer=False, heads=False)
+      # Read straight into the trunk's storage dtype: a bf16 trunk never exists in fp32.
+      source, _, _ = pretrained.from_pretrained(cfg.init_from_hf, tokenizer=False, heads=False,
+                                                param_dtype=cfg.trunk_param_dtype)
     if source is not None:
       params = copy_matching_params(nnx.state(source, nnx.Param), state['params'],
                                     source_name=cfg.init_from or cfg.init_from_hf)

@@ -15,7 +15,8 @@ from jax_spec.data import load_tokenizer
 from jax_spec.models import TransformerConfig
 from jax_spec.io import checkpointing
 from jax_spec.training import workdir as workdir_lib
-from jax_spec.training.state import build_model, compile_fast
+from jax_spec.training.sharding import path_to_str
+from jax_spec.training.state import build_model, compile_fast, storage_dtype_fn
 
 
 def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=None):
@@ -35,12 +36,17 @@ def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=Non
   build = lambda: build_model(model_config, policy, cfg.seed)
   graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract_params = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
+  dtype_of = storage_dtype_fn(cfg)  # a frozen trunk is restored in its storage dtype (bf16)
+  abstract_params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(x.shape, dtype_of(path_to_str(p), x.dtype),
+                                        sharding=device), abstract_params)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
                                     read_only=True)
   try:
     _, restored = ckpt.restore_partial(step, {'params': abstract_params})
+  except Exception as e:  # orbax: missing files, tree / shape / dtype mismatch
+    raise ValueError(f'{workdir}: the checkpoint cannot be restored into the run\'s model config '
+                     f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
   finally:
     ckpt.close()
   # Non-parameter variables (none are trained) come from a fresh model.

@@ -6,6 +6,7 @@ tests use to get the same state and step functions without running the loop.
 from __future__ import annotations
 
 import functools
+import math
 import logging
 from typing import Any, Callable, NamedTuple
 
@@ -70,10 +71,30 @@ def state_shardings(abstract_state: steps_lib.State, mesh) -> dict[str, Any]:
   }
 
 
+def storage_dtype_fn(cfg: TrainConfig) -> Callable[[str, Any], Any]:
+  """`(parameter path, built dtype) -> dtype the run stores it in`: a frozen trunk's parameters in
+  `cfg.trunk_param_dtype`, every trained parameter as built (the policy's fp32 master weights)."""
+  trainable, trunk_dtype = trainable_filter(cfg), jnp.dtype(cfg.trunk_param_dtype)
+  return lambda path, dtype: dtype if trainable is None or trainable(path) else trunk_dtype
+
+
+def to_storage_dtypes(params, cfg: TrainConfig):
+  """`params` (arrays) with each leaf in the dtype the run stores it in (`storage_dtype_fn`)."""
+  dtype_of = storage_dtype_fn(cfg)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.astype(dtype_of(sharding.path_to_str(p), x.dtype)), params)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of `tree` (arrays or ShapeDtypeStructs), exactly."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def _init(cfg, model_config, policy, tx, loss_scale_mode):
   """(train state, non-parameter model variables) of a fresh run; jitted by the caller."""
   model = build_model(model_config, policy, cfg.seed)
   _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = to_storage_dtypes(params, cfg)  # a frozen trunk in its storage dtype
   state = steps_lib.init_train_state(params, tx, jax.random.fold_in(jax.random.key(cfg.seed), 1))
   if loss_scale_mode == 'dynamic':
     state = steps_lib.set_loss_scale(state, precision_lib.DEFAULT_INITIAL_SCALE)
@@ -118,8 +139,9 @@ def make_step_fns(cfg: TrainConfig, setup: TrainSetup) -> tuple[Callable, Callab
 
 
 def copy_matching_params(source_params, params, *, source_name: str):
-  """`params` with every array that `source_params` has at the same path, shape and dtype
-  replaced by the source's (e.g. a trained trunk under new heads)."""
+  """`params` with every array that `source_params` has at the same path and shape replaced by
+  the source's, in the dtype of `params` (e.g. a trained trunk under new heads, stored in bf16
+  with a frozen bf16 trunk)."""
   src = {sharding.path_to_str(p): x
          for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
   copied = []
@@ -127,9 +149,9 @@ def copy_matching_params(source_params, params, *, source_name: str):
   def take(path, x):
     key = sharding.path_to_str(path)
     y = src.get(key)
-    if y is not None and y.shape == x.shape and y.dtype == x.dtype:
+    if y is not None and y.shape == x.shape:
       copied.append(key)
-      return jnp.asarray(y)
+      return jnp.asarray(y, x.dtype)
     return x
 
   new = jax.tree_util.tree_map_with_path(take, params)

@@ -2,8 +2,9 @@
 
 The train state is a plain dict pytree, which is exactly what the checkpoint stores:
 
-  params        nnx.State of the model's `nnx.Param`s (fp32 master weights)
-  opt_state     optax state (AdamW moments, fp32)
+  params        nnx.State of the model's `nnx.Param`s (fp32 master weights; a frozen trunk in
+                its storage dtype, `TrainConfig.trunk_param_dtype`)
+  opt_state     optax state (AdamW moments, fp32; nothing for frozen parameters)
   loss_scale    {'scale': f32[], 'fin_steps': i32[]} (dynamic loss scaling; constant 1 otherwise)
   step          i32[]: number of steps taken (skipped ones included)
   skipped_steps i32[]: steps whose update was skipped because of a non-finite gradient
@@ -151,6 +152,9 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
         growth_interval=growth_interval, has_aux=True)
     (loss, metrics), grads, finite = update.value, update.grads, update.finite
     new_params, new_opt_state, new_loss_scale = update.params, update.opt_state, update.loss_scale
+    if trainable is not None:  # frozen leaves pass through bit for bit (p + 0 would turn -0 to +0)
+      new_params = jax.tree_util.tree_map_with_path(
+          lambda path, new, old: new if trainable(path_to_str(path)) else old, new_params, params)
     grad_norm = optax.global_norm(grads)
     skipped = jnp.logical_not(finite) if dynamic else jnp.zeros((), bool)
     # Learning rate used by this update: optax's count only advances on applied updates.

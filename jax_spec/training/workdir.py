@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from jax_spec.models.config import TransformerConfig
 from jax_spec.training.config import CONFIG_FILE, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,10 @@ def run_info(cfg: TrainConfig, model_config, tokenizer) -> dict[str, Any]:
                         'fingerprint': tokenizer.fingerprint}}
 
 
-def _train_defaults() -> dict[str, Any]:
+def _defaults(cls) -> dict[str, Any]:
+  """The dataclass's field defaults, as `train_config.json` stores them."""
   out = {}
-  for f in dataclasses.fields(TrainConfig):
+  for f in dataclasses.fields(cls):
     if f.default is not dataclasses.MISSING:
       out[f.name] = f.default
     elif f.default_factory is not dataclasses.MISSING:
@@ -48,15 +50,14 @@ def _train_defaults() -> dict[str, Any]:
 def check_resume_config(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
   """A restart must compute the same thing: compare everything but the runtime fields.
 
-  A training field missing from an older `saved` file counts as its default (a field added to
-  TrainConfig later does not make old runs unresumable).
+  A training or model field missing from an older `saved` file counts as its default (a field
+  added to TrainConfig or TransformerConfig later does not make old runs unresumable).
   """
   diffs = []
-  defaults = _train_defaults()
+  defaults = {'train': _defaults(TrainConfig), 'model': _defaults(TransformerConfig)}
   for section in ('train', 'model', 'tokenizer'):
     a, b = saved.get(section, {}), current[section]
-    if section == 'train':
-      a = {**defaults, **a}
+    a = {**defaults.get(section, {}), **a}
     for key in sorted(set(a) | set(b)):
       if section == 'train' and key in RUNTIME_FIELDS:
         continue
