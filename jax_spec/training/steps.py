@@ -119,7 +119,8 @@ def make_train_step(graphdef, rest, model_config, tx: optax.GradientTransformati
                     growth_interval: int = precision_lib.DEFAULT_GROWTH_INTERVAL,
                     mtp_lambda: float = 0.3, medusa_weight: float = 0.8,
                     trainable: Callable[[str], bool] | None = None, head: HeadLoss = HeadLoss()):
-  """Returns `train_step(state, batch) -> (state, metrics)` (not jitted; see `jit_train_step`).
+  """Returns `train_step(state, batch) -> (state, metrics)`, not jitted (it is jitted with the
+  state's shardings by `training.state.make_step_fns`).
 
   trainable: a filter on parameter paths (e.g. `head_params` for a frozen trunk); the others get
   `stop_gradient` (no backward pass into them) and zero updates (see `make_optimizer`).

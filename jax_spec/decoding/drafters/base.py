@@ -36,6 +36,18 @@ from jax_spec.decoding.trees import Tree
 State = Any   # a drafter's own pytree
 
 
+
+def depth_of_tree_spec(tree_spec, default: int) -> int:
+  """The draft depth of a drafter that drafts to any depth (a draft model, a feature drafter):
+  an explicit tree (static or dynamic) sets it; a named tree ('chain', 'default', ...) gets
+  `default`."""
+  if isinstance(tree_spec, dynamic_tree.DynamicTree):
+    return tree_spec.depth
+  if isinstance(tree_spec, str):
+    return default
+  return (tree_spec if isinstance(tree_spec, Tree) else Tree.from_choices(tree_spec)).max_depth
+
+
 class Candidates(NamedTuple):
   """What a drafter proposes for one verify step."""
   tokens_BT: jax.Array                     # int32 [B, T]: token of every tree node, node 0 = root

@@ -25,7 +25,6 @@ from jax_spec import models
 from jax_spec.decoding import sampling
 from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.drafters import base
-from jax_spec.decoding.trees import Tree
 
 
 class DraftModelState(NamedTuple):
@@ -57,13 +56,8 @@ class DraftModelDrafter(base.Drafter):
 
   @classmethod
   def default_depth(cls, model, draft_model, tree_spec):
-    del model, draft_model
-    if isinstance(tree_spec, dynamic_tree.DynamicTree):
-      return tree_spec.depth
-    if isinstance(tree_spec, str):
-      return 4
-    # A draft model drafts any gamma: an explicit chain sets it.
-    return (tree_spec if isinstance(tree_spec, Tree) else Tree.from_choices(tree_spec)).max_depth
+    del model, draft_model  # a draft model drafts any gamma
+    return base.depth_of_tree_spec(tree_spec, 4)
 
   @classmethod
   def check_tree(cls, tree, model):

@@ -19,9 +19,8 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_spec.decoding import dynamic_tree, sampling
+from jax_spec.decoding import sampling
 from jax_spec.decoding.drafters import base
-from jax_spec.decoding.trees import Tree
 from jax_spec.models import eagle as eagle_lib
 
 
@@ -45,13 +44,8 @@ class _FeatureDrafter(base.Drafter):
 
   @classmethod
   def default_depth(cls, model, draft_model, tree_spec):
-    del model, draft_model
-    # One module drafts to any depth: an explicit tree sets it; named trees get DEFAULT_DEPTH.
-    if isinstance(tree_spec, dynamic_tree.DynamicTree):
-      return tree_spec.depth
-    if isinstance(tree_spec, str):
-      return cls.DEFAULT_DEPTH
-    return (tree_spec if isinstance(tree_spec, Tree) else Tree.from_choices(tree_spec)).max_depth
+    del model, draft_model  # one module drafts to any depth
+    return base.depth_of_tree_spec(tree_spec, cls.DEFAULT_DEPTH)
 
   def _select_fn(self, key):
     if not self.sample_drafts:

@@ -45,7 +45,8 @@ class MTPDrafter(base.Drafter):
   def check_tree(cls, tree, model):
     depth = model.config.mtp_depth
     if tree.max_depth > depth:
-      raise ValueError(f'tree depth {tree.max_depth} > the {depth} MTP modules')
+      raise ValueError(f'tree depth {tree.max_depth} > the {depth} MTP modules (drafter='
+                       f"'mtp_recursive' reuses MTP module 1 to any depth)")
     if isinstance(tree, dynamic_tree.DynamicTree):
       if tree.num_draft_nodes > tree.depth * tree.branching:
         raise ValueError(f"drafter='mtp' branches only off its chain: a dynamic tree has at most "
