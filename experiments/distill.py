@@ -91,11 +91,6 @@ def run(f) -> dict:
   return summary
 
 
-def main(argv):
-  del argv
-  run(FLAGS)
-
-
 if __name__ == '__main__':
   define_flags()
-  cli.run(main)
+  cli.run(lambda argv: run(FLAGS))   # cli.run rejects positional arguments

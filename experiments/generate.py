@@ -134,11 +134,6 @@ def run(f) -> dict:
   return results
 
 
-def main(argv):
-  del argv
-  run(FLAGS)
-
-
 if __name__ == '__main__':
   define_flags()
-  cli.run(main)
+  cli.run(lambda argv: run(FLAGS))   # cli.run rejects positional arguments

@@ -7,6 +7,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from jax_spec.rle import losses
 from jax_spec.rle import plots
@@ -126,3 +127,13 @@ def run_compare(opts: RegressionOptions, losses_to_compare: Sequence[str], *,
                          f'{task} ({data["name"]}, {opts.steps} steps x {opts.batch_size}, '
                          f'label noise {opts.label_noise})')
   return results
+
+
+def run_main(options_cls, run_one: Callable, run_compare_fn: Callable):
+  """An RLE experiment's main: one run of the flags' options, or --compare over
+  --compare_losses."""
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  opts = options_from_flags(options_cls)
+  if flags.FLAGS.compare:
+    return run_compare_fn(opts, flags.FLAGS.compare_losses)
+  return run_one(opts)

@@ -21,7 +21,6 @@ import os
 import time
 
 import numpy as np
-from absl import logging
 from absl import flags
 from flax import nnx
 
@@ -32,7 +31,6 @@ from jax_spec.rle.models import Regressor
 
 GAZE_LOSSES = ('l1', 'l2', 'nll', 'rle')
 
-FLAGS = flags.FLAGS
 
 GAZE_METRICS = [('angular_error_deg', 'mean angular error (deg)', False)]
 IMAGE_SHAPE = (32, 48)
@@ -120,12 +118,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  opts = rle_common.options_from_flags(GazeOptions)
-  if FLAGS.compare:
-    run_compare(opts, FLAGS.compare_losses)
-  else:
-    run_one(opts)
+  rle_common.run_main(GazeOptions, run_one, run_compare)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ import os
 import time
 
 import numpy as np
-from absl import logging
 from absl import flags
 from flax import nnx
 
@@ -32,7 +31,6 @@ from jax_spec import cli
 from jax_spec.rle import coco, metrics, plots, pose_data, trainer
 from jax_spec.rle.models import LOSSES, Regressor
 
-FLAGS = flags.FLAGS
 
 POSE_METRICS = [('pck', 'PCK@0.05', True), ('ap', 'AP (OKS .50:.95)', True),
                 ('pixel_error', 'pixel error', False)]
@@ -144,12 +142,7 @@ def define_flags():
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  opts = rle_common.options_from_flags(PoseOptions)
-  if FLAGS.compare:
-    run_compare(opts, FLAGS.compare_losses)
-  else:
-    run_one(opts)
+  rle_common.run_main(PoseOptions, run_one, run_compare)
 
 
 if __name__ == '__main__':

@@ -129,6 +129,12 @@ def positions_from_segments(segment_ids_BT):
   return idx_T - start_BT
 
 
+def _inits(c: TransformerConfig):
+  """(init, residual-output init): the output projections of attention and the MLP start scaled
+  by 1 / sqrt(2 num_layers) (GPT-2), so the residual stream's variance does not grow with depth."""
+  return normal_init(c.init_std), normal_init(c.init_std / math.sqrt(2 * c.num_layers))
+
+
 def write_cache(cache_LBSKE, layer: int, new_BTKE, slots_BT):
   """Scatters `new_BTKE` into `cache[layer, b, slots[b, t]]`; out-of-range slots are dropped."""
   rows_BT = jnp.broadcast_to(jnp.arange(new_BTKE.shape[0])[:, None], slots_BT.shape)
@@ -141,8 +147,7 @@ class Attention(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    init = normal_init(c.init_std)
-    out_init = normal_init(c.init_std / math.sqrt(2 * c.num_layers))
+    init, out_init = _inits(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     def proj(heads):
       return Dense((c.d_model, heads, c.head_dim), 'btd,dhk->bthk', init=init,
@@ -192,8 +197,7 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    init = normal_init(c.init_std)
-    out_init = normal_init(c.init_std / math.sqrt(2 * c.num_layers))
+    init, out_init = _inits(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)
     self.up = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)

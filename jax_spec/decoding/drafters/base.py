@@ -166,6 +166,36 @@ class Drafter:
                                  top_p=sc.top_p)
 
 
+class HeadsDrafter(Drafter):
+  """A drafter with one draft head per depth in the trunk model (Medusa heads, MTP modules): it
+  needs the heads, drafts as deep as there are heads by default, and no deeper."""
+  heads_field: ClassVar[str]        # the TransformerConfig field counting the heads
+  heads_noun: ClassVar[str]         # how errors call them
+  too_deep_hint: ClassVar[str] = ''
+
+  @classmethod
+  def num_heads(cls, model) -> int:
+    return getattr(model.config, cls.heads_field)
+
+  @classmethod
+  def check_model(cls, model, draft_model):
+    del draft_model
+    if not cls.num_heads(model):
+      raise ValueError(f'drafter={cls.name!r} needs a model with {cls.heads_noun} '
+                       f'(config.{cls.heads_field} == 0)')
+
+  @classmethod
+  def default_depth(cls, model, draft_model, tree_spec):
+    del draft_model, tree_spec
+    return cls.num_heads(model)
+
+  @classmethod
+  def check_tree(cls, tree, model):
+    if tree.max_depth > cls.num_heads(model):
+      raise ValueError(f'tree depth {tree.max_depth} > the {cls.num_heads(model)} '
+                       f'{cls.heads_noun}{cls.too_deep_hint}')
+
+
 _REGISTRY: dict[str, type[Drafter]] = {}
 
 

@@ -18,30 +18,15 @@ from jax_spec.decoding.drafters import base
 
 
 class MedusaState(NamedTuple):
-  head_logits_JBV: jax.Array    # fp32 [K, B, V]: every head's logits at the last committed position
+  head_logits_JBV: jax.Array    # fp32 [J, B, V]: every head's logits at the last committed position
 
 
 @base.register
-class MedusaDrafter(base.Drafter):
+class MedusaDrafter(base.HeadsDrafter):
   name = 'medusa'
   supports_dynamic_trees = True
-
-  @classmethod
-  def check_model(cls, model, draft_model):
-    del draft_model
-    if not model.config.medusa_heads:
-      raise ValueError("drafter='medusa' needs a model with Medusa heads (config.medusa_heads == 0)")
-
-  @classmethod
-  def default_depth(cls, model, draft_model, tree_spec):
-    del draft_model, tree_spec
-    return model.config.medusa_heads
-
-  @classmethod
-  def check_tree(cls, tree, model):
-    heads = model.config.medusa_heads
-    if tree.max_depth > heads:
-      raise ValueError(f'tree depth {tree.max_depth} > the {heads} Medusa heads')
+  heads_field = 'medusa_heads'
+  heads_noun = 'Medusa heads'
 
   def init(self, ctx, prefill):
     rows_B = jnp.arange(prefill.prompts_BT.shape[0])

@@ -26,27 +26,16 @@ class MTPState(NamedTuple):
 
 
 @base.register
-class MTPDrafter(base.Drafter):
+class MTPDrafter(base.HeadsDrafter):
   name = 'mtp'
   supports_dynamic_trees = True
-
-  @classmethod
-  def check_model(cls, model, draft_model):
-    del draft_model
-    if not model.config.mtp_depth:
-      raise ValueError("drafter='mtp' needs a model with MTP modules (config.mtp_depth == 0)")
-
-  @classmethod
-  def default_depth(cls, model, draft_model, tree_spec):
-    del draft_model, tree_spec
-    return model.config.mtp_depth
+  heads_field = 'mtp_depth'
+  heads_noun = 'MTP modules'
+  too_deep_hint = " (drafter='mtp_recursive' reuses MTP module 1 to any depth)"
 
   @classmethod
   def check_tree(cls, tree, model):
-    depth = model.config.mtp_depth
-    if tree.max_depth > depth:
-      raise ValueError(f'tree depth {tree.max_depth} > the {depth} MTP modules (drafter='
-                       f"'mtp_recursive' reuses MTP module 1 to any depth)")
+    super().check_tree(tree, model)
     if isinstance(tree, dynamic_tree.DynamicTree):
       if tree.num_draft_nodes > tree.depth * tree.branching:
         raise ValueError(f"drafter='mtp' branches only off its chain: a dynamic tree has at most "
