@@ -54,10 +54,7 @@ def run(f) -> dict:
   if f.samples_per_prompt > 1 and f.temperature == 0:
     raise app.UsageError('--samples_per_prompt > 1 needs --temperature > 0 (greedy samples are '
                          'identical)')
-  with open(f.prompts) as fh:
-    prompts = [line.rstrip('\n') for line in fh if line.strip()]
-  if not prompts:
-    raise ValueError(f'--prompts={f.prompts!r} has no non-empty line')
+  prompts = benchmark_lib.read_prompt_file(f.prompts, what='--prompts')
   model, tokenizer, _ = pretrained.from_pretrained(
       f.init_from_hf, policy=f.precision,
       param_dtype=jnp.dtype(f.param_dtype), heads=False)
@@ -93,4 +90,4 @@ def run(f) -> dict:
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(lambda argv: run(FLAGS))   # cli.run rejects positional arguments
+  cli.run(lambda argv: run(FLAGS), quiet=True)   # cli.run rejects positional arguments

@@ -72,8 +72,7 @@ def load(f):
 def read_prompts(f) -> list[str]:
   prompts = list(f.prompt)
   if f.prompt_file:
-    with open(f.prompt_file) as fh:
-      prompts += [line.rstrip('\n') for line in fh if line.strip()]
+    prompts += benchmark_lib.read_prompt_file(f.prompt_file, allow_empty=True)
   if not prompts:
     raise app.UsageError('give --prompt (repeatable) or --prompt_file')
   return prompts
@@ -136,4 +135,4 @@ def run(f) -> dict:
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(lambda argv: run(FLAGS))   # cli.run rejects positional arguments
+  cli.run(lambda argv: run(FLAGS), quiet=True)   # cli.run rejects positional arguments

@@ -231,10 +231,9 @@ def run(f) -> dict:
 
 def main(argv):
   del argv  # cli.run rejects positional arguments
-  cli.quiet_libraries()
   runtime.configure_xla_cpu()
   run(FLAGS)
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, quiet=True)

@@ -26,7 +26,6 @@ def main(argv):
   del argv  # cli.run rejects positional arguments
   if not FLAGS.workdir:
     raise ValueError('--workdir is required (a trained run of experiments.train)')
-  cli.quiet_libraries()
   runtime.configure_xla_cpu()
   opts = benchmark_lib.BenchmarkOptions(**cli.flag_values(benchmark_lib.BenchmarkOptions, _FIELDS))
   results = benchmark_lib.run_benchmark(opts)
@@ -34,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, quiet=True)

@@ -86,10 +86,9 @@ def run(cfg: TrainConfig) -> dict:
 def main(argv):
   del argv  # cli.run rejects positional arguments
   cfg = config_from_flags()
-  cli.quiet_libraries()
   summary = run(cfg)
   print(json.dumps(summary, sort_keys=True))
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, quiet=True)

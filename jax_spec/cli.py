@@ -52,13 +52,16 @@ def _parse_flags(argv):
     usage_exit(str(e))
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
+def run(main: Callable[[list[str]], Any], *, quiet: bool = False) -> None:
   """`app.run(main)` with one-line usage errors (exit status 2) for bad flags and for
-  ValueError / app.UsageError raised by `main`."""
+  ValueError / app.UsageError raised by `main`. quiet: `quiet_libraries()` before `main` (for
+  scripts that load or save checkpoints)."""
 
   def wrapped(argv):
     if len(argv) > 1:
       usage_exit(f'unexpected arguments: {argv[1:]}')
+    if quiet:
+      quiet_libraries()
     try:
       return main(argv)
     except app.UsageError as e:

@@ -196,8 +196,7 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
   # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta) covers both cotangents.
   delta_BHT = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
                          precision=common.matmul_precision(acc), preferred_element_type=acc)
-  if dlse is not None:
-    delta_BHT = delta_BHT - dlse
+  delta_BHT = delta_BHT - dlse
   delta_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh, 0.0)
   # Rows that see no key (lse = -inf) and padded rows get +inf: every p = exp(s - lse) is 0.
   lse_nBKQ = _rows_to_blocks(cfg, jnp.where(lse == -jnp.inf, jnp.inf, lse), kvh, jnp.inf)
@@ -257,9 +256,7 @@ def _flash_fwd(cfg, q, k, v, qseg, kseg):
 
 def _flash_bwd(cfg, res, cotangents):
   q, k, v, qseg, kseg, o, lse = res
-  do, dlse = cotangents
-  if isinstance(dlse, jax.custom_derivatives.SymbolicZero) or dlse is None:
-    dlse = None
+  do, dlse = cotangents   # without symbolic_zeros, an unused lse gets a zero cotangent
   dq, dk, dv = _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse)
   return dq, dk, dv, None, None
 

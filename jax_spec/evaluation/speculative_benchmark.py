@@ -165,12 +165,12 @@ def _merge_stats(all_stats) -> decoding.SpeculativeStats:
       np.sum([int(s.loop_steps) for s in all_stats]))
 
 
-def read_prompt_file(path: str) -> list[str]:
-  """One prompt per non-empty line."""
+def read_prompt_file(path: str, what: str = 'prompt_file', allow_empty: bool = False) -> list[str]:
+  """One prompt per non-empty line; an empty file is an error naming the option `what`."""
   with open(path) as fh:
     prompts = [line.rstrip('\n') for line in fh if line.strip()]
-  if not prompts:
-    raise ValueError(f'prompt_file {path!r} has no non-empty line')
+  if not prompts and not allow_empty:
+    raise ValueError(f'{what} {path!r} has no non-empty line')
   return prompts
 
 

@@ -28,6 +28,7 @@ from flax import struct
 
 from jax_spec.attention import reference_attention
 # The same argument checks and default draft selection as the MTP drafts.
+from jax_spec.models.losses import shift  # past the row end: masked by the losses
 from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL, _argmax_select, _check_int
 from jax_spec.models.transformer import MTPModule, Transformer
 
@@ -82,12 +83,6 @@ def _read(model, x_BTD):
   return feature, model.logits(feature)
 
 
-def _shift(tokens_BT, offset):
-  """t_{i+offset}, zero-padded past the row end (those predictions are masked by the losses)."""
-  seq_len = tokens_BT.shape[1]
-  return jnp.pad(tokens_BT[:, offset:], ((0, 0), (0, min(offset, seq_len))))[:, :seq_len]
-
-
 def _block_with_attention(block, x_BTD, positions_BT, attend):
   """`Block.__call__` with the attention replaced by `attend(q, k, v) -> o`; returns (x, k, v)."""
   q_BTHE, k_BTKE, v_BTKE = block.attn.qkv(block.attn_norm(x_BTD), positions_BT)
@@ -120,7 +115,7 @@ def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str =
   feature_BTD, features, logits = hidden_BTD, [], []
   kv_by_step = []   # kv_by_step[s - 1][l] = (k, v) of block l at step s
   for s in range(1, steps + 1):
-    x_BTD = module.combine(feature_BTD, model.embed_tokens(_shift(tokens_BT, s)))
+    x_BTD = module.combine(feature_BTD, model.embed_tokens(shift(tokens_BT, s)))
     pos_BT = positions_BT + (s - 1)
     step_kv = []
     for l, block in enumerate(module.blocks):
@@ -159,10 +154,8 @@ def init_feature_cache(model: Transformer, batch_size: int, max_len: int, *,
 
 def _decode(model, module, feature_BTD, tokens_BT, positions_BT, k, v, lengths_B, mask_BTT):
   """The module on T new entries written at slots [lengths, lengths + T) -> (x, k, v)."""
-  x_BTD = module.combine(feature_BTD, model.embed_tokens(tokens_BT))
-  for l, block in enumerate(module.blocks):
-    x_BTD, k, v = block.decode(x_BTD, positions_BT, k, v, l, lengths_B, mask_BTT)
-  return x_BTD, k, v
+  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), positions_BT, k, v, 0,
+                       lengths_B, mask_BTT)
 
 
 def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,

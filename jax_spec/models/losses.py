@@ -51,14 +51,20 @@ class HeadLoss:
         raise ValueError(f'{name} must be a non-negative number, got {value!r}')
 
 
+def shift(x_BT, offset: int, fill=0):
+  """x_{i+offset} along axis 1 (any trailing axes), `fill` past the row end."""
+  seq_len = x_BT.shape[1]
+  pad = [(0, 0), (0, min(offset, seq_len))] + [(0, 0)] * (x_BT.ndim - 2)
+  return jnp.pad(x_BT[:, offset:], pad, constant_values=fill)[:, :seq_len]
+
+
 def shifted_targets(tokens_BT, segment_ids_BT, offset: int):
   """Targets t_{i+offset} and their validity mask [B, T] (document- and row-end aware)."""
   batch, seq_len = tokens_BT.shape
   if segment_ids_BT is None:
     segment_ids_BT = jnp.ones_like(tokens_BT)
-  pad = ((0, 0), (0, min(offset, seq_len)))
-  targets_BT = jnp.pad(tokens_BT[:, offset:], pad)[:, :seq_len]
-  seg_next_BT = jnp.pad(segment_ids_BT[:, offset:], pad, constant_values=-1)[:, :seq_len]
+  targets_BT = shift(tokens_BT, offset)
+  seg_next_BT = shift(segment_ids_BT, offset, fill=-1)
   valid_BT = (seg_next_BT == segment_ids_BT) & (segment_ids_BT != 0)
   return targets_BT, valid_BT
 
@@ -67,18 +73,10 @@ def cross_entropy(logits_BTV, targets_BT, valid_BT):
   """Masked mean cross-entropy and top-1 accuracy (fp32 scalars)."""
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
   nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  weight_BT = valid_BT.astype(jnp.float32)
-  denom = jnp.maximum(weight_BT.sum(), 1.0)
-  loss = (nll_BT * weight_BT).sum() / denom
-  acc = ((jnp.argmax(logits_BTV, axis=-1) == targets_BT) * weight_BT).sum() / denom
-  return loss, acc
+  return (_masked_mean(nll_BT, valid_BT),
+          _masked_mean(jnp.argmax(logits_BTV, axis=-1) == targets_BT, valid_BT))
 
 
-def _shift(x_BT, offset: int):
-  """x_{i+offset} along axis 1, zero-padded past the row end."""
-  seq_len = x_BT.shape[1]
-  pad = [(0, 0), (0, min(offset, seq_len))] + [(0, 0)] * (x_BT.ndim - 2)
-  return jnp.pad(x_BT[:, offset:], pad)[:, :seq_len]
 
 
 def _masked_mean(x_BT, valid_BT):
@@ -88,7 +86,7 @@ def _masked_mean(x_BT, valid_BT):
 
 def _trunk_logits(trunk_logits_BTV, offset: int):
   """The trunk's (fixed) logits for t_{i+offset}: its prediction at position i + offset - 1."""
-  return jax.lax.stop_gradient(_shift(trunk_logits_BTV.astype(jnp.float32), offset - 1))
+  return jax.lax.stop_gradient(shift(trunk_logits_BTV.astype(jnp.float32), offset - 1))
 
 
 def head_loss(logits_BTV, tokens_BT, segment_ids_BT, offset: int, trunk_logits_BTV,
@@ -181,7 +179,7 @@ def compute_losses(outputs, tokens_BT, segment_ids_BT, config: TransformerConfig
     num_steps = eagle.features_JBTD.shape[0]
     for s in range(1, num_steps + 1):
       _, valid = shifted_targets(tokens_BT, segment_ids_BT, s)
-      target_BTD = jax.lax.stop_gradient(_shift(outputs.hidden_BTD, s))
+      target_BTD = jax.lax.stop_gradient(shift(outputs.hidden_BTD, s))
       l = smooth_l1(eagle.features_JBTD[s - 1], target_BTD, valid)
       metrics[f'eagle_feature_loss_{s}'] = l
       loss = loss + head.eagle_feature_weight / num_steps * l

@@ -40,11 +40,18 @@ class MTPModule(nnx.Module):
     return self.proj(jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1))
 
   def __call__(self, h_BTD, e_BTD, positions_BT, segment_ids_BT=None):
-    return self.block(self.combine(h_BTD, e_BTD), positions_BT, segment_ids_BT)[0]
+    x_BTD = self.combine(h_BTD, e_BTD)
+    for block in self.blocks:
+      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)[0]
+    return x_BTD
 
   def decode(self, h_BTD, e_BTD, positions_BT, k_cache, v_cache, layer, lengths_B, tree_mask_BTT):
-    return self.block.decode(self.combine(h_BTD, e_BTD), positions_BT, k_cache, v_cache, layer,
-                             lengths_B, tree_mask_BTT)
+    """The blocks on cached K/V: block i reads and writes cache layer `layer + i`."""
+    x_BTD = self.combine(h_BTD, e_BTD)
+    for i, block in enumerate(self.blocks):
+      x_BTD, k_cache, v_cache = block.decode(x_BTD, positions_BT, k_cache, v_cache, layer + i,
+                                             lengths_B, tree_mask_BTT)
+    return x_BTD, k_cache, v_cache
 
 
 class EagleModule(MTPModule):
@@ -62,12 +69,6 @@ class EagleModule(MTPModule):
   @property
   def blocks(self) -> tuple[Block, ...]:
     return (self.block, *self.extra_blocks)
-
-  def __call__(self, h_BTD, e_BTD, positions_BT, segment_ids_BT=None):
-    x_BTD = self.combine(h_BTD, e_BTD)
-    for block in self.blocks:
-      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)[0]
-    return x_BTD
 
 
 class ResBlock(nnx.Module):
