@@ -54,6 +54,7 @@ from jax_spec.decoding import trees as trees_lib
 from jax_spec.decoding.autoregressive import matmul_precision
 from jax_spec.decoding.drafters.draft_model import DraftModelDrafter
 from jax_spec.decoding.speculative import emit
+from jax_spec.evaluation import verify_ab
 from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL
 from jax_spec.training.state import build_model
 
@@ -126,33 +127,10 @@ class CostOptions:
 
 # --- the timed parts ------------------------------------------------------------------------------
 
-def _warm_cache(model, batch, cache_len, prefix_len):
-  return models.init_cache(model, batch, cache_len).replace(
-      lengths=jnp.full((batch,), prefix_len, jnp.int32))
-
-
 def verify_loop(model, tree: trees_lib.Tree, opts: CostOptions) -> Callable[[], jax.Array]:
   """`steps` trunk verify forwards of `tree`'s nodes; each commits one token (the cache grows)."""
-  graphdef, state = nnx.split(model)
-  depths_BT = jnp.asarray(tree.depth_T)[None]
-  mask_BTT = jnp.asarray(tree.ancestor_mask_TT)[None]
-  num_nodes = tree.num_nodes
-
-  @jax.jit
-  def run(state):
-    m = nnx.merge(graphdef, state)
-
-    def body(_, carry):
-      cache, token_B = carry
-      tokens_BT = (token_B[:, None] + jnp.arange(num_nodes)) % m.config.vocab_size
-      outs, cache = models.extend(m, tokens_BT.astype(jnp.int32), depths_BT, mask_BTT, cache)
-      cache = models.advance(cache, jnp.ones((1,), jnp.int32))
-      return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
-
-    cache = _warm_cache(m, 1, opts.cache_len, opts.prefix_len)
-    return jax.lax.fori_loop(0, opts.steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
-
-  return lambda: run(state)
+  return verify_ab.verify_loop(model, tree.depth_T, tree.ancestor_mask_TT, opts.cache_len,
+                               opts.prefix_len, opts.steps)
 
 
 def _verified_step(model, tree, opts):

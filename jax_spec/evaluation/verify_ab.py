@@ -3,7 +3,7 @@
 Comparing today's code with a change (or one XLA:CPU flag set with another) needs both timed under
 the same machine load. `compare(variants, ...)` starts one worker process per `Variant` (its
 checkout first on PYTHONPATH, its own XLA_FLAGS), each compiles the same verify loops (this file's
-`_verify_loop`, which uses only the stable `models.extend` / `advance` API, so old checkouts run
+`verify_loop`, which uses only the stable `models.extend` / `advance` API, so old checkouts run
 it too), then the driver asks the workers for one timed round each, in rotating order, `repeats`
 times (each round: per T the fastest of `calls` calls, the least disturbed by the other jobs on a
 shared machine). Reported per variant and T: median ms per step, r(T) as the median of per-round ratios, and
@@ -40,14 +40,20 @@ class Variant:
     return cls(label, os.path.abspath(path), flags.strip() or default_flags)
 
 
-def _verify_loop(model, num_tokens, cache_len, prefix_len, steps):
+def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
+  """`steps` trunk verify forwards of T nodes (depths [T], ancestor mask [T, T]) after a
+  `prefix_len`-token cache; each commits one token. -> a no-argument timed function.
+
+  The imports are local so that a worker can run this against an older checkout's jax_spec.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax_spec import models  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(model)
-  depths_BT = jnp.arange(num_tokens, dtype=jnp.int32)[None]
-  mask_BTT = jnp.tril(jnp.ones((num_tokens, num_tokens), bool))[None]
+  num_tokens = len(depths_T)
+  depths_BT = jnp.asarray(depths_T, jnp.int32)[None]
+  mask_BTT = jnp.asarray(mask_TT, bool)[None]
 
   @jax.jit
   def run(state):
@@ -78,7 +84,9 @@ def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefi
   from jax_spec import precision as precision_lib  # pylint: disable=g-import-not-at-top
   model = models.Transformer(models.PRESETS[config], policy=precision_lib.get_policy(precision),
                              rngs=nnx.Rngs(params=0))
-  fns = {t: _verify_loop(model, t, cache_len, prefix_len, steps) for t in tokens}
+  # Chains: depths 0..T-1, causal mask.
+  fns = {t: verify_loop(model, list(range(t)), [[j <= i for j in range(t)] for i in range(t)],
+                        cache_len, prefix_len, steps) for t in tokens}
   for fn in fns.values():
     jax.block_until_ready(fn())
   print('ready', flush=True)

@@ -165,6 +165,14 @@ class Drafter:
     return sampling.target_probs(logits_NV, temperature=sc.temperature, top_k=sc.top_k,
                                  top_p=sc.top_p)
 
+  def select_fn(self, key):
+    """How a draft token is picked from logits at draft index d: None (argmax), or, with
+    `sample_drafts`, a sample of the processed distribution (`probs`), keyed by `key` and d."""
+    if not self.sample_drafts:
+      return None
+    return lambda logits_BV, d: sampling.sample_probs(jax.random.fold_in(key, d),
+                                                      self.probs(logits_BV))
+
 
 class HeadsDrafter(Drafter):
   """A drafter with one draft head per depth in the trunk model (Medusa heads, MTP modules): it

@@ -19,7 +19,6 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_spec.decoding import sampling
 from jax_spec.decoding.drafters import base
 from jax_spec.models import eagle as eagle_lib
 
@@ -47,12 +46,6 @@ class _FeatureDrafter(base.Drafter):
     del model, draft_model  # one module drafts to any depth
     return base.depth_of_tree_spec(tree_spec, cls.DEFAULT_DEPTH)
 
-  def _select_fn(self, key):
-    if not self.sample_drafts:
-      return None      # argmax
-    return lambda logits_BV, d: sampling.sample_probs(jax.random.fold_in(key, d),
-                                                      self.probs(logits_BV))
-
   def _update(self, ctx, state, hidden_BAD, tokens_BA, num_new_B, next_token_B):
     logits_BV, cache = eagle_lib.feature_update(ctx.trunk, state.cache, hidden_BAD, tokens_BA,
                                                 num_new_B, next_token_B, kind=self.kind)
@@ -75,7 +68,7 @@ class _FeatureDrafter(base.Drafter):
     if tree.is_chain:
       draft, _ = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
                                          depth=tree.max_depth, kind=self.kind,
-                                         select_fn=self._select_fn(key))
+                                         select_fn=self.select_fn(key))
       tokens_BT = jnp.concatenate([root_B[:, None], draft.tokens_BJ], axis=1)
       if not self.sample_drafts:
         return base.Candidates(tokens_BT), state

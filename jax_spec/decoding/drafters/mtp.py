@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_spec import models
-from jax_spec.decoding import dynamic_tree, sampling
+from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.drafters import base
 
 
@@ -47,18 +47,12 @@ class MTPDrafter(base.HeadsDrafter):
         raise ValueError(f"drafter='mtp' drafts one chain; a tree may only branch off it (rank > 0 "
                          f"only under all-rank-0 parents), got path {list(path)}")
 
-  def _select_fn(self, key):
-    if not self.sample_drafts:
-      return None      # argmax
-    return lambda logits_BV, k: sampling.sample_probs(jax.random.fold_in(key, k),
-                                                      self.probs(logits_BV))
-
   def init(self, ctx, prefill):
     batch = prefill.prompts_BT.shape[0]
     cache = models.init_mtp_cache(ctx.trunk, batch, self.cache_len)
     draft, cache = models.mtp_draft(ctx.trunk, cache, prefill.outputs.hidden_BTD,
                                     prefill.prompts_BT, prefill.prompt_lengths_B, prefill.root_B,
-                                    select_fn=self._select_fn(prefill.key))
+                                    select_fn=self.select_fn(prefill.key))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
 
   def propose(self, ctx, state, root_B, key):
@@ -91,5 +85,5 @@ class MTPDrafter(base.HeadsDrafter):
         ctx.trunk, state.cache, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
         base.gather_nodes(verify.tokens_BT, path_BP),
         jnp.where(verify.active_B, verify.num_accepted_B + 1, 0), verify.accepted.next_token_B,
-        select_fn=self._select_fn(verify.key))
+        select_fn=self.select_fn(verify.key))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
