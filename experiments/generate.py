@@ -82,8 +82,7 @@ def run(f) -> dict:
   model, tokenizer = load(f)
   prompts = read_prompts(f)
   drafter = None if f.draft == 'none' else f.draft
-  spec_kwargs = {} if drafter is None else {'tree': f.tree or (
-      'default' if drafter == 'medusa' else 'chain')}
+  spec_kwargs = {} if drafter is None else {'tree': f.tree or benchmark_lib.default_tree(drafter)}
   common = dict(max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k,
                 top_p=f.top_p, seed=f.seed)
 

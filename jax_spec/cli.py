@@ -96,7 +96,8 @@ def _base_type(annotation) -> tuple[Any, bool]:
   return annotation, False
 
 
-def _default(field: dataclasses.Field) -> Any:
+def field_default(field: dataclasses.Field) -> Any:
+  """The field's default (its factory called), or None when it has none."""
   if field.default is not dataclasses.MISSING:
     return field.default
   if field.default_factory is not dataclasses.MISSING:
@@ -129,7 +130,7 @@ def define_flags(cls, *, prefix: str = '', skip=(), defaults: dict[str, Any] | N
       continue
     kind, _ = _base_type(hints[field.name])
     name = prefix + field.name
-    default = (defaults or {}).get(field.name, _default(field))
+    default = (defaults or {}).get(field.name, field_default(field))
     help_text = field.metadata.get('help', field.name) + help_suffix
     choices = field.metadata.get('choices')
     if dataclasses.is_dataclass(kind):

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 DECODE_PRECISIONS = ('fp32', 'bf16', 'fp16')
 
 
+def default_tree(draft: str) -> str:
+  """The tree a drafter gets when none is named: Medusa's static default tree, else a chain."""
+  return 'default' if draft == 'medusa' else 'chain'
+
+
 def _opt(default, help_text, choices=None, **kwargs):
   return dataclasses.field(default=default, metadata={'help': help_text, 'choices': choices},
                            **kwargs)
@@ -117,7 +122,7 @@ class BenchmarkOptions:
   def tree_spec(self) -> str:
     if self.derive_tree:
       return 'derived'
-    return self.tree or ('default' if self.draft == 'medusa' else 'chain')
+    return self.tree or default_tree(self.draft)
 
   @property
   def name(self) -> str:

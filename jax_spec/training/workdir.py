@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from jax_spec import cli
 from jax_spec.models.config import TransformerConfig
 from jax_spec.training.config import CONFIG_FILE, TrainConfig
 
@@ -38,13 +39,8 @@ def run_info(cfg: TrainConfig, model_config, tokenizer) -> dict[str, Any]:
 
 def _defaults(cls) -> dict[str, Any]:
   """The dataclass's field defaults, as `train_config.json` stores them."""
-  out = {}
-  for f in dataclasses.fields(cls):
-    if f.default is not dataclasses.MISSING:
-      out[f.name] = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-      out[f.name] = f.default_factory()
-  return out
+  return {f.name: cli.field_default(f) for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
 def check_resume_config(path: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
