@@ -202,6 +202,41 @@ def test_dynamic_tree_matches_the_eagle2_reference(num, k, depth):
     assert set(node_paths[1:]) == _reference_dynamic_tree(table, roots[b], spec)
 
 
+class _RecordingDrafter(_TableDrafter):
+  """A `_TableDrafter` that keeps every frontier it is shown."""
+
+  def __init__(self, tree, table):
+    super().__init__(tree, table)
+    self.frontiers = []
+
+  def expand(self, ctx, state, frontier):
+    self.frontiers.append(frontier)
+    return super().expand(ctx, state, frontier)
+
+
+def test_dynamic_tree_frontier_parents_agree_with_its_mask():
+  """`Frontier.parent_BM` is each entry's ancestor one level up: its mask row is the parent's plus
+  itself, at one level deeper (what the EAGLE drafter reads instead of re-deriving it)."""
+  spec = dynamic_tree.DynamicTree(9, 3, 4)
+  drafter = _RecordingDrafter(spec, np.random.default_rng(1).normal(0, 2.0, (7, 7)))
+
+  def frontiers(root_B):
+    dynamic_tree.build(drafter, None, 0, root_B)
+    return [(f.parent_BM, f.depths_BM, f.mask_BMM) for f in drafter.frontiers]
+
+  seen = jax.jit(frontiers)(jnp.asarray([0, 5], jnp.int32))
+  assert [f.level for f in drafter.frontiers] == list(range(spec.depth))
+  for level, arrays in enumerate(seen):
+    parent, depths, mask = (np.asarray(x) for x in arrays)
+    num = parent.shape[1]
+    assert num == 1 + level * spec.branching and np.all(parent[:, 0] == -1)
+    for b in range(parent.shape[0]):
+      for m in range(1, num):
+        p = parent[b, m]
+        assert 0 <= p < m and depths[b, p] == depths[b, m] - 1
+        np.testing.assert_array_equal(mask[b, m], mask[b, p] | (np.arange(num) == m))
+
+
 def test_dynamic_tree_spec_validation():
   with pytest.raises(ValueError, match='num_draft_nodes=9 > the 6 candidates'):
     dynamic_tree.DynamicTree(9, 2, 2)

@@ -90,6 +90,7 @@ class Frontier(NamedTuple):
   level: int                # static: depth of the frontier nodes (0: the root alone)
   num_frontier: int         # static: U (1 at level 0, else k)
   tokens_BM: jax.Array      # int32 [B, M]
+  parent_BM: jax.Array      # int32 [B, M]: the parent's entry, -1 for the root
   depths_BM: jax.Array      # int32 [B, M]
   mask_BMM: jax.Array       # bool [B, M, M]: [m, m'] iff m' is m or an ancestor of m
 
@@ -128,16 +129,21 @@ def tree_arrays(parent_BT, depth_BT, max_depth: int, max_children: int) -> Draft
                    TreeArrays(parent_BT.astype(jnp.int32), paths_BTP.astype(jnp.int32), children_BTC))
 
 
-def _append(frontier_tokens_BU, frontier_parent_BU, tokens_BM, depths_BM, mask_BMM, level):
-  """The tree so far plus U new nodes at depth `level` (parents given as entry indices)."""
-  batch, num = frontier_tokens_BU.shape
-  parent_mask_BUM = jnp.take_along_axis(mask_BMM, frontier_parent_BU[:, :, None], axis=1)
+def _append(tree: Frontier, tokens_BU, parent_BU, num_frontier: int) -> Frontier:
+  """The tree so far plus U new nodes one level down (parents given as entry indices), as the
+  next level's frontier."""
+  batch, num = tokens_BU.shape
+  parent_mask_BUM = jnp.take_along_axis(tree.mask_BMM, parent_BU[:, :, None], axis=1)
   new_rows_BUM = jnp.concatenate([parent_mask_BUM, jnp.broadcast_to(jnp.eye(num, dtype=bool),
                                                                     (batch, num, num))], axis=2)
-  mask_BMM = jnp.concatenate([jnp.pad(mask_BMM, ((0, 0), (0, 0), (0, num))), new_rows_BUM], axis=1)
-  tokens_BM = jnp.concatenate([tokens_BM, frontier_tokens_BU], axis=1)
-  depths_BM = jnp.concatenate([depths_BM, jnp.full((batch, num), level, jnp.int32)], axis=1)
-  return tokens_BM, depths_BM, mask_BMM
+  level = tree.level + 1
+  return Frontier(
+      level=level, num_frontier=num_frontier,
+      tokens_BM=jnp.concatenate([tree.tokens_BM, tokens_BU], axis=1),
+      parent_BM=jnp.concatenate([tree.parent_BM, parent_BU.astype(jnp.int32)], axis=1),
+      depths_BM=jnp.concatenate([tree.depths_BM, jnp.full((batch, num), level, jnp.int32)], axis=1),
+      mask_BMM=jnp.concatenate([jnp.pad(tree.mask_BMM, ((0, 0), (0, 0), (0, num))), new_rows_BUM],
+                               axis=1))
 
 
 def build(drafter, ctx, state, root_B):
@@ -145,20 +151,20 @@ def build(drafter, ctx, state, root_B):
   spec: DynamicTree = drafter.tree
   k, depth = spec.branching, spec.depth
   batch = root_B.shape[0]
-  tokens_BM = root_B[:, None].astype(jnp.int32)
-  depths_BM = jnp.zeros((batch, 1), jnp.int32)
-  mask_BMM = jnp.ones((batch, 1, 1), bool)
+  frontier = Frontier(level=0, num_frontier=1, tokens_BM=root_B[:, None].astype(jnp.int32),
+                      parent_BM=jnp.full((batch, 1), -1, jnp.int32),
+                      depths_BM=jnp.zeros((batch, 1), jnp.int32),
+                      mask_BMM=jnp.ones((batch, 1, 1), bool))
   # The candidate pool, level by level after the root (entry 0, scored +inf so it is always kept):
   # token, cumulative log-probability, parent pool entry (-1 for the root), depth.
-  pool_tokens, pool_parents = [tokens_BM], [jnp.full((batch, 1), -1, jnp.int32)]
-  pool_scores, pool_depths = [jnp.full((batch, 1), jnp.inf, jnp.float32)], [depths_BM]
+  pool_tokens, pool_parents = [frontier.tokens_BM], [jnp.full((batch, 1), -1, jnp.int32)]
+  pool_scores, pool_depths = [jnp.full((batch, 1), jnp.inf, jnp.float32)], [frontier.depths_BM]
   frontier_score_BU = jnp.zeros((batch, 1), jnp.float32)
   frontier_pool_BU = jnp.zeros((batch, 1), jnp.int32)
   pool_start = 1
   for level in range(depth):
-    num_frontier = 1 if level == 0 else k
-    logprobs_BUV, state = drafter.expand(ctx, state, Frontier(level, num_frontier, tokens_BM,
-                                                              depths_BM, mask_BMM))
+    num_frontier = frontier.num_frontier
+    logprobs_BUV, state = drafter.expand(ctx, state, frontier)
     child_logp_BUk, child_tok_BUk = jax.lax.top_k(logprobs_BUV.astype(jnp.float32), k)
     score_BUk = frontier_score_BU[:, :, None] + child_logp_BUk
     pool_tokens.append(child_tok_BUk.reshape(batch, -1))
@@ -168,10 +174,9 @@ def build(drafter, ctx, state, root_B):
     if level + 1 < depth:
       # The next frontier: the k best of these children (entries of the tree so far, for the mask).
       next_score_Bk, pick_Bk = jax.lax.top_k(score_BUk.reshape(batch, -1), k)
-      parent_entry_Bk = tokens_BM.shape[1] - num_frontier + pick_Bk // k
-      tokens_BM, depths_BM, mask_BMM = _append(
-          jnp.take_along_axis(pool_tokens[-1], pick_Bk, 1), parent_entry_Bk, tokens_BM, depths_BM,
-          mask_BMM, level + 1)
+      parent_entry_Bk = frontier.tokens_BM.shape[1] - num_frontier + pick_Bk // k
+      frontier = _append(frontier, jnp.take_along_axis(pool_tokens[-1], pick_Bk, 1),
+                         parent_entry_Bk, k)
       frontier_score_BU, frontier_pool_BU = next_score_Bk, pool_start + pick_Bk
     pool_start += num_frontier * k
   # Keep the root and the N best, in pool order (parents before children): node t is entry keep[t].
