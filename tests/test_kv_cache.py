@@ -165,8 +165,9 @@ def test_tree_extend_commit_equals_direct_path(setup):
   ct, cp, ot, op, path = _np((cache_tree, cache_path, out_tree, out_path, path))
   for b in range(batch):
     a, length = int(accepted[b]), int(ct.lengths[b])
-    np.testing.assert_allclose(ct.k[:, b, :length], cp.k[:, b, :length], atol=ATOL)
-    np.testing.assert_allclose(ct.v[:, b, :length], cp.v[:, b, :length], atol=ATOL)
+    for lt, lp in zip(ct.layers, cp.layers, strict=True):
+      np.testing.assert_allclose(lt.k[b, :length], lp.k[b, :length], atol=ATOL)
+      np.testing.assert_allclose(lt.v[b, :length], lp.v[b, :length], atol=ATOL)
     np.testing.assert_allclose(ot.logits_BTV[b, path[b, :a]], op.logits_BTV[b, :a], atol=ATOL,
                                rtol=RTOL)
     np.testing.assert_allclose(ot.hidden_BTD[b, path[b, :a]], op.hidden_BTD[b, :a], atol=ATOL,
@@ -180,7 +181,8 @@ def test_tree_extend_commit_equals_direct_path(setup):
   other = other.at[0, 3].set((tree_tokens[0, 3] + 1) % cfg.vocab_size)
   _, cache_other = extend(graphdef, state, other, depths, mask, cache0)
   cache_other = commit(cache_other, path, accepted)
-  np.testing.assert_allclose(np.asarray(cache_other.k)[:, 0, :7], ct.k[:, 0, :7], atol=1e-6)
+  for lo, lt in zip(cache_other.layers, ct.layers, strict=True):
+    np.testing.assert_allclose(np.asarray(lo.k)[0, :7], lt.k[0, :7], atol=1e-6)
 
 
 def _fake_next(tok):
@@ -243,7 +245,7 @@ def test_low_precision_decode_matches_full_forward(setup, policy):
   tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.vocab_size)
   prompt_lengths = jnp.array([4, 2], jnp.int32)   # row 1 is right-padded
   full, out, cache = _np(run(state, tokens, prompt_lengths))
-  assert cache.k.dtype == model.policy.compute_dtype
+  assert all(c.k.dtype == c.v.dtype == model.policy.compute_dtype for c in cache.layers)
   assert full.logits_BTV.dtype == np.float32 and out.logits_BTV.dtype == np.float32
   tol = LOW_PRECISION_TOL[policy]
   for b, n in enumerate(np.asarray(prompt_lengths)):
@@ -278,12 +280,12 @@ def test_bad_decode_inputs_raise(setup):
 def test_advance_equals_commit_of_a_chain_prefix():
   rng = np.random.RandomState(0)
   k = jnp.asarray(rng.randn(2, 3, 12, 1, 4), jnp.float32)
-  cache = M.KVCache(k, -k, jnp.array([2, 5, 0], jnp.int32))
+  cache = M.KVCache(tuple(M.LayerCache(k_l, -k_l) for k_l in k), jnp.array([2, 5, 0], jnp.int32))
   num_B = jnp.array([3, 0, 1], jnp.int32)
   path_BA = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (3, 4))
   ref = M.commit(cache, path_BA, num_B)
   out = M.advance(cache, num_B)
-  for a, b in ((out.k, ref.k), (out.v, ref.v), (out.lengths, ref.lengths)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(out.lengths, [5, 5, 1])
   with pytest.raises(ValueError, match='num_accepted_B'):

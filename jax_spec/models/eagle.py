@@ -29,7 +29,9 @@ from flax import struct
 from jax_spec.attention import reference_attention
 # The same argument checks and default draft selection as the MTP drafts.
 from jax_spec.models.losses import shift  # past the row end: masked by the losses
-from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL, _argmax_select, _check_int
+from jax_spec.models.kv_cache import (MAX_NEW_TOKENS_PER_CALL, _argmax_select, _check_int,
+                                     empty_layer_caches)
+from jax_spec.models.layers import LayerCache
 from jax_spec.models.transformer import MTPModule, Transformer
 
 DRAFTER_KINDS = ('eagle', 'mtp')
@@ -45,15 +47,18 @@ class Unrolled(NamedTuple):
 class FeatureCache:
   """A feature drafter's KV cache.
 
-  `k`, `v`: [L, B, S, K, E] (L = the module's blocks); `lengths`: [B] exact entries, equal to the
+  `layers`: one `LayerCache` per block of the module; `lengths`: [B] exact entries, equal to the
   trunk's length n (entry j reads h_j and t_{j+1}, and t_n, the root, is known); `feature_BD`: the
   module's prediction of h_n (its output at entry n - 1), the feature depth 1 drafts from.
   Slots >= lengths hold the last call's drafts and are overwritten by the next update.
   """
-  k: jax.Array
-  v: jax.Array
+  layers: tuple[LayerCache, ...]
   lengths: jax.Array
   feature_BD: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.lengths.shape[0]
 
 
 class FeatureDraft(NamedTuple):
@@ -141,20 +146,14 @@ def init_feature_cache(model: Transformer, batch_size: int, max_len: int, *,
                        kind: str = 'eagle') -> FeatureCache:
   """An empty feature-drafter cache; use the trunk cache's `max_len`."""
   module = drafter_module(model, kind)
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
-  if not isinstance(max_len, int) or max_len <= 0:
-    raise ValueError(f'max_len must be a positive int, got {max_len!r}')
-  c = model.config
-  shape = (len(module.blocks), batch_size, max_len, c.num_kv_heads, c.head_dim)
-  return FeatureCache(k=jnp.zeros(shape, model.dtype), v=jnp.zeros(shape, model.dtype),
-                      lengths=jnp.zeros((batch_size,), jnp.int32),
-                      feature_BD=jnp.zeros((batch_size, c.d_model), model.dtype))
+  layers = empty_layer_caches(model, len(module.blocks), batch_size, max_len)
+  return FeatureCache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32),
+                      feature_BD=jnp.zeros((batch_size, model.config.d_model), model.dtype))
 
 
-def _decode(model, module, feature_BTD, tokens_BT, positions_BT, k, v, lengths_B, mask_BTT):
-  """The module on T new entries written at slots [lengths, lengths + T) -> (x, k, v)."""
-  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), positions_BT, k, v, 0,
+def _decode(model, module, feature_BTD, tokens_BT, positions_BT, layers, lengths_B, mask_BTT):
+  """The module on T new entries written at slots [lengths, lengths + T) -> (x, layers)."""
+  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), positions_BT, layers,
                        lengths_B, mask_BTT)
 
 
@@ -176,9 +175,9 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   if hidden_BAD.shape != (batch, width, model.config.d_model):
     raise ValueError(f'hidden_BAD must have shape {(batch, width, model.config.d_model)}, got '
                      f'{hidden_BAD.shape}')
-  if num_new_B.shape != (batch,) or next_token_B.shape != (batch,) or cache.k.shape[1] != batch:
+  if num_new_B.shape != (batch,) or next_token_B.shape != (batch,) or cache.batch_size != batch:
     raise ValueError(f'num_new_B {num_new_B.shape}, next_token_B {next_token_B.shape} and the '
-                     f'cache batch {cache.k.shape[1]} must match tokens_BA batch {batch}')
+                     f'cache batch {cache.batch_size} must match tokens_BA batch {batch}')
   num_B = jnp.clip(num_new_B.astype(jnp.int32), 0, width)
   n_B = cache.lengths
   # Entry n + a reads t_{n+a+1}: the next committed token, or next_token after the last one.
@@ -187,22 +186,22 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   next_BA = jnp.where(a_A[None] == num_B[:, None] - 1, next_token_B[:, None].astype(jnp.int32),
                       next_BA)
   positions_BA = n_B[:, None] + a_A.astype(jnp.int32)
-  k, v, outs = cache.k, cache.v, []
+  layers, outs = cache.layers, []
   # The decode kernel takes <= 128 queries: longer windows (a prefill) go in causal chunks.
   for start in range(0, width, MAX_NEW_TOKENS_PER_CALL):
     stop = min(start + MAX_NEW_TOKENS_PER_CALL, width)
     mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((stop - start,) * 2, bool)),
                                 (batch, stop - start, stop - start))
-    x_BCD, k, v = _decode(model, module, hidden_BAD[:, start:stop].astype(model.dtype),
-                          next_BA[:, start:stop], positions_BA[:, start:stop], k, v,
-                          n_B + start, mask_BCC)
+    x_BCD, layers = _decode(model, module, hidden_BAD[:, start:stop].astype(model.dtype),
+                            next_BA[:, start:stop], positions_BA[:, start:stop], layers,
+                            n_B + start, mask_BCC)
     outs.append(x_BCD)
   x_BAD = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
   last_BD = jnp.take_along_axis(x_BAD, jnp.clip(num_B - 1, 0, width - 1)[:, None, None],
                                 axis=1)[:, 0]
   feature_BD, _ = _read(model, last_BD)
   feature_BD = jnp.where((num_B > 0)[:, None], feature_BD, cache.feature_BD)
-  new_cache = FeatureCache(k=k, v=v, lengths=n_B + num_B,
+  new_cache = FeatureCache(layers=layers, lengths=n_B + num_B,
                            feature_BD=feature_BD.astype(cache.feature_BD.dtype))
   return model.logits(new_cache.feature_BD), new_cache
 
@@ -223,19 +222,19 @@ def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: 
   batch = logits_BV.shape[0]
   token_B = select_fn(logits_BV, 1).astype(jnp.int32)
   tokens, logits = [token_B], [logits_BV]
-  feature_BD, k, v = cache.feature_BD, cache.k, cache.v
+  feature_BD, layers = cache.feature_BD, cache.layers
   one_B11 = jnp.ones((batch, 1, 1), bool)
   for d in range(2, depth + 1):
     slot_B = cache.lengths + (d - 2)
-    x_B1D, k, v = _decode(model, module, feature_BD[:, None], token_B[:, None], slot_B[:, None],
-                          k, v, slot_B, one_B11)
+    x_B1D, layers = _decode(model, module, feature_BD[:, None], token_B[:, None],
+                            slot_B[:, None], layers, slot_B, one_B11)
     feature_B1D, logits_B1V = _read(model, x_B1D)
     feature_BD, logits_BV = feature_B1D[:, 0], logits_B1V[:, 0]
     token_B = select_fn(logits_BV, d).astype(jnp.int32)
     tokens.append(token_B)
     logits.append(logits_BV)
   draft = FeatureDraft(jnp.stack(tokens, axis=1), jnp.stack(logits, axis=1))
-  return draft, cache.replace(k=k, v=v)
+  return draft, cache.replace(layers=layers)
 
 
 def feature_draft(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
@@ -259,8 +258,8 @@ def feature_tree_step(model: Transformer, cache: FeatureCache, parent_features_B
   """
   module = drafter_module(model, kind)
   positions_BN = cache.lengths[:, None] + depths_BN.astype(jnp.int32) - 1
-  x_BND, _, _ = _decode(model, module, parent_features_BND.astype(model.dtype), tokens_BN,
-                        positions_BN, cache.k, cache.v, cache.lengths, mask_BNN)
+  x_BND, _ = _decode(model, module, parent_features_BND.astype(model.dtype), tokens_BN,
+                     positions_BN, cache.layers, cache.lengths, mask_BNN)
   return _read(model, x_BND)
 
 

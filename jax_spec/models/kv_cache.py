@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jax_spec.models.layers import LayerCache
 from jax_spec.models.transformer import Transformer
 
 # The decode / tree-verify kernel takes at most this many new queries per call.
@@ -23,14 +24,18 @@ MAX_NEW_TOKENS_PER_CALL = 128
 
 @struct.dataclass
 class KVCache:
-  """`k`, `v`: [L, B, S, K, E] in the compute dtype; `lengths`: [B] int32 committed slots."""
-  k: jax.Array
-  v: jax.Array
+  """`layers`: one `LayerCache` (k, v [B, S, K, E]) per trunk layer; `lengths`: [B] int32
+  committed slots, shared by the layers."""
+  layers: tuple[LayerCache, ...]
   lengths: jax.Array
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.layers[0].k.shape[1]
+
+  @property
+  def batch_size(self) -> int:
+    return self.lengths.shape[0]
 
 
 @struct.dataclass
@@ -49,11 +54,14 @@ class MTPCache:
   token at each position (committed, then the next token, then the drafts of the last call);
   `prev_hidden`: [J, B, D], module k's output at its last exact position.
   """
-  k: jax.Array
-  v: jax.Array
+  layers: tuple[LayerCache, ...]
   lengths: jax.Array
   tokens: jax.Array
   prev_hidden: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.lengths.shape[0]
 
 
 @struct.dataclass
@@ -74,21 +82,22 @@ def _check_int(name, x, ndim):
                      f'{getattr(x, "dtype", type(x))} {getattr(x, "shape", "")}')
 
 
-def _empty_kv(model, num_layers, batch_size, max_len):
+def empty_layer_caches(model, num_layers, batch_size, max_len) -> tuple[LayerCache, ...]:
+  """`num_layers` zero `LayerCache`s of `model`'s KV heads, head_dim and compute dtype."""
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
   if not isinstance(max_len, int) or max_len <= 0:
     raise ValueError(f'max_len must be a positive int, got {max_len!r}')
   c = model.config
-  shape = (num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-  return jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)
+  return tuple(LayerCache.zeros(batch_size, max_len, c.num_kv_heads, c.head_dim, model.dtype)
+               for _ in range(num_layers))
 
 
 def init_cache(model: Transformer, batch_size: int, max_len: int) -> KVCache:
   """An empty trunk cache (all rows length 0)."""
   _check_model(model)
-  k, v = _empty_kv(model, model.config.num_layers, batch_size, max_len)
-  return KVCache(k, v, jnp.zeros((batch_size,), jnp.int32))
+  layers = empty_layer_caches(model, model.config.num_layers, batch_size, max_len)
+  return KVCache(layers, jnp.zeros((batch_size,), jnp.int32))
 
 
 def _outputs(model, hidden_BTD):
@@ -108,17 +117,19 @@ def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
   _check_int('tokens_BT', tokens_BT, 2)
   _check_int('prompt_lengths_B', prompt_lengths_B, 1)
   batch, seq_len = tokens_BT.shape
-  if cache.k.shape[1] != batch or prompt_lengths_B.shape != (batch,):
+  if cache.batch_size != batch or prompt_lengths_B.shape != (batch,):
     raise ValueError(f'tokens_BT {tokens_BT.shape}, prompt_lengths_B {prompt_lengths_B.shape} and '
-                     f'the cache batch {cache.k.shape[1]} disagree')
+                     f'the cache batch {cache.batch_size} disagree')
   if seq_len > cache.max_len:
     raise ValueError(f'tokens_BT length {seq_len} exceeds the cache max_len {cache.max_len}')
   positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
   hidden_BTD, ks, vs = model.trunk(tokens_BT, positions_BT)
-  k = jax.lax.dynamic_update_slice(cache.k, jnp.stack(ks).astype(cache.k.dtype), (0, 0, 0, 0, 0))
-  v = jax.lax.dynamic_update_slice(cache.v, jnp.stack(vs).astype(cache.v.dtype), (0, 0, 0, 0, 0))
+  put = lambda cache_BSKE, new_BTKE: jax.lax.dynamic_update_slice(
+      cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), (0, 0, 0, 0))
+  layers = tuple(LayerCache(put(layer.k, k_BTKE), put(layer.v, v_BTKE))
+                 for layer, k_BTKE, v_BTKE in zip(cache.layers, ks, vs, strict=True))
   lengths = jnp.clip(prompt_lengths_B.astype(jnp.int32), 0, seq_len)
-  return _outputs(model, hidden_BTD), KVCache(k, v, lengths)
+  return _outputs(model, hidden_BTD), KVCache(layers, lengths)
 
 
 def extend(model: Transformer, tokens_BT, depths_BT, tree_mask_BTT, cache: KVCache):
@@ -136,16 +147,18 @@ def extend(model: Transformer, tokens_BT, depths_BT, tree_mask_BTT, cache: KVCac
   if tree_mask_BTT.shape != (batch, num_new, num_new) or tree_mask_BTT.dtype != jnp.bool_:
     raise ValueError(f'tree_mask_BTT must be a bool [{batch}, {num_new}, {num_new}] array, got '
                      f'{tree_mask_BTT.dtype} {tree_mask_BTT.shape}')
-  if cache.k.shape[1] != batch:
-    raise ValueError(f'tokens_BT batch {batch} != cache batch {cache.k.shape[1]}')
+  if cache.batch_size != batch:
+    raise ValueError(f'tokens_BT batch {batch} != cache batch {cache.batch_size}')
   if num_new > MAX_NEW_TOKENS_PER_CALL:
     raise ValueError(f'extend takes at most {MAX_NEW_TOKENS_PER_CALL} tokens, got {num_new}')
   positions_BT = cache.lengths[:, None] + depths_BT.astype(jnp.int32)
   x_BTD = model.embed_tokens(tokens_BT)
-  k, v = cache.k, cache.v
-  for i, layer in enumerate(model.layers):
-    x_BTD, k, v = layer.decode(x_BTD, positions_BT, k, v, i, cache.lengths, tree_mask_BTT)
-  return _outputs(model, model.final_norm(x_BTD)), KVCache(k, v, cache.lengths)
+  layers = []
+  for block, layer_cache in zip(model.layers, cache.layers, strict=True):
+    x_BTD, layer_cache = block.decode(x_BTD, positions_BT, layer_cache, cache.lengths,
+                                      tree_mask_BTT)
+    layers.append(layer_cache)
+  return _outputs(model, model.final_norm(x_BTD)), KVCache(tuple(layers), cache.lengths)
 
 
 def commit(cache, path_BA, num_accepted_B):
@@ -153,25 +166,24 @@ def commit(cache, path_BA, num_accepted_B):
 
   `path_BA[b, a]` indexes the T appended tokens (root first, ancestors before descendants);
   entries `a < num_accepted_B[b]` move to slots `len + a`. Works for `KVCache` (and any cache
-  with `k`, `v` [L, B, S, ...] and `lengths` [B]).
+  with `layers` of `LayerCache` and `lengths` [B]).
   """
   _check_int('path_BA', path_BA, 2)
   _check_int('num_accepted_B', num_accepted_B, 1)
   batch, num_path = path_BA.shape
-  if cache.k.shape[1] != batch or num_accepted_B.shape != (batch,):
+  if cache.lengths.shape != (batch,) or num_accepted_B.shape != (batch,):
     raise ValueError(f'path_BA {path_BA.shape} and num_accepted_B {num_accepted_B.shape} must '
-                     f'match the cache batch {cache.k.shape[1]}')
-  max_len = cache.k.shape[2]
+                     f'match the cache batch {cache.lengths.shape[0]}')
+  max_len = cache.layers[0].k.shape[1]
   rows_BA = jnp.broadcast_to(jnp.arange(batch)[:, None], path_BA.shape)
   lengths = cache.lengths
   src_BA = jnp.clip(lengths[:, None] + path_BA.astype(jnp.int32), 0, max_len - 1)
   keep_BA = jnp.arange(num_path)[None, :] < num_accepted_B[:, None]
   dst_BA = jnp.where(keep_BA, lengths[:, None] + jnp.arange(num_path, dtype=jnp.int32), max_len)
   # Gather everything first, then scatter: sources never get overwritten before they are read.
-  k = cache.k.at[:, rows_BA, dst_BA].set(cache.k[:, rows_BA, src_BA], mode='drop')
-  v = cache.v.at[:, rows_BA, dst_BA].set(cache.v[:, rows_BA, src_BA], mode='drop')
+  move = lambda x_BS: x_BS.at[rows_BA, dst_BA].set(x_BS[rows_BA, src_BA], mode='drop')
   new_lengths = lengths + jnp.clip(num_accepted_B.astype(jnp.int32), 0, num_path)
-  return cache.replace(k=k, v=v, lengths=new_lengths)
+  return cache.replace(layers=jax.tree.map(move, cache.layers), lengths=new_lengths)
 
 
 def advance(cache, num_accepted_B):
@@ -196,8 +208,7 @@ def init_mtp_cache(model: Transformer, batch_size: int, max_len: int) -> MTPCach
   depth = model.config.mtp_depth
   if not depth:
     raise ValueError('init_mtp_cache: the model has no MTP modules (config.mtp_depth == 0)')
-  k, v = _empty_kv(model, depth, batch_size, max_len)
-  return MTPCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32),
+  return MTPCache(layers=empty_layer_caches(model, depth, batch_size, max_len), lengths=jnp.zeros((batch_size,), jnp.int32),
                   tokens=jnp.zeros((batch_size, max_len + depth + 1), jnp.int32),
                   prev_hidden=jnp.zeros((depth, batch_size, model.config.d_model), model.dtype))
 
@@ -243,9 +254,9 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
   if hidden_BAD.shape != (batch, num_new, c.d_model):
     raise ValueError(f'hidden_BAD must have shape {(batch, num_new, c.d_model)}, got '
                      f'{hidden_BAD.shape}')
-  if num_new_B.shape != (batch,) or next_token_B.shape != (batch,) or cache.k.shape[1] != batch:
+  if num_new_B.shape != (batch,) or next_token_B.shape != (batch,) or cache.batch_size != batch:
     raise ValueError(f'num_new_B {num_new_B.shape}, next_token_B {next_token_B.shape} and the '
-                     f'cache batch {cache.k.shape[1]} must match tokens_BA batch {batch}')
+                     f'cache batch {cache.batch_size} must match tokens_BA batch {batch}')
   select_fn = select_fn or _argmax_select
   width = num_new + depth - 1
   rows_B = jnp.arange(batch)
@@ -257,7 +268,7 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
       tokens_BA.astype(jnp.int32), mode='drop')
   tok = tok.at[rows_B, n_new_B].set(next_token_B.astype(jnp.int32), mode='drop')
 
-  k_cache, v_cache = cache.k, cache.v
+  layers = list(cache.layers)
   h_in_BWD = jnp.pad(hidden_BAD.astype(model.dtype), ((0, 0), (0, depth - 1), (0, 0)))
   c_prev_B = n_B  # window start of the previous stage (the trunk: n)
   drafts, draft_logits, prev_hidden = [], [], []
@@ -279,9 +290,9 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
       stop = min(start + MAX_NEW_TOKENS_PER_CALL, width)
       chunk = stop - start
       mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((chunk, chunk), bool)), (batch, chunk, chunk))
-      h_chunk, k_cache, v_cache = module.decode(
-          h_in_BWD[:, start:stop], e_BWD[:, start:stop], positions_BW[:, start:stop], k_cache,
-          v_cache, k - 1, c_B + start, mask_BCC)
+      h_chunk, (layers[k - 1],) = module.decode(
+          h_in_BWD[:, start:stop], e_BWD[:, start:stop], positions_BW[:, start:stop],
+          (layers[k - 1],), c_B + start, mask_BCC)
       outs.append(h_chunk)
     h_out_BWD = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -302,6 +313,6 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
     prev_hidden.append(jnp.where((c_next_B > c_B)[:, None], last_exact_BD, cache.prev_hidden[k - 1]))
     h_in_BWD, c_prev_B = h_out_BWD, c_B
 
-  new_cache = MTPCache(k=k_cache, v=v_cache, lengths=n_new_B, tokens=tok,
+  new_cache = MTPCache(layers=tuple(layers), lengths=n_new_B, tokens=tok,
                        prev_hidden=jnp.stack(prev_hidden).astype(cache.prev_hidden.dtype))
   return MTPDraft(jnp.stack(drafts, axis=1), jnp.stack(draft_logits, axis=1)), new_cache

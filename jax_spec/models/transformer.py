@@ -7,7 +7,8 @@ from flax import nnx
 from flax import struct
 
 from jax_spec.models.config import TransformerConfig
-from jax_spec.models.layers import Block, Dense, RMSNorm, normal_init, positions_from_segments
+from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, normal_init,
+                                    positions_from_segments)
 from jax_spec.precision import Policy, get_policy
 
 
@@ -45,13 +46,15 @@ class MTPModule(nnx.Module):
       x_BTD = block(x_BTD, positions_BT, segment_ids_BT)[0]
     return x_BTD
 
-  def decode(self, h_BTD, e_BTD, positions_BT, k_cache, v_cache, layer, lengths_B, tree_mask_BTT):
-    """The blocks on cached K/V: block i reads and writes cache layer `layer + i`."""
+  def decode(self, h_BTD, e_BTD, positions_BT, caches: tuple[LayerCache, ...], lengths_B,
+             tree_mask_BTT):
+    """The blocks on cached K/V, block i on `caches[i]` -> (x, caches)."""
     x_BTD = self.combine(h_BTD, e_BTD)
-    for i, block in enumerate(self.blocks):
-      x_BTD, k_cache, v_cache = block.decode(x_BTD, positions_BT, k_cache, v_cache, layer + i,
-                                             lengths_B, tree_mask_BTT)
-    return x_BTD, k_cache, v_cache
+    new_caches = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x_BTD, cache = block.decode(x_BTD, positions_BT, cache, lengths_B, tree_mask_BTT)
+      new_caches.append(cache)
+    return x_BTD, tuple(new_caches)
 
 
 class EagleModule(MTPModule):
