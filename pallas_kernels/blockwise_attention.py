@@ -74,13 +74,20 @@ def _num_blocks(cfg):
   return cfg.q_len_padded // cfg.block_q, cfg.kv_len_padded // cfg.block_k
 
 
-def _three_loops(ranges, body, carry):
+def _three_loops(ranges, body, carry, skip=None):
   """Runs `body(i, carry, masked)` over `[lo, full_lo)` and `[full_hi, hi)` masked (one loop,
-  so the masked body is compiled once) and `[full_lo, full_hi)` unmasked."""
+  so the masked body is compiled once) and `[full_lo, full_hi)` unmasked. `skip(i)` (segments)
+  may veto a masked block (as `flash_attention_gpu._run_blocks`)."""
   lo, full_lo, full_hi, hi = ranges
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   num_left = full_lo - lo
-  edge = lambda i, c: body(jnp.where(i < num_left, lo + i, full_hi + i - num_left), c, masked=True)
+
+  def edge(i, c):
+    i = jnp.where(i < num_left, lo + i, full_hi + i - num_left)
+    if skip is None:
+      return body(i, c, masked=True)
+    return lax.cond(skip(i), lambda c: c, lambda c: body(i, c, masked=True), c)
+
   return lax.fori_loop(0, num_left + hi - full_hi, edge, carry)
 
 
@@ -168,17 +175,15 @@ def _forward(cfg, q, k, v, qseg, kseg):
       pv = lambda p: common.dot(p.astype(v.dtype), v_nBKSE[kj])
       return common.online_softmax_step(*carry, s, pv, masked=masked)
 
-    def body(kj, carry, masked):
-      if not cfg.has_segments:
-        return update(kj, carry, masked)
-      return lax.cond(jnp.any(common.ids_overlap(qseg_Bq, kseg_nBk[kj], axis=1)),
-                      functools.partial(update, masked=masked), lambda _, c: c, kj, carry)
+    skip = None
+    if cfg.has_segments:
+      skip = lambda kj: ~jnp.any(common.ids_overlap(qseg_Bq, kseg_nBk[kj], axis=1))
 
     init = (jnp.zeros((batch, kvh, rows, head_dim), acc),
             jnp.full((batch, kvh, rows), -jnp.inf, acc),
             jnp.zeros((batch, kvh, rows), acc))
     ranges = common.kv_block_range(cfg, qi * cfg.block_q, cfg.block_q, cfg.block_k)
-    o, lse = common.softmax_finish(*_three_loops(ranges, body, init))
+    o, lse = common.softmax_finish(*_three_loops(ranges, update, init, skip))
     return None, (o.astype(q.dtype), lse)
 
   nq, _ = _num_blocks(cfg)
@@ -220,15 +225,13 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
       dk = dk + common.dot(ds, q_BKQE, trans_a=True)
       return dq, dk, dv
 
-    def body(qi, carry, masked):
-      if not cfg.has_segments:
-        return update(qi, carry, masked)
-      return lax.cond(jnp.any(common.ids_overlap(qseg_nBq[qi], kseg_Bk, axis=1)),
-                      functools.partial(update, masked=masked), lambda _, c: c, qi, carry)
+    skip = None
+    if cfg.has_segments:
+      skip = lambda qi: ~jnp.any(common.ids_overlap(qseg_nBq[qi], kseg_Bk, axis=1))
 
     zeros = jnp.zeros((batch, kvh, cfg.block_k, head_dim), acc)
     ranges = common.q_block_range(cfg, kj * cfg.block_k, cfg.block_k, cfg.block_q)
-    dq_nBKQE, dk, dv = _three_loops(ranges, body, (dq_nBKQE, zeros, zeros))
+    dq_nBKQE, dk, dv = _three_loops(ranges, update, (dq_nBKQE, zeros, zeros), skip)
     return dq_nBKQE, (dk, dv)
 
   nq, nk = _num_blocks(cfg)
