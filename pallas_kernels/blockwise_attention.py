@@ -149,14 +149,12 @@ def _rows_from_blocks(cfg, x_nBKQ, num_heads):
   return x.reshape(batch, num_heads, cfg.q_len_padded)[:, :, :cfg.q_len]
 
 
-def _rows_to_blocks(cfg, x_BHT, num_kv_heads, pad_value):
-  """`[B, H, Tq]` -> `[nq, B, K, G*bq]`, padded rows set to `pad_value`."""
+def _rows_to_blocks(cfg, x_BHT, num_kv_heads):
+  """Padded `[B, H, q_len_padded]` row statistics -> `[nq, B, K, G*bq]`."""
   batch, num_heads, _ = x_BHT.shape
   group, bq = num_heads // num_kv_heads, cfg.block_q
   nq = cfg.q_len_padded // bq
-  x = jnp.pad(x_BHT, ((0, 0), (0, 0), (0, cfg.q_len_padded - cfg.q_len)),
-              constant_values=pad_value)
-  x = x.reshape(batch, num_kv_heads, group, nq, bq).transpose(3, 0, 1, 2, 4)
+  x = x_BHT.reshape(batch, num_kv_heads, group, nq, bq).transpose(3, 0, 1, 2, 4)
   return x.reshape(nq, batch, num_kv_heads, group * bq)
 
 
@@ -198,13 +196,8 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
   acc = common.accumulator_dtype(q.dtype)
   kvh = k.shape[2]
   do_nBKQE = _q_to_blocks(cfg, do.astype(q.dtype), kvh)
-  # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta) covers both cotangents.
-  delta_BHT = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
-                         precision=common.matmul_precision(acc), preferred_element_type=acc)
-  delta_BHT = delta_BHT - dlse
-  delta_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh, 0.0)
-  # Rows that see no key (lse = -inf) and padded rows get +inf: every p = exp(s - lse) is 0.
-  lse_nBKQ = _rows_to_blocks(cfg, jnp.where(lse == -jnp.inf, jnp.inf, lse), kvh, jnp.inf)
+  delta_BHT, lse_BHT = common.backward_row_stats(cfg, o, do, lse, dlse)
+  delta_nBKQ, lse_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh), _rows_to_blocks(cfg, lse_BHT, kvh)
   _, batch, _, rows, head_dim = q_nBKQE.shape
 
   def kv_block(dq_nBKQE, xs):

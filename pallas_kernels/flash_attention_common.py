@@ -205,6 +205,21 @@ def dscores(p, dp, delta, tanh):
   return ds if tanh is None else ds * (1.0 - tanh * tanh)
 
 
+def backward_row_stats(cfg: AttentionConfig, o, do, lse, dlse):
+  """The backward's per-row inputs `(delta, lse)`, `[B, H, q_len_padded]` in the accumulator dtype.
+
+  delta = rowsum(dO * O) - dlse, so that dS = P * (dP - delta) covers both cotangents (an lse
+  cotangent adds dlse * p to dS). Rows that see no key (lse = -inf) and padded rows get lse = +inf,
+  so every p = exp(s - lse) there is exactly 0; padded rows get delta = 0.
+  """
+  acc = accumulator_dtype(o.dtype)
+  delta = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
+                     precision=matmul_precision(acc), preferred_element_type=acc) - dlse
+  pad = [(0, 0), (0, 0), (0, cfg.q_len_padded - cfg.q_len)]
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+  return jnp.pad(delta, pad), jnp.pad(lse, pad, constant_values=jnp.inf)
+
+
 def ids_overlap(q_ids, kv_ids, axis=None):
   """False only where no (query, key) pair can have equal segment ids (disjoint id ranges), so
   the block pair can be skipped. Reduces over `axis` (None: all axes)."""
