@@ -177,9 +177,7 @@ def _forward(cfg, q, k, v, qseg, kseg):
     if cfg.has_segments:
       skip = lambda kj: ~jnp.any(common.ids_overlap(qseg_Bq, kseg_nBk[kj], axis=1))
 
-    init = (jnp.zeros((batch, kvh, rows, head_dim), acc),
-            jnp.full((batch, kvh, rows), -jnp.inf, acc),
-            jnp.zeros((batch, kvh, rows), acc))
+    init = common.online_softmax_init((batch, kvh, rows, head_dim), acc)
     ranges = common.kv_block_range(cfg, qi * cfg.block_q, cfg.block_q, cfg.block_k)
     o, lse = common.softmax_finish(*_three_loops(ranges, update, init, skip))
     return None, (o.astype(q.dtype), lse)

@@ -232,6 +232,14 @@ def _expand(x, n):
   return x[..., None]
 
 
+def online_softmax_init(o_shape, dtype=jnp.float32, *, stats_shape=None):
+  """The running state `(o, m, l)` before any block: o = 0 `o_shape`, and m = -inf, l = 0 per row,
+  shaped `o_shape[:-1]` (or `stats_shape`: the TPU's lane-replicated `[rows, lanes]`)."""
+  stats_shape = tuple(o_shape[:-1]) if stats_shape is None else tuple(stats_shape)
+  return (jnp.zeros(o_shape, dtype), jnp.full(stats_shape, -jnp.inf, dtype),
+          jnp.zeros(stats_shape, dtype))
+
+
 def online_softmax_step(o, m, l, s, pv, *, masked, widen=None):
   """One block of the online softmax: folds scores `s [..., n]` into the running state.
 
