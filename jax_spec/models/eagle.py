@@ -88,9 +88,9 @@ def _read(model, x_BTD):
   return feature, model.logits(feature)
 
 
-def _block_with_attention(block, x_BTD, positions_BT, attend):
+def _block_with_attention(block, x_BTD, rope, attend):
   """`Block.__call__` with the attention replaced by `attend(q, k, v) -> o`; returns (x, k, v)."""
-  q_BTHE, k_BTKE, v_BTKE = block.attn.qkv(block.attn_norm(x_BTD), positions_BT)
+  q_BTHE, k_BTKE, v_BTKE = block.attn.qkv(block.attn_norm(x_BTD), rope)
   x_BTD = x_BTD + block.attn.out(attend(q_BTHE, k_BTKE, v_BTKE).astype(x_BTD.dtype))
   return x_BTD + block.mlp(block.mlp_norm(x_BTD)), k_BTKE, v_BTKE
 
@@ -121,11 +121,11 @@ def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str =
   kv_by_step = []   # kv_by_step[s - 1][l] = (k, v) of block l at step s
   for s in range(1, steps + 1):
     x_BTD = module.combine(feature_BTD, model.embed_tokens(shift(tokens_BT, s)))
-    pos_BT = positions_BT + (s - 1)
+    rope = model.rotary(positions_BT + (s - 1))
     step_kv = []
     for l, block in enumerate(module.blocks):
       if s == 1:
-        x_BTD, k_BTKE, v_BTKE = block(x_BTD, pos_BT, segment_ids_BT)
+        x_BTD, k_BTKE, v_BTKE = block(x_BTD, rope, segment_ids_BT)
       else:
         def attend(q, k, v, l=l):
           ks = [kv_by_step[0][l][0]] + [kv[l][0] for kv in kv_by_step[1:]] + [k]
@@ -133,7 +133,7 @@ def unroll(model: Transformer, hidden_BTD, tokens_BT, *, steps: int, kind: str =
           mask_BTS = jnp.concatenate([exact_BTT] + [own_BTT] * (s - 1), axis=2)
           return reference_attention(q, jnp.concatenate(ks, axis=1), jnp.concatenate(vs, axis=1),
                                      mask=mask_BTS[:, None])
-        x_BTD, k_BTKE, v_BTKE = _block_with_attention(block, x_BTD, pos_BT, attend)
+        x_BTD, k_BTKE, v_BTKE = _block_with_attention(block, x_BTD, rope, attend)
       step_kv.append((k_BTKE, v_BTKE))
     kv_by_step.append(step_kv)
     feature_BTD, logits_BTV = _read(model, x_BTD)
@@ -153,8 +153,8 @@ def init_feature_cache(model: Transformer, batch_size: int, max_len: int, *,
 
 def _decode(model, module, feature_BTD, tokens_BT, positions_BT, layers, lengths_B, mask_BTT):
   """The module on T new entries written at slots [lengths, lengths + T) -> (x, layers)."""
-  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), positions_BT, layers,
-                       lengths_B, mask_BTT)
+  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), model.rotary(positions_BT),
+                       layers, lengths_B, mask_BTT)
 
 
 def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,

@@ -152,11 +152,10 @@ def extend(model: Transformer, tokens_BT, depths_BT, tree_mask_BTT, cache: KVCac
   if num_new > MAX_NEW_TOKENS_PER_CALL:
     raise ValueError(f'extend takes at most {MAX_NEW_TOKENS_PER_CALL} tokens, got {num_new}')
   positions_BT = cache.lengths[:, None] + depths_BT.astype(jnp.int32)
-  x_BTD = model.embed_tokens(tokens_BT)
+  x_BTD, rope = model.embed_tokens(tokens_BT), model.rotary(positions_BT)
   layers = []
   for block, layer_cache in zip(model.layers, cache.layers, strict=True):
-    x_BTD, layer_cache = block.decode(x_BTD, positions_BT, layer_cache, cache.lengths,
-                                      tree_mask_BTT)
+    x_BTD, layer_cache = block.decode(x_BTD, rope, layer_cache, cache.lengths, tree_mask_BTT)
     layers.append(layer_cache)
   return _outputs(model, model.final_norm(x_BTD)), KVCache(tuple(layers), cache.lengths)
 
@@ -291,8 +290,8 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
       chunk = stop - start
       mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((chunk, chunk), bool)), (batch, chunk, chunk))
       h_chunk, (layers[k - 1],) = module.decode(
-          h_in_BWD[:, start:stop], e_BWD[:, start:stop], positions_BW[:, start:stop],
-          (layers[k - 1],), c_B + start, mask_BCC)
+          h_in_BWD[:, start:stop], e_BWD[:, start:stop],
+          model.rotary(positions_BW[:, start:stop]), (layers[k - 1],), c_B + start, mask_BCC)
       outs.append(h_chunk)
     h_out_BWD = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 

@@ -109,13 +109,32 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
                    jnp.where(wavelen < old_len / scaling.high_freq_factor, inv_freq, blended))
 
 
-def apply_rope(x_BTHE, positions_BT, theta: float, scaling: RopeScaling | None = None):
-  """Rotary embedding (rotate-half form), computed in fp32."""
-  inv_freq = rope_inv_freq(x_BTHE.shape[-1], theta, scaling)
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-  sin, cos = jnp.sin(angles_BTF)[:, :, None], jnp.cos(angles_BTF)[:, :, None]
-  x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+@struct.dataclass
+class Rotary:
+  """Rotary tables of one call's positions, `cos` and `sin` [B, T, 1, E] fp32, in the rotate-half
+  form (`cos` holds the cosines twice, `sin` the sines with the first half negated).
+
+  Every layer rotates by the same positions, so a forward computes them once (`rotary`) and
+  hands them to each block.
+  """
+  cos: jax.Array
+  sin: jax.Array
+
+
+def rotary(positions_BT, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Rotary:
+  """The `Rotary` tables of `positions_BT` for heads of `head_dim`."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
+  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq   # [B, T, E / 2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  return Rotary(jnp.concatenate([cos, cos], -1)[:, :, None],
+                jnp.concatenate([-sin, sin], -1)[:, :, None])
+
+
+def apply_rope(x_BTHE, rope: Rotary):
+  """Rotary embedding (rotate-half form: `[x1 cos - x2 sin, x2 cos + x1 sin]`), in fp32."""
+  x_BTHE32 = x_BTHE.astype(jnp.float32)
+  x1, x2 = jnp.split(x_BTHE32, 2, axis=-1)
+  out = x_BTHE32 * rope.cos + jnp.concatenate([x2, x1], axis=-1) * rope.sin
   return out.astype(x_BTHE.dtype)
 
 
@@ -176,33 +195,29 @@ class Attention(nnx.Module):
     # Qwen3: per-head RMSNorm of q and k (over head_dim, weights shared by heads) before RoPE.
     norm = lambda: RMSNorm(c.head_dim, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.q_norm, self.k_norm = (norm(), norm()) if c.qk_norm else (None, None)
-    self.rope_theta = c.rope_theta
-    self.rope_scaling = c.rope_scaling
     self.impl = c.attention_impl
 
-  def qkv(self, x_BTD, positions_BT, fused: bool = False):
+  def qkv(self, x_BTD, rope: Rotary, fused: bool = False):
     if fused:
       q_BTHE, k_BTKE, v_BTKE = fused_dense(x_BTD, (self.q, self.k, self.v))
     else:
       q_BTHE, k_BTKE, v_BTKE = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if self.q_norm is not None:
       q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
-    q_BTHE = apply_rope(q_BTHE, positions_BT, self.rope_theta, self.rope_scaling)
-    k_BTKE = apply_rope(k_BTKE, positions_BT, self.rope_theta, self.rope_scaling)
-    return q_BTHE, k_BTKE, v_BTKE
+    return apply_rope(q_BTHE, rope), apply_rope(k_BTKE, rope), v_BTKE
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+  def __call__(self, x_BTD, rope: Rotary, segment_ids_BT=None):
     """Causal self-attention over the sequence; also returns this layer's K and V."""
-    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, positions_BT)
+    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, rope)
     o_BTHE = attention_lib.dot_product_attention(
         q_BTHE, k_BTKE, v_BTKE, causal=True, q_segment_ids=segment_ids_BT,
         kv_segment_ids=segment_ids_BT, implementation=self.impl)
     return self.out(o_BTHE), k_BTKE, v_BTKE
 
-  def decode(self, x_BTD, positions_BT, cache: LayerCache, lengths_B, tree_mask_BTT):
+  def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
     """New tokens against this layer's cache: writes K/V at slots `[len, len + T)`, then attends.
     Returns (output, cache)."""
-    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, positions_BT, fused=True)
+    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, rope, fused=True)
     slots_BT = lengths_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
     cache = cache.write(k_BTKE, v_BTKE, slots_BT)
     o_BTHE = attention_lib.cache_attention(
@@ -237,15 +252,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, **kw)
     self.mlp = SwiGLU(config, rngs=rngs, **kw)
 
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None):
+  def __call__(self, x_BTD, rope: Rotary, segment_ids_BT=None):
     """Returns (x, k, v); k/v are what prefill writes into the cache."""
-    a_BTD, k_BTKE, v_BTKE = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+    a_BTD, k_BTKE, v_BTKE = self.attn(self.attn_norm(x_BTD), rope, segment_ids_BT)
     x_BTD = x_BTD + a_BTD
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BTKE, v_BTKE
 
-  def decode(self, x_BTD, positions_BT, cache: LayerCache, lengths_B, tree_mask_BTT):
+  def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
     """New tokens against this block's own cache -> (x, cache)."""
-    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache, lengths_B,
-                                    tree_mask_BTT)
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), rope, cache, lengths_B, tree_mask_BTT)
     x_BTD = x_BTD + a_BTD
     return x_BTD + self.mlp(self.mlp_norm(x_BTD), fused=True), cache

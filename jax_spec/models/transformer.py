@@ -7,8 +7,8 @@ from flax import nnx
 from flax import struct
 
 from jax_spec.models.config import TransformerConfig
-from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, normal_init,
-                                    positions_from_segments)
+from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, Rotary, normal_init,
+                                    positions_from_segments, rotary)
 from jax_spec.precision import Policy, get_policy
 
 
@@ -40,19 +40,19 @@ class MTPModule(nnx.Module):
   def combine(self, h_BTD, e_BTD):
     return self.proj(jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1))
 
-  def __call__(self, h_BTD, e_BTD, positions_BT, segment_ids_BT=None):
+  def __call__(self, h_BTD, e_BTD, rope: Rotary, segment_ids_BT=None):
     x_BTD = self.combine(h_BTD, e_BTD)
     for block in self.blocks:
-      x_BTD = block(x_BTD, positions_BT, segment_ids_BT)[0]
+      x_BTD = block(x_BTD, rope, segment_ids_BT)[0]
     return x_BTD
 
-  def decode(self, h_BTD, e_BTD, positions_BT, caches: tuple[LayerCache, ...], lengths_B,
+  def decode(self, h_BTD, e_BTD, rope: Rotary, caches: tuple[LayerCache, ...], lengths_B,
              tree_mask_BTT):
     """The blocks on cached K/V, block i on `caches[i]` -> (x, caches)."""
     x_BTD = self.combine(h_BTD, e_BTD)
     new_caches = []
     for block, cache in zip(self.blocks, caches, strict=True):
-      x_BTD, cache = block.decode(x_BTD, positions_BT, cache, lengths_B, tree_mask_BTT)
+      x_BTD, cache = block.decode(x_BTD, rope, cache, lengths_B, tree_mask_BTT)
       new_caches.append(cache)
     return x_BTD, tuple(new_caches)
 
@@ -168,13 +168,18 @@ class Transformer(nnx.Module):
       raise ValueError(f'{name} must be an integer [batch, seq] array, got {tokens_BT.dtype} '
                        f'{tokens_BT.shape}')
 
+  def rotary(self, positions_BT) -> Rotary:
+    """The rotary tables of `positions_BT`, shared by every block (trunk, MTP, EAGLE)."""
+    c = self.config
+    return rotary(positions_BT, c.head_dim, c.rope_theta, c.rope_scaling)
+
   def trunk(self, tokens_BT, positions_BT, segment_ids_BT=None):
     """Embedding, blocks and final norm: `(hidden_BTD final-normed, ks, vs)`, with each layer's
     K/V `[B, T, K, E]` (what `kv_cache.prefill` writes; unused K/V vanish under jit)."""
-    x_BTD = self.embed_tokens(tokens_BT)
+    x_BTD, rope = self.embed_tokens(tokens_BT), self.rotary(positions_BT)
     ks, vs = [], []
     for layer in self.layers:
-      x_BTD, k_BTKE, v_BTKE = layer(x_BTD, positions_BT, segment_ids_BT)
+      x_BTD, k_BTKE, v_BTKE = layer(x_BTD, rope, segment_ids_BT)
       ks.append(k_BTKE)
       vs.append(v_BTKE)
     return self.final_norm(x_BTD), ks, vs
@@ -195,11 +200,11 @@ class Transformer(nnx.Module):
 
     mtp_logits = None
     if self.config.mtp_depth:
-      h_BTD, out = hidden_BTD, []
+      h_BTD, out, rope = hidden_BTD, [], self.rotary(positions_BT)
       for k, module in enumerate(self.mtp, start=1):
         # Module k at position i reads t_{i+k}; inputs past the row end are padded (targets masked).
         shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, min(k, seq_len))))[:, :seq_len]
-        h_BTD = module(h_BTD, self.embed_tokens(shifted_BT), positions_BT, segment_ids_BT)
+        h_BTD = module(h_BTD, self.embed_tokens(shifted_BT), rope, segment_ids_BT)
         out.append(self.logits(self.final_norm(h_BTD)))
       mtp_logits = jnp.stack(out)
     medusa = self.medusa_logits(hidden_BTD) if self.config.medusa_heads else None
