@@ -74,13 +74,20 @@ def _num_blocks(cfg):
   return cfg.q_len_padded // cfg.block_q, cfg.kv_len_padded // cfg.block_k
 
 
-def _three_loops(ranges, body, carry):
+def _three_loops(ranges, body, carry, skip=None):
   """Runs `body(i, carry, masked)` over `[lo, full_lo)` and `[full_hi, hi)` masked (one loop,
-  so the masked body is compiled once) and `[full_lo, full_hi)` unmasked."""
+  so the masked body is compiled once) and `[full_lo, full_hi)` unmasked. `skip(i)` (segments)
+  may veto a masked block (as `flash_attention_gpu._run_blocks`)."""
   lo, full_lo, full_hi, hi = ranges
   carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
   num_left = full_lo - lo
-  edge = lambda i, c: body(jnp.where(i < num_left, lo + i, full_hi + i - num_left), c, masked=True)
+
+  def edge(i, c):
+    i = jnp.where(i < num_left, lo + i, full_hi + i - num_left)
+    if skip is None:
+      return body(i, c, masked=True)
+    return lax.cond(skip(i), lambda c: c, lambda c: body(i, c, masked=True), c)
+
   return lax.fori_loop(0, num_left + hi - full_hi, edge, carry)
 
 
@@ -142,14 +149,12 @@ def _rows_from_blocks(cfg, x_nBKQ, num_heads):
   return x.reshape(batch, num_heads, cfg.q_len_padded)[:, :, :cfg.q_len]
 
 
-def _rows_to_blocks(cfg, x_BHT, num_kv_heads, pad_value):
-  """`[B, H, Tq]` -> `[nq, B, K, G*bq]`, padded rows set to `pad_value`."""
+def _rows_to_blocks(cfg, x_BHT, num_kv_heads):
+  """Padded `[B, H, q_len_padded]` row statistics -> `[nq, B, K, G*bq]`."""
   batch, num_heads, _ = x_BHT.shape
   group, bq = num_heads // num_kv_heads, cfg.block_q
   nq = cfg.q_len_padded // bq
-  x = jnp.pad(x_BHT, ((0, 0), (0, 0), (0, cfg.q_len_padded - cfg.q_len)),
-              constant_values=pad_value)
-  x = x.reshape(batch, num_kv_heads, group, nq, bq).transpose(3, 0, 1, 2, 4)
+  x = x_BHT.reshape(batch, num_kv_heads, group, nq, bq).transpose(3, 0, 1, 2, 4)
   return x.reshape(nq, batch, num_kv_heads, group * bq)
 
 
@@ -168,17 +173,13 @@ def _forward(cfg, q, k, v, qseg, kseg):
       pv = lambda p: common.dot(p.astype(v.dtype), v_nBKSE[kj])
       return common.online_softmax_step(*carry, s, pv, masked=masked)
 
-    def body(kj, carry, masked):
-      if not cfg.has_segments:
-        return update(kj, carry, masked)
-      return lax.cond(jnp.any(common.ids_overlap(qseg_Bq, kseg_nBk[kj], axis=1)),
-                      functools.partial(update, masked=masked), lambda _, c: c, kj, carry)
+    skip = None
+    if cfg.has_segments:
+      skip = lambda kj: ~jnp.any(common.ids_overlap(qseg_Bq, kseg_nBk[kj], axis=1))
 
-    init = (jnp.zeros((batch, kvh, rows, head_dim), acc),
-            jnp.full((batch, kvh, rows), -jnp.inf, acc),
-            jnp.zeros((batch, kvh, rows), acc))
+    init = common.online_softmax_init((batch, kvh, rows, head_dim), acc)
     ranges = common.kv_block_range(cfg, qi * cfg.block_q, cfg.block_q, cfg.block_k)
-    o, lse = common.softmax_finish(*_three_loops(ranges, body, init))
+    o, lse = common.softmax_finish(*_three_loops(ranges, update, init, skip))
     return None, (o.astype(q.dtype), lse)
 
   nq, _ = _num_blocks(cfg)
@@ -193,13 +194,8 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
   acc = common.accumulator_dtype(q.dtype)
   kvh = k.shape[2]
   do_nBKQE = _q_to_blocks(cfg, do.astype(q.dtype), kvh)
-  # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta) covers both cotangents.
-  delta_BHT = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
-                         precision=common.matmul_precision(acc), preferred_element_type=acc)
-  delta_BHT = delta_BHT - dlse
-  delta_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh, 0.0)
-  # Rows that see no key (lse = -inf) and padded rows get +inf: every p = exp(s - lse) is 0.
-  lse_nBKQ = _rows_to_blocks(cfg, jnp.where(lse == -jnp.inf, jnp.inf, lse), kvh, jnp.inf)
+  delta_BHT, lse_BHT = common.backward_row_stats(cfg, o, do, lse, dlse)
+  delta_nBKQ, lse_nBKQ = _rows_to_blocks(cfg, delta_BHT, kvh), _rows_to_blocks(cfg, lse_BHT, kvh)
   _, batch, _, rows, head_dim = q_nBKQE.shape
 
   def kv_block(dq_nBKQE, xs):
@@ -220,15 +216,13 @@ def _backward(cfg, q, k, v, qseg, kseg, o, lse, do, dlse):
       dk = dk + common.dot(ds, q_BKQE, trans_a=True)
       return dq, dk, dv
 
-    def body(qi, carry, masked):
-      if not cfg.has_segments:
-        return update(qi, carry, masked)
-      return lax.cond(jnp.any(common.ids_overlap(qseg_nBq[qi], kseg_Bk, axis=1)),
-                      functools.partial(update, masked=masked), lambda _, c: c, qi, carry)
+    skip = None
+    if cfg.has_segments:
+      skip = lambda qi: ~jnp.any(common.ids_overlap(qseg_nBq[qi], kseg_Bk, axis=1))
 
     zeros = jnp.zeros((batch, kvh, cfg.block_k, head_dim), acc)
     ranges = common.q_block_range(cfg, kj * cfg.block_k, cfg.block_k, cfg.block_q)
-    dq_nBKQE, dk, dv = _three_loops(ranges, body, (dq_nBKQE, zeros, zeros))
+    dq_nBKQE, dk, dv = _three_loops(ranges, update, (dq_nBKQE, zeros, zeros), skip)
     return dq_nBKQE, (dk, dv)
 
   nq, nk = _num_blocks(cfg)

@@ -62,9 +62,7 @@ def chunked_cache_attention(q_BTHE, k_cache_BSKE, v_cache_BSKE, *, cache_lengths
     return common.online_softmax_step(*carry, s.reshape(batch, kvh, rows, chunk), pv,
                                       masked=True)
 
-  init = (jnp.zeros((batch, kvh, rows, head_dim), jnp.float32),
-          jnp.full((batch, kvh, rows), -jnp.inf, jnp.float32),
-          jnp.zeros((batch, kvh, rows), jnp.float32))
+  init = common.online_softmax_init((batch, kvh, rows, head_dim))
   if chunk == cache_len:
     state = body(0, init)  # One chunk: a while loop would only add per-step overhead.
   else:

@@ -86,8 +86,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, win_ref, o_ref, m_ref, l_ref, *
     pv = lambda p: common.dot(p.astype(v_ref.dtype), v_ref[k_slice, :])
     return common.online_softmax_step(*carry, s, pv, masked=masked)
 
-  carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_m,), jnp.float32))
+  carry = common.online_softmax_init(o_ref.shape)
   carry = lax.fori_loop(first, full, functools.partial(step, masked=False), carry)
   o, m, l = lax.fori_loop(full, jnp.maximum(hi, full), functools.partial(step, masked=True), carry)
   o_ref[...] = o

@@ -183,15 +183,7 @@ def _bwd(cfg, launch, res, cotangents):
 def _backward(cfg, launch, res, cotangents):
   q, k, v, q_ids, kv_ids, o, lse = res
   do, dlse = cotangents
-  # delta = rowsum(dO * O) (fp32); an lse cotangent adds dlse * p to dS, i.e. delta -= dlse.
-  delta = jnp.einsum('bthd,bthd->bht', do.astype(jnp.float32), o.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-  delta = delta - dlse
-  # Rows that see no key have lse = -inf; +inf makes p = exp(s - lse) exactly 0 there.
-  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-  pad_q = cfg.q_len_padded - cfg.q_len
-  lse = jnp.pad(lse, [(0, 0), (0, 0), (0, pad_q)], constant_values=jnp.inf)
-  delta = jnp.pad(delta, [(0, 0), (0, 0), (0, pad_q)])
+  delta, lse = common.backward_row_stats(cfg, o, do, lse, dlse)
   do = _pad_seq(do.astype(q.dtype), cfg.q_len_padded)
   q, k, v, q_ids, kv_ids = _pad_inputs(q, k, v, q_ids, kv_ids, cfg)
   dq, dk, dv = _backend_module(launch.backend).backward(q, k, v, q_ids, kv_ids, do, lse, delta,

@@ -205,6 +205,21 @@ def dscores(p, dp, delta, tanh):
   return ds if tanh is None else ds * (1.0 - tanh * tanh)
 
 
+def backward_row_stats(cfg: AttentionConfig, o, do, lse, dlse):
+  """The backward's per-row inputs `(delta, lse)`, `[B, H, q_len_padded]` in the accumulator dtype.
+
+  delta = rowsum(dO * O) - dlse, so that dS = P * (dP - delta) covers both cotangents (an lse
+  cotangent adds dlse * p to dS). Rows that see no key (lse = -inf) and padded rows get lse = +inf,
+  so every p = exp(s - lse) there is exactly 0; padded rows get delta = 0.
+  """
+  acc = accumulator_dtype(o.dtype)
+  delta = jnp.einsum('bthd,bthd->bht', do.astype(acc), o.astype(acc),
+                     precision=matmul_precision(acc), preferred_element_type=acc) - dlse
+  pad = [(0, 0), (0, 0), (0, cfg.q_len_padded - cfg.q_len)]
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+  return jnp.pad(delta, pad), jnp.pad(lse, pad, constant_values=jnp.inf)
+
+
 def ids_overlap(q_ids, kv_ids, axis=None):
   """False only where no (query, key) pair can have equal segment ids (disjoint id ranges), so
   the block pair can be skipped. Reduces over `axis` (None: all axes)."""
@@ -215,6 +230,14 @@ def ids_overlap(q_ids, kv_ids, axis=None):
 def _expand(x, n):
   del n
   return x[..., None]
+
+
+def online_softmax_init(o_shape, dtype=jnp.float32, *, stats_shape=None):
+  """The running state `(o, m, l)` before any block: o = 0 `o_shape`, and m = -inf, l = 0 per row,
+  shaped `o_shape[:-1]` (or `stats_shape`: the TPU's lane-replicated `[rows, lanes]`)."""
+  stats_shape = tuple(o_shape[:-1]) if stats_shape is None else tuple(stats_shape)
+  return (jnp.zeros(o_shape, dtype), jnp.full(stats_shape, -jnp.inf, dtype),
+          jnp.zeros(stats_shape, dtype))
 
 
 def online_softmax_step(o, m, l, s, pv, *, masked, widen=None):

@@ -99,8 +99,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, c
   if cfg.has_segments:
     skip = lambda j: ~common.ids_overlap(q_ids, kv_ids_ref[pl.ds(j * block_k, block_k)])
   lo, full_lo, full_hi, hi = common.kv_block_range(cfg, q_start, block_q, block_k)
-  carry = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_q,), jnp.float32))
+  carry = common.online_softmax_init(o_ref.shape)
   o, lse = common.softmax_finish(*_run_blocks(cfg, lo, full_lo, full_hi, hi, step, carry, skip))
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse

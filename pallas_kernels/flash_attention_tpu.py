@@ -142,9 +142,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref,
 
   @pl.when(j == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+    acc_scr[...], m_scr[...], l_scr[...] = common.online_softmax_init(acc_scr.shape,
+                                                                      stats_shape=m_scr.shape)
 
   def body(masked):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]

@@ -199,6 +199,20 @@ def test_numpy_mask_matches_reference_mask():
         np.asarray(attention_mask(13, 29, causal=causal, sliding_window=window))[0])
 
 
+def _check_block_range(block_range, any_vis, all_vis, tight, where):
+  """`(lo, full_lo, full_hi, hi)` of one block against the other side's blocks: every block with a
+  visible pair is inside `[lo, hi)` (exactly those when the lengths are block multiples), and
+  every block in `[full_lo, full_hi)` is visible to every pair."""
+  lo, flo, fhi, hi = (int(x) for x in block_range)
+  assert lo <= flo <= fhi <= hi, where
+  for j, (some, every) in enumerate(zip(any_vis, all_vis)):
+    inside = lo <= j < hi
+    assert inside or not some, (where, j)
+    assert not (flo <= j < fhi) or every, (where, j)
+    if tight:
+      assert inside == some, (where, j)
+
+
 def test_block_ranges_cover_every_visible_pair_and_full_blocks_need_no_mask():
   """Brute force: skipped blocks hold no visible pair; 'full' blocks are entirely visible."""
   for q_len, kv_len, bq, bk, causal, window in _geometry_configs():
@@ -225,23 +239,11 @@ def test_block_ranges_cover_every_visible_pair_and_full_blocks_need_no_mask():
       assert flo == fhi == hi and (lo, hi) == tuple(
           int(x) for x in common.kv_block_range(cfg, i * bq, bq, bk))[::3]
     for i in range(nq):
-      lo, flo, fhi, hi = (int(x) for x in common.kv_block_range(cfg, i * bq, bq, bk))
-      assert lo <= flo <= fhi <= hi, (cfg, i)
-      for j in range(nk):
-        inside = lo <= j < hi
-        assert inside or not any_vis[i, j], (cfg, i, j)
-        assert not (flo <= j < fhi) or all_vis[i, j], (cfg, i, j)
-        if tight:
-          assert inside == any_vis[i, j], (cfg, i, j)
+      _check_block_range(common.kv_block_range(cfg, i * bq, bq, bk), any_vis[i], all_vis[i],
+                         tight, (cfg, 'q block', i))
     for j in range(nk):
-      lo, flo, fhi, hi = (int(x) for x in common.q_block_range(cfg, j * bk, bk, bq))
-      assert lo <= flo <= fhi <= hi, (cfg, j)
-      for i in range(nq):
-        inside = lo <= i < hi
-        assert inside or not any_vis[i, j], (cfg, i, j)
-        assert not (flo <= i < fhi) or all_vis[i, j], (cfg, i, j)
-        if tight:
-          assert inside == any_vis[i, j], (cfg, i, j)
+      _check_block_range(common.q_block_range(cfg, j * bk, bk, bq), any_vis[:, j], all_vis[:, j],
+                         tight, (cfg, 'kv block', j))
 
 
 def test_causal_block_skipping_visits_about_half_the_blocks():

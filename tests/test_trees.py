@@ -19,7 +19,7 @@ def test_layout_of_a_small_tree():
   assert tree.num_nodes == 7 and tree.max_depth == 3 and tree.topk_per_depth == (2, 2, 1)
   np.testing.assert_array_equal(tree.children_TC, [[1, 2], [3, 4], [5, -1], [6, -1], [-1, -1],
                                                    [-1, -1], [-1, -1]])
-  np.testing.assert_array_equal(tree.paths_LP, [[0, 1, 4, -1], [0, 2, 5, -1], [0, 1, 3, 6]])
+  np.testing.assert_array_equal(tree.paths_RP, [[0, 1, 4, -1], [0, 2, 5, -1], [0, 1, 3, 6]])
   expected = np.zeros((7, 7), bool)
   for t in range(7):
     s = t
@@ -34,7 +34,7 @@ def test_chain():
   tree = trees.chain(3)
   assert tree.is_chain and tree.num_nodes == 4
   np.testing.assert_array_equal(tree.ancestor_mask_TT, np.tril(np.ones((4, 4), bool)))
-  np.testing.assert_array_equal(tree.paths_LP, [[0, 1, 2, 3]])
+  np.testing.assert_array_equal(tree.paths_RP, [[0, 1, 2, 3]])
   assert trees.chain(0).num_nodes == 1
 
 
@@ -117,18 +117,18 @@ def test_tree_from_cumulative_accuracies():
   assert (trees.tree_from_accuracies(cum, 6, cumulative=True)
           == trees.tree_from_accuracies(per_rank, 6))
   assert trees.tree_from_accuracies(per_rank, 3).choices == ((0,), (1,), (0, 0))
-  with pytest.raises(ValueError, match='topk_acc_Kk'):
+  with pytest.raises(ValueError, match='topk_acc_Jk'):
     trees.tree_from_accuracies(np.ones(3), 2)
   with pytest.raises(ValueError, match='num_nodes'):
     trees.tree_from_accuracies(per_rank, 100)
 
 
 def test_measure_topk_accuracies():
-  logits_KNV = np.array([[[3., 2., 1.], [1., 2., 3.], [0., 5., 1.]]])
-  targets_KN = np.array([[0, 1, 0]])           # ranks 0, 1, 2
-  acc = trees.measure_topk_accuracies(logits_KNV, targets_KN, np.ones((1, 3), bool), 2)
+  logits_JTV = np.array([[[3., 2., 1.], [1., 2., 3.], [0., 5., 1.]]])
+  targets_JT = np.array([[0, 1, 0]])           # ranks 0, 1, 2
+  acc = trees.measure_topk_accuracies(logits_JTV, targets_JT, np.ones((1, 3), bool), 2)
   np.testing.assert_allclose(acc, [[1 / 3, 1 / 3]])
-  acc = trees.measure_topk_accuracies(logits_KNV, targets_KN, np.array([[True, True, False]]), 3)
+  acc = trees.measure_topk_accuracies(logits_JTV, targets_JT, np.array([[True, True, False]]), 3)
   np.testing.assert_allclose(acc, [[0.5, 0.5, 0.0]])
 
 
@@ -152,8 +152,8 @@ class _TableDrafter:
 
   def expand(self, ctx, state, frontier):
     del ctx
-    tokens_BF = frontier.tokens_BM[:, -frontier.num_frontier:]
-    return jax.nn.log_softmax(jnp.asarray(self.table)[tokens_BF], axis=-1), state + 1
+    tokens_BU = frontier.tokens_BM[:, -frontier.num_frontier:]
+    return jax.nn.log_softmax(jnp.asarray(self.table)[tokens_BU], axis=-1), state + 1
 
 
 def _reference_dynamic_tree(table, root, spec):
@@ -182,7 +182,7 @@ def test_dynamic_tree_matches_the_eagle2_reference(num, k, depth):
       jnp.asarray(roots, jnp.int32))
   assert int(calls) == depth and tokens_BT.shape == (batch, num + 1)
   parent, depth_T = np.asarray(tree.arrays.parent_BT), np.asarray(tree.depths_BT)
-  mask, paths = np.asarray(tree.mask_BTT), np.asarray(tree.arrays.paths_BLP)
+  mask, paths = np.asarray(tree.mask_BTT), np.asarray(tree.arrays.paths_BRP)
   children, toks = np.asarray(tree.arrays.children_BTC), np.asarray(tokens_BT)
   for b in range(batch):
     assert parent[b, 0] == -1 and np.all((parent[b, 1:] >= 0) & (parent[b, 1:] < np.arange(1, num + 1)))
@@ -200,6 +200,41 @@ def test_dynamic_tree_matches_the_eagle2_reference(num, k, depth):
       node_paths.append(tuple(int(toks[b, u]) for u in chain_t[1:]))
     assert toks[b, 0] == roots[b]
     assert set(node_paths[1:]) == _reference_dynamic_tree(table, roots[b], spec)
+
+
+class _RecordingDrafter(_TableDrafter):
+  """A `_TableDrafter` that keeps every frontier it is shown."""
+
+  def __init__(self, tree, table):
+    super().__init__(tree, table)
+    self.frontiers = []
+
+  def expand(self, ctx, state, frontier):
+    self.frontiers.append(frontier)
+    return super().expand(ctx, state, frontier)
+
+
+def test_dynamic_tree_frontier_parents_agree_with_its_mask():
+  """`Frontier.parent_BM` is each entry's ancestor one level up: its mask row is the parent's plus
+  itself, at one level deeper (what the EAGLE drafter reads instead of re-deriving it)."""
+  spec = dynamic_tree.DynamicTree(9, 3, 4)
+  drafter = _RecordingDrafter(spec, np.random.default_rng(1).normal(0, 2.0, (7, 7)))
+
+  def frontiers(root_B):
+    dynamic_tree.build(drafter, None, 0, root_B)
+    return [(f.parent_BM, f.depths_BM, f.mask_BMM) for f in drafter.frontiers]
+
+  seen = jax.jit(frontiers)(jnp.asarray([0, 5], jnp.int32))
+  assert [f.level for f in drafter.frontiers] == list(range(spec.depth))
+  for level, arrays in enumerate(seen):
+    parent, depths, mask = (np.asarray(x) for x in arrays)
+    num = parent.shape[1]
+    assert num == 1 + level * spec.branching and np.all(parent[:, 0] == -1)
+    for b in range(parent.shape[0]):
+      for m in range(1, num):
+        p = parent[b, m]
+        assert 0 <= p < m and depths[b, p] == depths[b, m] - 1
+        np.testing.assert_array_equal(mask[b, m], mask[b, p] | (np.arange(num) == m))
 
 
 def test_dynamic_tree_spec_validation():

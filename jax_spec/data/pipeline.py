@@ -84,18 +84,18 @@ def pack_rows(stream: TokenStream, offsets: np.ndarray, seq_len: int) -> Batch:
   `seq_len` whatever the model's maximum length.
   """
   offsets = np.asarray(offsets, np.int64).reshape(-1)
-  idx_RT = offsets[:, None] + np.arange(seq_len, dtype=np.int64)[None, :]
-  valid_RT = idx_RT < stream.num_tokens
-  safe_RT = np.minimum(idx_RT, stream.num_tokens - 1)
-  tokens_RT = np.where(valid_RT, stream.tokens[safe_RT].astype(np.int32), stream.pad_id)
-  doc_RT = np.searchsorted(stream.starts, safe_RT, side='right') - 1
-  segment_ids_RT = np.where(valid_RT, doc_RT - doc_RT[:, :1] + 1, 0)
-  seg_start_RT = np.maximum(stream.starts[doc_RT], offsets[:, None])
-  positions_RT = np.where(valid_RT, idx_RT - seg_start_RT, 0)
+  idx_BT = offsets[:, None] + np.arange(seq_len, dtype=np.int64)[None, :]
+  valid_BT = idx_BT < stream.num_tokens
+  safe_BT = np.minimum(idx_BT, stream.num_tokens - 1)
+  tokens_BT = np.where(valid_BT, stream.tokens[safe_BT].astype(np.int32), stream.pad_id)
+  doc_BT = np.searchsorted(stream.starts, safe_BT, side='right') - 1
+  segment_ids_BT = np.where(valid_BT, doc_BT - doc_BT[:, :1] + 1, 0)
+  seg_start_BT = np.maximum(stream.starts[doc_BT], offsets[:, None])
+  positions_BT = np.where(valid_BT, idx_BT - seg_start_BT, 0)
   return {
-      'tokens': tokens_RT.astype(np.int32),
-      'segment_ids': segment_ids_RT.astype(np.int32),
-      'positions': positions_RT.astype(np.int32),
+      'tokens': tokens_BT.astype(np.int32),
+      'segment_ids': segment_ids_BT.astype(np.int32),
+      'positions': positions_BT.astype(np.int32),
   }
 
 

@@ -45,7 +45,7 @@ from jax_spec.decoding.trees import Tree
 class TreeArrays(NamedTuple):
   """A per-row candidate tree of T nodes (node 0 = root, parents before children), traced."""
   parent_BT: jax.Array        # int32 [B, T]: parent node, -1 for the root
-  paths_BLP: jax.Array        # int32 [B, L, max_depth + 1]: root-to-node paths, -1 padded
+  paths_BRP: jax.Array        # int32 [B, R, max_depth + 1]: root-to-node paths, -1 padded
   children_BTC: jax.Array     # int32 [B, T, C]: children in the order they are tried, -1 padded
 
   @property
@@ -54,15 +54,15 @@ class TreeArrays(NamedTuple):
 
   @property
   def max_depth(self) -> int:
-    return self.paths_BLP.shape[-1] - 1
+    return self.paths_BRP.shape[-1] - 1
 
 
 def _layout(tree):
   """(parent, paths, children, batched): the static arrays of a `Tree`, or a `TreeArrays`' own."""
   if isinstance(tree, Tree):
-    return (jnp.asarray(tree.parent_T), jnp.asarray(tree.paths_LP), jnp.asarray(tree.children_TC),
+    return (jnp.asarray(tree.parent_T), jnp.asarray(tree.paths_RP), jnp.asarray(tree.children_TC),
             False)
-  return tree.parent_BT, tree.paths_BLP, tree.children_BTC, True
+  return tree.parent_BT, tree.paths_BRP, tree.children_BTC, True
 
 
 def _rows(x_B, idx, batched):
@@ -91,17 +91,17 @@ def _best_path(tree, edge_ok_BT, score_BT=None):
   """Longest root-to-leaf prefix whose edges are all ok. edge_ok_BT[b, t]: node t may follow its parent."""
   _, paths, _, batched = _layout(tree)
   valid = paths >= 0
-  ok_BLP = _rows(edge_ok_BT, jnp.maximum(paths, 0), batched) & (valid if batched else valid[None])
-  run_BLP = jnp.cumprod(ok_BLP[:, :, 1:].astype(jnp.int32), axis=-1)   # edges along each path
-  len_BL = jnp.sum(run_BLP, axis=-1)
+  ok_BRP = _rows(edge_ok_BT, jnp.maximum(paths, 0), batched) & (valid if batched else valid[None])
+  run_BRP = jnp.cumprod(ok_BRP[:, :, 1:].astype(jnp.int32), axis=-1)   # edges along each path
+  len_BR = jnp.sum(run_BRP, axis=-1)
   if score_BT is None:
-    best_B = jnp.argmax(len_BL, axis=-1)
+    best_B = jnp.argmax(len_BR, axis=-1)
   else:   # among the longest, the largest summed score of the accepted prefix
-    path_score_BLP = _rows(score_BT, jnp.maximum(paths, 0), batched)
-    prefix_score_BL = jnp.sum(path_score_BLP[:, :, 1:] * run_BLP, axis=-1)
-    longest_BL = len_BL == jnp.max(len_BL, axis=-1, keepdims=True)
-    best_B = jnp.argmax(jnp.where(longest_BL, prefix_score_BL, -jnp.inf), axis=-1)
-  num_B = jnp.take_along_axis(len_BL, best_B[:, None], axis=1)[:, 0].astype(jnp.int32)
+    path_score_BRP = _rows(score_BT, jnp.maximum(paths, 0), batched)
+    prefix_score_BR = jnp.sum(path_score_BRP[:, :, 1:] * run_BRP, axis=-1)
+    longest_BR = len_BR == jnp.max(len_BR, axis=-1, keepdims=True)
+    best_B = jnp.argmax(jnp.where(longest_BR, prefix_score_BR, -jnp.inf), axis=-1)
+  num_B = jnp.take_along_axis(len_BR, best_B[:, None], axis=1)[:, 0].astype(jnp.int32)
   path_BP = (jnp.take_along_axis(paths, best_B[:, None, None], axis=1)[:, 0] if batched
              else paths[best_B])
   path_BP = jnp.where(jnp.arange(tree.max_depth + 1)[None] <= num_B[:, None], path_BP, -1)

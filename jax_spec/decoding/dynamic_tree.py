@@ -9,8 +9,8 @@ With k = `branching`, D = `depth`, N = `num_draft_nodes` (all static):
 3. keep the N pool nodes of highest cumulative log-probability. A child's score is never above its
    parent's and ties go to the earlier (shallower) pool entry, so the kept set is prefix closed.
 
-Expansion is the drafter's `expand(ctx, state, Frontier) -> (logprobs_BFV, state)` hook: the
-log-probabilities of the F frontier nodes' children, -inf where a node can have no children.
+Expansion is the drafter's `expand(ctx, state, Frontier) -> (logprobs_BUV, state)` hook: the
+log-probabilities of the U frontier nodes' children, -inf where a node can have no children.
 The tree is then verified like a static one (one trunk `extend` with its ancestor mask; the
 accepted path is `commit`ted), with per-row tree arrays (`acceptance.TreeArrays`). The proposals
 are a deterministic function of the drafter state, so rejection sampling with q = one-hot per
@@ -82,14 +82,15 @@ def parse(spec: str, depth: int) -> DynamicTree:
 
 
 class Frontier(NamedTuple):
-  """What `Drafter.expand` sees at one level: the tree expanded so far and its last F nodes.
+  """What `Drafter.expand` sees at one level: the tree expanded so far and its last U nodes.
 
   Entries are the root, then each expanded level's nodes (k each), level by level; the frontier
   (the nodes to expand) is the last `num_frontier` entries, all at depth `level`.
   """
   level: int                # static: depth of the frontier nodes (0: the root alone)
-  num_frontier: int         # static: F (1 at level 0, else k)
+  num_frontier: int         # static: U (1 at level 0, else k)
   tokens_BM: jax.Array      # int32 [B, M]
+  parent_BM: jax.Array      # int32 [B, M]: the parent's entry, -1 for the root
   depths_BM: jax.Array      # int32 [B, M]
   mask_BMM: jax.Array       # bool [B, M, M]: [m, m'] iff m' is m or an ancestor of m
 
@@ -106,16 +107,16 @@ def tree_arrays(parent_BT, depth_BT, max_depth: int, max_children: int) -> Draft
   (node 0 the root, parents before children); children are kept in node order."""
   batch, num_nodes = parent_BT.shape
   nodes_T = jnp.arange(num_nodes)
-  # ancestors_BTA[:, t, a]: t's ancestor a levels up (-1 above the root).
+  # ancestors_BTZ[:, t, z]: t's ancestor z levels up (-1 above the root).
   ancestors = [jnp.broadcast_to(nodes_T, (batch, num_nodes))]
   for _ in range(max_depth):
     prev = ancestors[-1]
     ancestors.append(jnp.where(prev >= 0, jnp.take_along_axis(parent_BT, jnp.maximum(prev, 0), 1), -1))
-  ancestors_BTA = jnp.stack(ancestors, axis=-1)
-  mask_BTT = jnp.any(ancestors_BTA[:, :, None, :] == nodes_T[None, None, :, None], axis=-1)
+  ancestors_BTZ = jnp.stack(ancestors, axis=-1)
+  mask_BTT = jnp.any(ancestors_BTZ[:, :, None, :] == nodes_T[None, None, :, None], axis=-1)
   # Root first: path[j] = ancestor (depth - j) levels up.
   up_BTP = depth_BT[:, :, None] - jnp.arange(max_depth + 1)[None, None]
-  paths_BTP = jnp.where(up_BTP >= 0, jnp.take_along_axis(ancestors_BTA, jnp.maximum(up_BTP, 0), 2), -1)
+  paths_BTP = jnp.where(up_BTP >= 0, jnp.take_along_axis(ancestors_BTZ, jnp.maximum(up_BTP, 0), 2), -1)
   # Rank among siblings = earlier nodes with the same parent.
   same_BTT = (parent_BT[:, :, None] == parent_BT[:, None, :]) & (nodes_T[None, :] < nodes_T[:, None])[None]
   rank_BT = jnp.sum(same_BTT, axis=-1)
@@ -128,16 +129,21 @@ def tree_arrays(parent_BT, depth_BT, max_depth: int, max_children: int) -> Draft
                    TreeArrays(parent_BT.astype(jnp.int32), paths_BTP.astype(jnp.int32), children_BTC))
 
 
-def _append(frontier_tokens_BF, frontier_parent_BF, tokens_BM, depths_BM, mask_BMM, level):
-  """The tree so far plus F new nodes at depth `level` (parents given as entry indices)."""
-  batch, num = frontier_tokens_BF.shape
-  parent_mask_BFM = jnp.take_along_axis(mask_BMM, frontier_parent_BF[:, :, None], axis=1)
-  new_rows_BFN = jnp.concatenate([parent_mask_BFM, jnp.broadcast_to(jnp.eye(num, dtype=bool),
+def _append(tree: Frontier, tokens_BU, parent_BU, num_frontier: int) -> Frontier:
+  """The tree so far plus U new nodes one level down (parents given as entry indices), as the
+  next level's frontier."""
+  batch, num = tokens_BU.shape
+  parent_mask_BUM = jnp.take_along_axis(tree.mask_BMM, parent_BU[:, :, None], axis=1)
+  new_rows_BUM = jnp.concatenate([parent_mask_BUM, jnp.broadcast_to(jnp.eye(num, dtype=bool),
                                                                     (batch, num, num))], axis=2)
-  mask_BMM = jnp.concatenate([jnp.pad(mask_BMM, ((0, 0), (0, 0), (0, num))), new_rows_BFN], axis=1)
-  tokens_BM = jnp.concatenate([tokens_BM, frontier_tokens_BF], axis=1)
-  depths_BM = jnp.concatenate([depths_BM, jnp.full((batch, num), level, jnp.int32)], axis=1)
-  return tokens_BM, depths_BM, mask_BMM
+  level = tree.level + 1
+  return Frontier(
+      level=level, num_frontier=num_frontier,
+      tokens_BM=jnp.concatenate([tree.tokens_BM, tokens_BU], axis=1),
+      parent_BM=jnp.concatenate([tree.parent_BM, parent_BU.astype(jnp.int32)], axis=1),
+      depths_BM=jnp.concatenate([tree.depths_BM, jnp.full((batch, num), level, jnp.int32)], axis=1),
+      mask_BMM=jnp.concatenate([jnp.pad(tree.mask_BMM, ((0, 0), (0, 0), (0, num))), new_rows_BUM],
+                               axis=1))
 
 
 def build(drafter, ctx, state, root_B):
@@ -145,47 +151,43 @@ def build(drafter, ctx, state, root_B):
   spec: DynamicTree = drafter.tree
   k, depth = spec.branching, spec.depth
   batch = root_B.shape[0]
-  tokens_BM = root_B[:, None].astype(jnp.int32)
-  depths_BM = jnp.zeros((batch, 1), jnp.int32)
-  mask_BMM = jnp.ones((batch, 1, 1), bool)
-  # The pool, level by level: token, cumulative log-probability, parent pool entry (-1: root).
-  pool_tokens, pool_scores, pool_parents, pool_depths = [], [], [], []
-  frontier_score_BF = jnp.zeros((batch, 1), jnp.float32)
-  frontier_pool_BF = jnp.full((batch, 1), -1, jnp.int32)
-  pool_start = 0
+  frontier = Frontier(level=0, num_frontier=1, tokens_BM=root_B[:, None].astype(jnp.int32),
+                      parent_BM=jnp.full((batch, 1), -1, jnp.int32),
+                      depths_BM=jnp.zeros((batch, 1), jnp.int32),
+                      mask_BMM=jnp.ones((batch, 1, 1), bool))
+  # The candidate pool, level by level after the root (entry 0, scored +inf so it is always kept):
+  # token, cumulative log-probability, parent pool entry (-1 for the root), depth.
+  pool_tokens, pool_parents = [frontier.tokens_BM], [jnp.full((batch, 1), -1, jnp.int32)]
+  pool_scores, pool_depths = [jnp.full((batch, 1), jnp.inf, jnp.float32)], [frontier.depths_BM]
+  frontier_score_BU = jnp.zeros((batch, 1), jnp.float32)
+  frontier_pool_BU = jnp.zeros((batch, 1), jnp.int32)
+  pool_start = 1
   for level in range(depth):
-    num_frontier = 1 if level == 0 else k
-    logprobs_BFV, state = drafter.expand(ctx, state, Frontier(level, num_frontier, tokens_BM,
-                                                              depths_BM, mask_BMM))
-    child_logp_BFk, child_tok_BFk = jax.lax.top_k(logprobs_BFV.astype(jnp.float32), k)
-    score_BFk = frontier_score_BF[:, :, None] + child_logp_BFk
-    pool_tokens.append(child_tok_BFk.reshape(batch, -1))
-    pool_scores.append(score_BFk.reshape(batch, -1))
-    pool_parents.append(jnp.repeat(frontier_pool_BF, k, axis=1))
+    num_frontier = frontier.num_frontier
+    logprobs_BUV, state = drafter.expand(ctx, state, frontier)
+    child_logp_BUk, child_tok_BUk = jax.lax.top_k(logprobs_BUV.astype(jnp.float32), k)
+    score_BUk = frontier_score_BU[:, :, None] + child_logp_BUk
+    pool_tokens.append(child_tok_BUk.reshape(batch, -1))
+    pool_scores.append(score_BUk.reshape(batch, -1))
+    pool_parents.append(jnp.repeat(frontier_pool_BU, k, axis=1))
     pool_depths.append(jnp.full((batch, num_frontier * k), level + 1, jnp.int32))
     if level + 1 < depth:
       # The next frontier: the k best of these children (entries of the tree so far, for the mask).
-      next_score_Bk, pick_Bk = jax.lax.top_k(score_BFk.reshape(batch, -1), k)
-      parent_entry_Bk = tokens_BM.shape[1] - num_frontier + pick_Bk // k
-      tokens_BM, depths_BM, mask_BMM = _append(
-          jnp.take_along_axis(pool_tokens[-1], pick_Bk, 1), parent_entry_Bk, tokens_BM, depths_BM,
-          mask_BMM, level + 1)
-      frontier_score_BF, frontier_pool_BF = next_score_Bk, pool_start + pick_Bk
+      next_score_Bk, pick_Bk = jax.lax.top_k(score_BUk.reshape(batch, -1), k)
+      parent_entry_Bk = frontier.tokens_BM.shape[1] - num_frontier + pick_Bk // k
+      frontier = _append(frontier, jnp.take_along_axis(pool_tokens[-1], pick_Bk, 1),
+                         parent_entry_Bk, k)
+      frontier_score_BU, frontier_pool_BU = next_score_Bk, pool_start + pick_Bk
     pool_start += num_frontier * k
-  pool_tokens_BP = jnp.concatenate(pool_tokens, axis=1)
-  pool_parent_BP = jnp.concatenate(pool_parents, axis=1)
-  pool_depth_BP = jnp.concatenate(pool_depths, axis=1)
-  # Keep the N best, in pool order (parents before children).
-  keep_BN = jnp.sort(jax.lax.top_k(jnp.concatenate(pool_scores, axis=1), spec.num_draft_nodes)[1],
-                     axis=1)
-  node_of_pool_BP = jnp.full(pool_tokens_BP.shape, -1, jnp.int32).at[
-      jnp.arange(batch)[:, None], keep_BN].set(jnp.arange(1, spec.num_draft_nodes + 1))
-  parent_pool_BN = jnp.take_along_axis(pool_parent_BP, keep_BN, 1)
-  parent_BN = jnp.where(parent_pool_BN >= 0,
-                        jnp.take_along_axis(node_of_pool_BP, jnp.maximum(parent_pool_BN, 0), 1), 0)
-  parent_BT = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), parent_BN], axis=1)
-  depth_BT = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
-                              jnp.take_along_axis(pool_depth_BP, keep_BN, 1)], axis=1)
-  tokens_BT = jnp.concatenate([root_B[:, None], jnp.take_along_axis(pool_tokens_BP, keep_BN, 1)],
-                              axis=1).astype(jnp.int32)
+  # Keep the root and the N best, in pool order (parents before children): node t is entry keep[t].
+  keep_BT = jnp.sort(jax.lax.top_k(jnp.concatenate(pool_scores, axis=1), spec.num_nodes)[1], axis=1)
+  pool_tokens_BY, pool_parent_BY, pool_depth_BY = (
+      jnp.concatenate(x, axis=1) for x in (pool_tokens, pool_parents, pool_depths))
+  node_of_pool_BY = jnp.full(pool_tokens_BY.shape, -1, jnp.int32).at[
+      jnp.arange(batch)[:, None], keep_BT].set(jnp.arange(spec.num_nodes))
+  parent_pool_BT = jnp.take_along_axis(pool_parent_BY, keep_BT, 1)
+  parent_BT = jnp.where(parent_pool_BT >= 0,
+                        jnp.take_along_axis(node_of_pool_BY, jnp.maximum(parent_pool_BT, 0), 1), -1)
+  tokens_BT = jnp.take_along_axis(pool_tokens_BY, keep_BT, 1).astype(jnp.int32)
+  depth_BT = jnp.take_along_axis(pool_depth_BY, keep_BT, 1)
   return tokens_BT, tree_arrays(parent_BT, depth_BT, depth, k), state

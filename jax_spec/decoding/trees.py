@@ -51,7 +51,7 @@ class Tree:
   depth_T:          0 for the root; node t is verified at position `cache_length + depth_T[t]`.
   rank_T:           top-k rank of the node's token in its drafting distribution, -1 for the root.
   ancestor_mask_TT: [t, s] is True iff s is t or an ancestor of t (the attention tree mask).
-  paths_LP:         root-to-leaf node paths [num_leaves, max_depth + 1], padded with -1.
+  paths_RP:         root-to-leaf node paths [num_leaves, max_depth + 1], padded with -1.
   children_TC:      children in rank order [T, max_children], padded with -1.
   topk_per_depth:   for depth d = 1..max_depth, how many top-k tokens the drafter must provide.
   """
@@ -60,7 +60,7 @@ class Tree:
   depth_T: np.ndarray
   rank_T: np.ndarray
   ancestor_mask_TT: np.ndarray
-  paths_LP: np.ndarray
+  paths_RP: np.ndarray
   children_TC: np.ndarray
   topk_per_depth: tuple[int, ...]
 
@@ -74,7 +74,7 @@ class Tree:
 
   @property
   def num_leaves(self) -> int:
-    return self.paths_LP.shape[0]
+    return self.paths_RP.shape[0]
 
   @property
   def is_chain(self) -> bool:
@@ -199,11 +199,11 @@ def get_tree(spec, num_heads: int) -> Tree:
   return tree
 
 
-def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = False,
+def tree_from_accuracies(topk_acc_Jk, num_nodes: int, *, cumulative: bool = False,
                          branch_from_chain_only: bool = False) -> Tree:
   """Medusa's greedy tree construction from per-head top-k accuracies.
 
-  topk_acc_Kk[j, r]: probability that head j's rank-r token is the correct one (or, with
+  topk_acc_Jk[j, r]: probability that head j's rank-r token is the correct one (or, with
   `cumulative=True`, that the correct token is within head j's top r+1; converted by differences).
   A path's probability is the product of its per-depth rank accuracies (heads treated as
   independent, as in Medusa). Starting from the root, repeatedly add the node with the largest path
@@ -212,15 +212,15 @@ def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = Fals
   `branch_from_chain_only=True` only grows children under all-rank-0 paths (what the MTP drafter
   can produce: one chained draft, with top-k alternatives at each depth).
   """
-  acc = np.asarray(topk_acc_Kk, np.float64)
+  acc = np.asarray(topk_acc_Jk, np.float64)
   if acc.ndim != 2 or acc.shape[0] < 1 or acc.shape[1] < 1:
-    raise ValueError(f'topk_acc_Kk must be [num_heads, k], got shape {acc.shape}')
+    raise ValueError(f'topk_acc_Jk must be [num_heads, k], got shape {acc.shape}')
   if not np.all(np.isfinite(acc)) or acc.min() < 0 or acc.max() > 1:
-    raise ValueError('topk_acc_Kk must hold probabilities in [0, 1]')
+    raise ValueError('topk_acc_Jk must hold probabilities in [0, 1]')
   if cumulative:
     acc = np.diff(np.concatenate([np.zeros((acc.shape[0], 1)), acc], axis=1), axis=1)
     if acc.min() < -1e-9:
-      raise ValueError('topk_acc_Kk with cumulative=True must be non-decreasing along k')
+      raise ValueError('topk_acc_Jk with cumulative=True must be non-decreasing along k')
     acc = np.maximum(acc, 0)
   num_heads, k = acc.shape
   if branch_from_chain_only:
@@ -241,31 +241,31 @@ def tree_from_accuracies(topk_acc_Kk, num_nodes: int, *, cumulative: bool = Fals
   return Tree.from_choices(chosen, num_heads=num_heads)
 
 
-def expected_accepted_length(tree: Tree, topk_acc_Kk) -> float:
+def expected_accepted_length(tree: Tree, topk_acc_Jk) -> float:
   """Expected tau (accepted draft tokens + 1) of `tree` under the independent-heads model."""
-  acc = np.asarray(topk_acc_Kk, np.float64)
+  acc = np.asarray(topk_acc_Jk, np.float64)
   total = 1.0
   for p in tree.choices:
     total += float(np.prod([acc[d, r] if r < acc.shape[1] else 0.0 for d, r in enumerate(p)]))
   return total
 
 
-def measure_topk_accuracies(head_logits_KNV, targets_KN, valid_KN, k: int) -> np.ndarray:
-  """Per-rank accuracies `[K, k]`: fraction of valid positions where head j's rank-r token is right.
+def measure_topk_accuracies(head_logits_JTV, targets_JT, valid_JT, k: int) -> np.ndarray:
+  """Per-rank accuracies `[J, k]`: fraction of valid positions where head j's rank-r token is right.
 
-  head_logits_KNV: logits of K draft heads at N positions; targets_KN: the token each head should
-  predict there; valid_KN: which positions count (sequence ends, padding).
+  head_logits_JTV: logits of J draft heads at T positions; targets_JT: the token each head should
+  predict there; valid_JT: which positions count (sequence ends, padding).
   """
   import jax.numpy as jnp
-  head_logits_KNV = jnp.asarray(head_logits_KNV)
-  if head_logits_KNV.ndim != 3:
-    raise ValueError(f'head_logits_KNV must be [K, N, V], got shape {head_logits_KNV.shape}')
-  if not isinstance(k, int) or not 1 <= k <= head_logits_KNV.shape[-1]:
+  head_logits_JTV = jnp.asarray(head_logits_JTV)
+  if head_logits_JTV.ndim != 3:
+    raise ValueError(f'head_logits_JTV must be [J, T, V], got shape {head_logits_JTV.shape}')
+  if not isinstance(k, int) or not 1 <= k <= head_logits_JTV.shape[-1]:
     raise ValueError(f'k must be an int in [1, vocab], got {k!r}')
-  target_logit_KN1 = jnp.take_along_axis(head_logits_KNV, jnp.asarray(targets_KN)[..., None], -1)
+  target_logit_JT1 = jnp.take_along_axis(head_logits_JTV, jnp.asarray(targets_JT)[..., None], -1)
   # Rank = number of tokens with a strictly larger logit (ties favour the target).
-  rank_KN = jnp.sum(head_logits_KNV > target_logit_KN1, axis=-1)
-  valid_KN = jnp.asarray(valid_KN, bool)
-  hits_Kk = jnp.stack([jnp.sum((rank_KN == r) & valid_KN, axis=-1) for r in range(k)], axis=-1)
-  count_K1 = jnp.maximum(jnp.sum(valid_KN, axis=-1, keepdims=True), 1)
-  return np.asarray(hits_Kk / count_K1, np.float64)
+  rank_JT = jnp.sum(head_logits_JTV > target_logit_JT1, axis=-1)
+  valid_JT = jnp.asarray(valid_JT, bool)
+  hits_Jk = jnp.stack([jnp.sum((rank_JT == r) & valid_JT, axis=-1) for r in range(k)], axis=-1)
+  count_J1 = jnp.maximum(jnp.sum(valid_JT, axis=-1, keepdims=True), 1)
+  return np.asarray(hits_Jk / count_J1, np.float64)

@@ -145,12 +145,13 @@ class Drafter:
 
   def expand(self, ctx: Context, state: State,
              frontier: dynamic_tree.Frontier) -> tuple[jax.Array, State]:
-    """-> (log-probabilities [B, F, V] of the children of the F frontier nodes, state).
+    """-> (log-probabilities [B, U, V] of the children of the U frontier nodes, state).
 
     Called once per level, from the root (level 0) down; -inf where a node has no children. The
-    frontier's context is the tree so far (`frontier.tokens_BM`, `depths_BM`, `mask_BMM`): a
-    drafter with a KV cache runs the tree so far with its ancestor mask (`models.extend`); one
-    with features may keep per-node features of earlier levels in its state.
+    frontier's context is the tree so far (`frontier.tokens_BM`, `parent_BM`, `depths_BM`,
+    `mask_BMM`): a drafter with a KV cache runs the tree so far with its ancestor mask
+    (`models.extend`); one with features may keep per-node features of earlier levels in its
+    state and read each entry's parent's (`parent_BM`).
     """
     raise NotImplementedError(f'drafter {self.name!r} does not build dynamic trees')
 

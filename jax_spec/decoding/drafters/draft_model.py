@@ -139,13 +139,13 @@ class DraftModelDrafter(base.Drafter):
                                   jnp.broadcast_to(jnp.tril(jnp.ones((width, width), bool)),
                                                    (batch, width, width)), cache)
       cache = models.advance(cache, num_B + 1)
-      logits_BFV = base.gather_nodes(outs.logits_BTV, num_B[:, None])
+      logits_BUV = base.gather_nodes(outs.logits_BTV, num_B[:, None])
     else:
       # The non-root nodes so far (the root is cached: depth d sits at position len + d - 1).
       outs, cache = models.extend(ctx.module, frontier.tokens_BM[:, 1:],
                                   frontier.depths_BM[:, 1:] - 1, frontier.mask_BMM[:, 1:, 1:], cache)
-      logits_BFV = outs.logits_BTV[:, -frontier.num_frontier:]
-    return jax.nn.log_softmax(logits_BFV, axis=-1), state._replace(cache=cache)
+      logits_BUV = outs.logits_BTV[:, -frontier.num_frontier:]
+    return jax.nn.log_softmax(logits_BUV, axis=-1), state._replace(cache=cache)
 
   def update(self, ctx, state, verify):
     if self.is_dynamic:

@@ -87,15 +87,12 @@ class _FeatureDrafter(base.Drafter):
     depths_BM, mask_BMM = frontier.depths_BM, frontier.mask_BMM
     num = depths_BM.shape[1]
     features_BMD = state.tree_features_BMD[:, :num].at[:, 0].set(state.cache.feature_BD)
-    # An entry's parent: its ancestor one level up (the root for depth 1).
-    is_parent_BMM = mask_BMM & (depths_BM[:, None, :] == depths_BM[:, :, None] - 1)
-    parent_BM = jnp.argmax(is_parent_BMM[:, 1:], axis=-1)
-    new_BND, logits_BNV = eagle_lib.feature_tree_step(
-        ctx.trunk, state.cache, base.gather_nodes(features_BMD, parent_BM),
+    new_BMD, logits_BMV = eagle_lib.feature_tree_step(
+        ctx.trunk, state.cache, base.gather_nodes(features_BMD, frontier.parent_BM[:, 1:]),
         frontier.tokens_BM[:, 1:], depths_BM[:, 1:], mask_BMM[:, 1:, 1:], kind=self.kind)
-    features = state.tree_features_BMD.at[:, 1:num].set(new_BND.astype(features_BMD.dtype))
-    logp_BFV = jax.nn.log_softmax(logits_BNV[:, -frontier.num_frontier:], axis=-1)
-    return logp_BFV, state._replace(tree_features_BMD=features)
+    features = state.tree_features_BMD.at[:, 1:num].set(new_BMD.astype(features_BMD.dtype))
+    logp_BUV = jax.nn.log_softmax(logits_BMV[:, -frontier.num_frontier:], axis=-1)
+    return logp_BUV, state._replace(tree_features_BMD=features)
 
   def update(self, ctx, state, verify):
     path_BP = verify.path_BP

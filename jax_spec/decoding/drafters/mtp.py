@@ -74,10 +74,10 @@ class MTPDrafter(base.HeadsDrafter):
     tokens_BM, depths_BM = frontier.tokens_BM, frontier.depths_BM
     chain_BM = jnp.take_along_axis(state.chain_BJ, jnp.maximum(depths_BM - 1, 0), axis=1)
     on_chain_BM = (depths_BM == 0) | (tokens_BM == chain_BM)
-    mask_BFM = frontier.mask_BMM[:, -frontier.num_frontier:]
-    on_chain_BF = jnp.all(~mask_BFM | on_chain_BM[:, None], axis=-1)
+    mask_BUM = frontier.mask_BMM[:, -frontier.num_frontier:]
+    on_chain_BU = jnp.all(~mask_BUM | on_chain_BM[:, None], axis=-1)
     logp_BV = jax.nn.log_softmax(state.logits_BJV[:, frontier.level], axis=-1)
-    return jnp.where(on_chain_BF[:, :, None], logp_BV[:, None], -jnp.inf), state
+    return jnp.where(on_chain_BU[:, :, None], logp_BV[:, None], -jnp.inf), state
 
   def update(self, ctx, state, verify):
     path_BP = verify.path_BP
