@@ -6,11 +6,11 @@ new file is available by name without editing any other file.
 import importlib
 import pkgutil
 
-from jax_spec.decoding.drafters.base import (Candidates, Context, Drafter, Prefill, Verify,
+from jax_spec.decoding.drafters.base import (Candidates, Committed, Context, Drafter, Prefill, Verify,
                                              register, registered)
 
 for _module in pkgutil.iter_modules(__path__):
   if _module.name != 'base':
     importlib.import_module(f'{__name__}.{_module.name}')
 
-__all__ = ['Candidates', 'Context', 'Drafter', 'Prefill', 'Verify', 'register', 'registered']
+__all__ = ['Candidates', 'Committed', 'Context', 'Drafter', 'Prefill', 'Verify', 'register', 'registered']

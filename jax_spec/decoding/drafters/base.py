@@ -58,6 +58,15 @@ class Candidates(NamedTuple):
   tree: dynamic_tree.DraftTree | None = None
 
 
+class Committed(NamedTuple):
+  """Trunk positions [n, n + A) newly committed to the trunk cache (n: its length before), as
+  `models.mtp_draft` and `models.eagle.feature_update` take them."""
+  hidden_BAD: jax.Array                    # the trunk's final-normed hidden states there
+  tokens_BA: jax.Array                     # int32 [B, A]: their tokens
+  num_new_B: jax.Array                     # int32 [B]: valid entries per row (may be 0)
+  next_token_B: jax.Array                  # int32 [B]: the token at n + num_new (the new root)
+
+
 class Context(NamedTuple):
   trunk: models.Transformer                # the target model
   module: nnx.Module | None                # the drafter's own module (`own_module`), or None
@@ -70,6 +79,11 @@ class Prefill(NamedTuple):
   prompt_lengths_B: jax.Array              # int32 [B]
   root_B: jax.Array                        # int32 [B]: the first token, sampled from the prefill
   key: jax.Array                           # for sampled drafts
+
+  @property
+  def committed(self) -> Committed:
+    """The padded prompts (positions [0, S), valid up to each row's length)."""
+    return Committed(self.outputs.hidden_BTD, self.prompts_BT, self.prompt_lengths_B, self.root_B)
 
 
 class Verify(NamedTuple):
@@ -91,6 +105,15 @@ class Verify(NamedTuple):
   def last_node_B(self):
     """Tree node of the last accepted token (the root when nothing was accepted)."""
     return gather_nodes(self.path_BP, self.num_accepted_B[:, None])[:, 0]
+
+  @property
+  def committed(self) -> Committed:
+    """The accepted path, root first (nothing on finished rows), and the next token."""
+    path_BP = self.path_BP
+    return Committed(gather_nodes(self.outputs.hidden_BTD, path_BP),
+                     gather_nodes(self.tokens_BT, path_BP),
+                     jnp.where(self.active_B, self.num_accepted_B + 1, 0),
+                     self.accepted.next_token_B)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +247,16 @@ def gather_nodes(x_BT, idx_BP):
   """x[b, idx[b, p]] for x [B, T, ...] and idx [B, P] (idx >= 0)."""
   idx = idx_BP.reshape(idx_BP.shape + (1,) * (x_BT.ndim - 2))
   return jnp.take_along_axis(x_BT, idx, axis=1)
+
+
+def chain_candidates(root_B, drafts_BJ, q_BJV=None) -> Candidates:
+  """A chain's candidates: the root, then the drafts d_1..d_J. With sampled drafts, `q_BJV[:, j]`
+  is the distribution d_{j+1} was sampled from, i.e. q of node j's children; the leaf (node J) has
+  no children and repeats the last row (unused) so that q has one row per node."""
+  tokens_BT = jnp.concatenate([root_B[:, None], drafts_BJ], axis=1)
+  if q_BJV is None:
+    return Candidates(tokens_BT)
+  return Candidates(tokens_BT, jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1))
 
 
 def tree_tokens_from_ranks(tree: Tree, root_B, topk_JBk, chain_BJ=None):

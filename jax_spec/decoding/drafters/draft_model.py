@@ -122,9 +122,8 @@ class DraftModelDrafter(base.Drafter):
       q_BJV = q_BJV.at[:, 0].set(q_BV)
     cache, _, tokens_BJ, q_BJV = jax.lax.fori_loop(1, depth, draft_step,
                                                    (cache, tok_B, tokens_BJ, q_BJV))
-    tokens_BT = jnp.concatenate([root_B[:, None], tokens_BJ], axis=1)
-    q_BTV = jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1) if self.sample_drafts else None
-    return base.Candidates(tokens_BT, q_BTV), state._replace(cache=cache)
+    candidates = base.chain_candidates(root_B, tokens_BJ, q_BJV if self.sample_drafts else None)
+    return candidates, state._replace(cache=cache)
 
   def expand(self, ctx, state, frontier):
     cache, batch = state.cache, frontier.tokens_BM.shape[0]

@@ -46,9 +46,8 @@ class _FeatureDrafter(base.Drafter):
     del model, draft_model  # one module drafts to any depth
     return base.depth_of_tree_spec(tree_spec, cls.DEFAULT_DEPTH)
 
-  def _update(self, ctx, state, hidden_BAD, tokens_BA, num_new_B, next_token_B):
-    logits_BV, cache = eagle_lib.feature_update(ctx.trunk, state.cache, hidden_BAD, tokens_BA,
-                                                num_new_B, next_token_B, kind=self.kind)
+  def _update(self, ctx, state, committed: base.Committed):
+    logits_BV, cache = eagle_lib.feature_update(ctx.trunk, state.cache, *committed, kind=self.kind)
     return state._replace(cache=cache, logits_BV=logits_BV)
 
   def init(self, ctx, prefill):
@@ -58,8 +57,7 @@ class _FeatureDrafter(base.Drafter):
     features_BMD = jnp.zeros((batch, entries, ctx.trunk.config.d_model), cache.feature_BD.dtype)
     state = FeatureState(cache, jnp.zeros((batch, ctx.trunk.config.vocab_size), jnp.float32),
                          features_BMD)
-    return self._update(ctx, state, prefill.outputs.hidden_BTD, prefill.prompts_BT,
-                        prefill.prompt_lengths_B, prefill.root_B)
+    return self._update(ctx, state, prefill.committed)
 
   def propose(self, ctx, state, root_B, key):
     if self.is_dynamic:
@@ -69,12 +67,8 @@ class _FeatureDrafter(base.Drafter):
       draft, _ = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
                                          depth=tree.max_depth, kind=self.kind,
                                          select_fn=self.select_fn(key))
-      tokens_BT = jnp.concatenate([root_B[:, None], draft.tokens_BJ], axis=1)
-      if not self.sample_drafts:
-        return base.Candidates(tokens_BT), state
-      # q of node t's children is step t + 1's distribution; the leaf's is unused.
-      q_BJV = self.probs(draft.logits_BJV)
-      return base.Candidates(tokens_BT, jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1)), state
+      q_BJV = self.probs(draft.logits_BJV) if self.sample_drafts else None
+      return base.chain_candidates(root_B, draft.tokens_BJ, q_BJV), state
     tokens_BT, _ = eagle_lib.feature_tree_draft(ctx.trunk, state.cache, state.logits_BV, tree,
                                                    kind=self.kind)
     return base.Candidates(tokens_BT.at[:, 0].set(root_B)), state
@@ -95,11 +89,7 @@ class _FeatureDrafter(base.Drafter):
     return logp_BUV, state._replace(tree_features_BMD=features)
 
   def update(self, ctx, state, verify):
-    path_BP = verify.path_BP
-    return self._update(ctx, state, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
-                        base.gather_nodes(verify.tokens_BT, path_BP),
-                        jnp.where(verify.active_B, verify.num_accepted_B + 1, 0),
-                        verify.accepted.next_token_B)
+    return self._update(ctx, state, verify.committed)
 
 
 @base.register

@@ -39,12 +39,9 @@ class MedusaDrafter(base.HeadsDrafter):
     depth = self.tree.max_depth
     head_JBV = state.head_logits_JBV[:depth]
     if self.sample_drafts:
-      q_JBV = self.probs(head_JBV)
+      q_JBV = self.probs(head_JBV)   # head j + 1 drafts depth j + 1, the children of node j
       chain_JB = sampling.sample_probs(key, q_JBV)
-      tokens_BT = jnp.concatenate([root_B[:, None], chain_JB.T], axis=1)
-      # q of node t's children is head t + 1's (node t sits at depth t); the leaf's is unused.
-      q_BTV = jnp.concatenate([q_JBV, q_JBV[-1:]], axis=0).swapaxes(0, 1)
-      return base.Candidates(tokens_BT, q_BTV), state
+      return base.chain_candidates(root_B, chain_JB.T, q_JBV.swapaxes(0, 1)), state
     topk_JBk = jax.lax.top_k(head_JBV, max(self.tree.topk_per_depth))[1]
     return base.Candidates(base.tree_tokens_from_ranks(self.tree, root_B, topk_JBk)), state
 

@@ -50,8 +50,7 @@ class MTPDrafter(base.HeadsDrafter):
   def init(self, ctx, prefill):
     batch = prefill.prompts_BT.shape[0]
     cache = models.init_mtp_cache(ctx.trunk, batch, self.cache_len)
-    draft, cache = models.mtp_draft(ctx.trunk, cache, prefill.outputs.hidden_BTD,
-                                    prefill.prompts_BT, prefill.prompt_lengths_B, prefill.root_B,
+    draft, cache = models.mtp_draft(ctx.trunk, cache, *prefill.committed,
                                     select_fn=self.select_fn(prefill.key))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
 
@@ -62,9 +61,7 @@ class MTPDrafter(base.HeadsDrafter):
     depth = self.tree.max_depth
     chain_BJ, logits_BJV = state.chain_BJ[:, :depth], state.logits_BJV[:, :depth]
     if self.sample_drafts:
-      q_BJV = self.probs(logits_BJV)
-      tokens_BT = jnp.concatenate([root_B[:, None], chain_BJ], axis=1)
-      return base.Candidates(tokens_BT, jnp.concatenate([q_BJV, q_BJV[:, -1:]], axis=1)), state
+      return base.chain_candidates(root_B, chain_BJ, self.probs(logits_BJV)), state
     topk_JBk = jax.lax.top_k(logits_BJV, max(self.tree.topk_per_depth))[1].swapaxes(0, 1)
     tokens_BT = base.tree_tokens_from_ranks(self.tree, root_B, topk_JBk, chain_BJ)
     return base.Candidates(tokens_BT), state
@@ -80,10 +77,6 @@ class MTPDrafter(base.HeadsDrafter):
     return jnp.where(on_chain_BU[:, :, None], logp_BV[:, None], -jnp.inf), state
 
   def update(self, ctx, state, verify):
-    path_BP = verify.path_BP
-    draft, cache = models.mtp_draft(
-        ctx.trunk, state.cache, base.gather_nodes(verify.outputs.hidden_BTD, path_BP),
-        base.gather_nodes(verify.tokens_BT, path_BP),
-        jnp.where(verify.active_B, verify.num_accepted_B + 1, 0), verify.accepted.next_token_B,
-        select_fn=self.select_fn(verify.key))
+    draft, cache = models.mtp_draft(ctx.trunk, state.cache, *verify.committed,
+                                    select_fn=self.select_fn(verify.key))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
