@@ -63,3 +63,34 @@ def test_benchmark_resolves_dynamic_trees():
   assert (speculative_benchmark.resolve_tree('dynamic:6:2', 3)
           == dynamic_tree.DynamicTree(num_draft_nodes=6, branching=2, depth=3))
   assert speculative_benchmark.resolve_tree('chain', 3).is_chain
+
+
+@pytest.mark.parametrize('tree', ['chain', 'dynamic:3:2'])
+def test_cache_len_is_sized_by_each_drafter(monkeypatch, tree):
+  """Per drafter: the default cache_len is the minimum that the too-small error names; one slot
+  less is a ValueError naming cache_len and the drafter; the minimum covers the trunk's tree and
+  the drafter's own scratch past the committed tokens. No loop runs (`_speculative` stubbed);
+  tests/test_speculative.py and test_eagle_decoding.py decode at the default sizes."""
+  from jax_spec.decoding import speculative as spec   # pylint: disable=g-import-not-at-top
+  model = models.Transformer(models.get_config('tiny', num_layers=1, eagle_layers=1),
+                             rngs=nnx.Rngs(0))
+  prompts_BT, lengths_B, max_new = jnp.ones((2, 5), jnp.int32), jnp.array([5, 2], jnp.int32), 6
+  monkeypatch.setattr(spec, '_speculative', lambda *args, settings: settings.drafter)
+  for name, cls in drafters.registered().items():
+    kw = dict(drafter=name, draft_model=model if name == 'model' else None, tree=tree,
+              max_new_tokens=max_new)
+    with pytest.raises(ValueError, match=rf"cache_len=1 is too small: .*drafter='{name}' needs"):
+      spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=1, **kw)
+    drafter = spec.speculative_generate(model, prompts_BT, lengths_B, **kw)
+    needed = drafter.cache_len
+    with pytest.raises(ValueError, match=rf"cache_len={needed - 1} is too small: .* needs "
+                                         rf"{needed} slots"):
+      spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=needed - 1, **kw)
+    assert spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=needed,
+                                     **kw).cache_len == needed
+    # A row commits at most 5 + max_new + depth - 1 tokens; a step writes the trunk's tree and
+    # the drafter's scratch past them (rows that finished still run it: fixed shapes).
+    resolved = drafter.tree
+    own = cls.extra_cache_slots(model, resolved)
+    assert needed >= 5 + max_new + resolved.max_depth - 1 + max(resolved.num_nodes, own), name
+    assert own >= (0 if name == 'medusa' else resolved.max_depth), name

@@ -148,7 +148,6 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
     raise ValueError(f'drafter must be one of {sorted(drafters_lib.registered())}, got {drafter!r}')
   if acceptance is not None and acceptance not in ACCEPTANCE_RULES:
     raise ValueError(f'acceptance must be None or one of {ACCEPTANCE_RULES}, got {acceptance!r}')
-  config = model.config
   drafter_cls.check_model(model, draft_model)
   if num_draft is None:
     num_draft = drafter_cls.default_depth(model, draft_model, tree)
@@ -174,12 +173,14 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   for name, value in (('typical_eps', typical_eps), ('typical_delta', typical_delta)):
     if not isinstance(value, (int, float)) or not value > 0:
       raise ValueError(f'{name} must be a positive float, got {value!r}')
-  extra = tree.num_nodes + tree.max_depth + max(config.mtp_depth, 1) + 1
-  if isinstance(tree, dynamic_tree.DynamicTree):   # a draft model's scratch for the tree so far
-    extra += max(tree.expanded_nodes, tree.depth + 1)
-  cache_len = check_cache_len(cache_len, prompts_BT.shape[1] + max_new_tokens + extra,
-                              f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens '
-                              f'and a tree of {tree.num_nodes} nodes')
+  # A row commits fewer than prompt + max_new_tokens + max_depth tokens (its last step may accept
+  # a whole path past max_new_tokens); a step then writes past them its tree into the trunk
+  # cache and the drafter's scratch into its own caches, finished rows included (fixed shapes).
+  committed = prompts_BT.shape[1] + max_new_tokens + tree.max_depth - 1
+  scratch = max(tree.num_nodes, drafter_cls.extra_cache_slots(model, tree))
+  cache_len = check_cache_len(cache_len, committed + scratch,
+                              f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens, '
+                              f'a tree of {tree.num_nodes} nodes and drafter={drafter!r}')
   graphdef, state = nnx.split(model)
   own = drafter_cls.own_module(model, draft_model)
   own_graphdef, own_state = nnx.split(own) if own is not None else (None, None)

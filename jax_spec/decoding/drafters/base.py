@@ -122,7 +122,7 @@ class Drafter:
   tree: Tree | dynamic_tree.DynamicTree
   sampling: sampling.SamplingConfig
   sample_drafts: bool        # sample draft tokens from the processed draft distribution (q)
-  cache_len: int             # KV cache slots of the trunk (and of a drafter's own caches)
+  cache_len: int             # KV cache slots of the trunk and of the drafter's own caches
 
   name: ClassVar[str] = ''
 
@@ -139,6 +139,14 @@ class Drafter:
   @classmethod
   def check_tree(cls, tree: Tree, model: models.Transformer) -> None:
     """Raises ValueError when this drafter cannot fill `tree`."""
+
+  @classmethod
+  def extra_cache_slots(cls, model: models.Transformer, tree) -> int:
+    """Slots past a row's committed tokens that one step writes into this drafter's own caches
+    (which have the trunk's `cache_len`); 0: no cache of its own. `speculative_generate` sizes
+    the caches for the larger of this and the trunk's tree."""
+    del model, tree
+    return 0
 
   @classmethod
   def own_module(cls, model: models.Transformer, draft_model) -> nnx.Module | None:

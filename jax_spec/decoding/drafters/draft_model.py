@@ -67,6 +67,15 @@ class DraftModelDrafter(base.Drafter):
                        "chain(gamma) or 'dynamic:N'")
 
   @classmethod
+  def extra_cache_slots(cls, model, tree):
+    del model
+    if isinstance(tree, dynamic_tree.DynamicTree):
+      # Level 0 appends [pending drafts, root, padding] (depth + 1); deeper levels append the
+      # non-root nodes so far after the root.
+      return max(tree.depth + 1, tree.expanded_nodes)
+    return max(2, tree.max_depth)   # [last draft, root], then the chain after the root
+
+  @classmethod
   def own_module(cls, model, draft_model):
     del model
     return draft_model

@@ -19,6 +19,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.drafters import base
 from jax_spec.models import eagle as eagle_lib
 
@@ -45,6 +46,14 @@ class _FeatureDrafter(base.Drafter):
   def default_depth(cls, model, draft_model, tree_spec):
     del model, draft_model  # one module drafts to any depth
     return base.depth_of_tree_spec(tree_spec, cls.DEFAULT_DEPTH)
+
+  @classmethod
+  def extra_cache_slots(cls, model, tree):
+    # `feature_update` writes the path (max_depth + 1) from the root; drafting then writes its
+    # non-root nodes as scratch past the committed entries (a chain: max_depth - 1 of them).
+    del model
+    nodes = tree.expanded_nodes if isinstance(tree, dynamic_tree.DynamicTree) else tree.num_nodes
+    return max(tree.max_depth + 1, nodes - 1)
 
   def _update(self, ctx, state, committed: base.Committed):
     logits_BV, cache = eagle_lib.feature_update(ctx.trunk, state.cache, *committed, kind=self.kind)

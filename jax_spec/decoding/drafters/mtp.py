@@ -47,6 +47,11 @@ class MTPDrafter(base.HeadsDrafter):
         raise ValueError(f"drafter='mtp' drafts one chain; a tree may only branch off it (rank > 0 "
                          f"only under all-rank-0 parents), got path {list(path)}")
 
+  @classmethod
+  def extra_cache_slots(cls, model, tree):
+    # `mtp_draft`'s window from the root: the accepted path (max_depth + 1) + mtp_depth - 1.
+    return tree.max_depth + model.config.mtp_depth
+
   def init(self, ctx, prefill):
     batch = prefill.prompts_BT.shape[0]
     cache = models.init_mtp_cache(ctx.trunk, batch, self.cache_len)
