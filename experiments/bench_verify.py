@@ -48,6 +48,8 @@ flags.DEFINE_bool('ynn_dots', False, "Keep XLA:CPU's YNNPACK dot fusion (default
 flags.DEFINE_multi_string('ab', [], "'label=CHECKOUT [XLA flags]', repeated: instead of the cost "
                           'model, r(T) of each checkout / flag set timed interleaved in one run '
                           "(jax_spec/evaluation/verify_ab.py); flags default to the experiments'.")
+flags.DEFINE_list('ab_loops', [], "With --ab: also whole decoding loops, 'plain' and drafters of "
+                  f'{verify_ab.LOOP_DRAFTERS} (chains on a random model with those heads).')
 flags.DEFINE_integer('ab_calls', 3, 'With --ab: calls per T and round (the fastest counts).')
 FLAGS = flags.FLAGS
 
@@ -58,7 +60,7 @@ def run_ab():
   results = verify_ab.compare(variants, config=FLAGS.config, precision=FLAGS.precision,
                               tokens=[int(t) for t in FLAGS.tokens], cache_len=FLAGS.cache_len,
                               prefix_len=FLAGS.prefix_len, steps=FLAGS.steps,
-                              repeats=FLAGS.repeats, calls=FLAGS.ab_calls)
+                              repeats=FLAGS.repeats, calls=FLAGS.ab_calls, loops=FLAGS.ab_loops)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   with open(os.path.join(FLAGS.workdir, 'ab.json'), 'w') as fh:
     json.dump(results, fh, indent=2)

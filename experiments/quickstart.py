@@ -16,6 +16,9 @@
    with `jax_spec.evaluation.speculative_benchmark.run_benchmark`.
    `best` in results.json is the fastest drafter whose output was identical to plain decoding.
 4. Prints one table and a few sampled completions; writes `results.json` and PNGs into --workdir.
+
+`--benchmark_only` skips step 1 and runs 2-4 on a run trained elsewhere (e.g. a longer
+`experiments.train` run with the same heads) and its draft model (`--draft_workdir`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from jax_spec.decoding import trees as trees_lib
 from jax_spec.evaluation import head_accuracy
 from jax_spec.evaluation import plots
 from jax_spec.evaluation import speculative_benchmark as benchmark_lib
+from jax_spec.io import metrics as metrics_lib
 from jax_spec.training import loop
 from jax_spec.training import restore
 from jax_spec.training.config import TrainConfig
@@ -53,6 +57,8 @@ flags.DEFINE_enum('decode_precision', 'fp32', list(benchmark_lib.DECODE_PRECISIO
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('eagle_layers', 1, 'Blocks of the EAGLE feature drafter (0 = none).')
+flags.DEFINE_integer('eagle_d_ff', None, 'MLP width of the EAGLE blocks (default: the trunk\'s '
+                     'd_ff). The drafter runs once per depth: a narrower one is cheaper per step.')
 flags.DEFINE_integer('eagle_depth', 6, 'Draft depth of the EAGLE chain and dynamic tree.')
 flags.DEFINE_enum('head_targets', 'data', ['data', 'trunk', 'mix'], 'What every draft head learns '
                   '(jax_spec.training.config.TrainConfig.head_targets).')
@@ -66,6 +72,11 @@ flags.DEFINE_list('drafters', ['mtp_chain', 'mtp_tree', 'medusa_chain', 'medusa_
                                 'eagle_chain', 'eagle_dynamic', 'model_chain'],
                   'Drafter runs to benchmark: {mtp,medusa}_{chain,tree} (trees derived from the '
                   'heads\' accuracies), medusa_dynamic, eagle_{chain,dynamic}, model_chain.')
+flags.DEFINE_bool('benchmark_only', False, 'Skip training: evaluate and benchmark the run already '
+                  'in --workdir (e.g. a longer one of experiments.train with the same heads) and '
+                  'the draft model in --draft_workdir.')
+flags.DEFINE_string('draft_workdir', None, 'Where the draft model is trained (or, with '
+                    '--benchmark_only, read); default <workdir>/draft.')
 flags.DEFINE_string('draft_config', 'tiny', 'Preset of the draft model (trained without heads).')
 flags.DEFINE_float('draft_minutes', 1.5, 'Draft-model training budget in minutes.')
 flags.DEFINE_integer('draft_steps', 500, 'Draft-model training steps (the schedule\'s length).')
@@ -128,6 +139,40 @@ def completions(f, model, tokenizer, data, num):
   return texts
 
 
+def last_metrics(workdir: str) -> dict:
+  """A trained run's summary without training: its last step and latest value of each metric."""
+  records = metrics_lib.read_metrics(workdir)
+  summary = {'step': records[-1].get('step') if records else None, 'stopped': 'benchmark_only'}
+  for record in records:
+    summary.update({k: v for k, v in record.items() if k.startswith('val_') or k == 'loss'})
+  return summary
+
+
+def train_models(f, workdir: str, draft_workdir: str):
+  """Trains the target with its heads, then (for the 'model_chain' row) the draft model."""
+  cfg = TrainConfig(
+      workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
+      seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
+      precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads,
+      eagle_layers=f.eagle_layers, head_targets=f.head_targets, seed=f.seed,
+      model={} if f.eagle_d_ff is None else {'eagle_d_ff': f.eagle_d_ff}, minutes=f.minutes,
+      log_every=20, eval_every=max(f.steps // 4, 1), checkpoint_every=max(f.steps // 6, 1))
+  logging.info('1/4 training %s (%s) for up to %.1f min in %s', f.config, f.precision, f.minutes,
+               workdir)
+  summary = loop.train(cfg)
+  plots.plot_training_curves(workdir, os.path.join(workdir, 'training_curves.png'))
+  draft_summary = None
+  if 'model_chain' in f.drafters:
+    logging.info('1b/4 training the %s draft model for up to %.1f min in %s', f.draft_config,
+                 f.draft_minutes, draft_workdir)
+    draft_summary = loop.train(dataclasses.replace(
+        cfg, workdir=draft_workdir, config=f.draft_config, steps=f.draft_steps,
+        warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, eagle_layers=0,
+        model={}, head_targets='data', minutes=f.draft_minutes,
+        eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
+  return summary, draft_summary
+
+
 def run(f) -> dict:
   workdir = os.path.abspath(f.workdir)
   if not f.drafters or set(f.drafters) - set(DRAFTER_ROWS):
@@ -138,26 +183,12 @@ def run(f) -> dict:
                      f'--drafters are skipped), got {f.sampled_drafters}')
   if any(d.startswith('eagle') for d in f.drafters) and not f.eagle_layers:
     raise ValueError('--drafters eagle_* need --eagle_layers >= 1')
-  cfg = TrainConfig(
-      workdir=workdir, config=f.config, steps=f.steps, batch_size=f.batch_size,
-      seq_len=f.seq_len, learning_rate=f.learning_rate, warmup_steps=f.steps // 10 + 1,
-      precision=f.precision, mtp_depth=f.mtp_depth, medusa_heads=f.medusa_heads,
-      eagle_layers=f.eagle_layers, head_targets=f.head_targets, seed=f.seed,
-      minutes=f.minutes, log_every=20, eval_every=max(f.steps // 4, 1),
-      checkpoint_every=max(f.steps // 6, 1))
-  logging.info('1/4 training %s (%s) for up to %.1f min in %s', f.config, f.precision, f.minutes,
-               workdir)
-  summary = loop.train(cfg)
-  plots.plot_training_curves(workdir, os.path.join(workdir, 'training_curves.png'))
-  draft_workdir, draft_summary = os.path.join(workdir, 'draft'), None
-  if 'model_chain' in f.drafters:
-    logging.info('1b/4 training the %s draft model for up to %.1f min in %s', f.draft_config,
-                 f.draft_minutes, draft_workdir)
-    draft_summary = loop.train(dataclasses.replace(
-        cfg, workdir=draft_workdir, config=f.draft_config, steps=f.draft_steps,
-        warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, eagle_layers=0,
-        head_targets='data', minutes=f.draft_minutes,
-        eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
+  draft_workdir = os.path.abspath(f.draft_workdir or os.path.join(workdir, 'draft'))
+  if f.benchmark_only:
+    summary = last_metrics(workdir)
+    draft_summary = last_metrics(draft_workdir) if 'model_chain' in f.drafters else None
+  else:
+    summary, draft_summary = train_models(f, workdir, draft_workdir)
 
   logging.info('2/4 evaluating the draft heads')
   model, tokenizer, model_config = restore.load_model_from_workdir(workdir)

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from jax_spec.evaluation import verify_ab
+
 
 def test_bench_verify_smoke(tmp_path):
   cmd = [sys.executable, '-m', 'experiments.bench_verify', f'--workdir={tmp_path}', '--config=tiny',
@@ -21,3 +25,20 @@ def test_bench_verify_smoke(tmp_path):
   assert abs(rows[2]['ceiling_speedup'] - 2 / rows[2]['ratio']) < 1e-9
   assert results['drafters'] == [] and results['profile'] is None
   assert (tmp_path / 'cost_model.png').stat().st_size > 0
+
+
+def test_ab_compare_times_verify_and_whole_loops_per_variant():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  variants = [verify_ab.Variant.parse(f'a={root}', ''), verify_ab.Variant.parse(f'b={root}', '')]
+  results = verify_ab.compare(variants, config='tiny', tokens=[2], cache_len=64, prefix_len=8,
+                              steps=2, repeats=2, calls=1, loops=['medusa'])
+  parts = [(r['variant'], r['part']) for r in results['rows']]
+  assert parts == [(v, p) for v in 'ab' for p in ('1', '2', 'loop plain', 'loop medusa')]
+  for r in results['rows']:
+    assert r['ms_per_step'] > 0 and r['speedup_vs_first'] > 0
+    if r['part'] in ('1', 'loop plain'):
+      assert r['ratio'] == 1.0   # each is its own unit
+  assert results['rows'][0]['speedup_vs_first'] == 1.0
+  assert 'loop medusa' in verify_ab.format_table(results)
+  with pytest.raises(ValueError, match='loops'):
+    verify_ab.compare(variants, loops=['mtp'])

@@ -57,6 +57,15 @@ def test_config_and_param_count():
     assert counts['eagle'] == M.param_count(cfg.replace(mtp_depth=1, eagle_layers=0))['mtp'] + (
         layers - 1) * (counts['mtp'] - 2 * 32 - 2 * 32 * 32)
   assert M.param_count(M.get_config('tiny'))['eagle'] == 0
+  # A narrower EAGLE MLP: the closed form follows, and only the EAGLE blocks shrink.
+  narrow = CFG.replace(eagle_layers=2, eagle_d_ff=16)
+  assert _num_params(narrow) == M.param_count(narrow)['total']
+  assert (M.param_count(CFG.replace(eagle_layers=2))['eagle'] - M.param_count(narrow)['eagle']
+          == 2 * 3 * 32 * (CFG.d_ff - 16))
+  assert M.param_count(narrow)['trunk'] == M.param_count(CFG)['trunk']
+  for bad in (0, -3, 2.5, True):
+    with pytest.raises(ValueError, match='eagle_d_ff'):
+      CFG.replace(eagle_d_ff=bad)
   for bad in (-1, 1.5, True):
     with pytest.raises(ValueError, match='eagle_layers'):
       CFG.replace(eagle_layers=bad)

@@ -48,6 +48,21 @@ def test_quickstart_end_to_end(tmp_path):
   # Library chatter is hidden by default: no orbax INFO lines or read-only warnings.
   assert 'checkpoint_manager.py' not in proc.stderr and 'read only' not in proc.stderr
 
+  # --benchmark_only benchmarks the trained run as it is: no training step, no new checkpoint.
+  checkpoints = sorted(os.listdir(workdir / 'checkpoints'))
+  again = subprocess.run(cmd[:4] + ['--benchmark_only', '--drafters=medusa_chain',
+                                    '--sampled_drafters=', '--tree_nodes=4', '--num_prompts=1', '--prompt_len=8',
+                                    '--max_new_tokens=12', '--num_completions=0'],
+                         capture_output=True, text=True, env=env, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = json.loads((workdir / 'results.json').read_text())
+  assert rerun['train']['step'] == 6 and rerun['train']['stopped'] == 'benchmark_only'
+  assert rerun['val_bits_per_byte'] == results['val_bits_per_byte']
+  assert [r['drafter'] for r in rerun['drafters']] == ['medusa (chain)']
+  assert rerun['drafters'][0]['outputs_identical'] is True
+  assert sorted(os.listdir(workdir / 'checkpoints')) == checkpoints
+
 
 def test_quickstart_rejects_unknown_drafter(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'experiments.quickstart', f'--workdir={tmp_path}',

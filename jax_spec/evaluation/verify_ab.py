@@ -9,6 +9,11 @@ times (each round: per T the fastest of `calls` calls, the least disturbed by th
 shared machine). Reported per variant and T: median ms per step, r(T) as the median of per-round ratios, and
 the plain step's speedup over the first variant (median of per-round ratios).
 
+`loops` adds whole decoding loops to each round (`loop_fn`: plain `generate` and
+`speculative_generate` chains of the named drafters on a model with Medusa and EAGLE heads),
+reported per decoded step and in plain steps: a change (or an XLA flag) that speeds up the verify
+forward alone can still slow the whole loop, whose drafting and bookkeeping are many small ops.
+
   python -m experiments.bench_verify --workdir=/tmp/ab --ab='base=/tmp/cost_base' --ab='new=.'
 """
 from __future__ import annotations
@@ -72,8 +77,36 @@ def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
   return lambda: run(state)
 
 
+LOOP_DRAFTERS = ('medusa', 'eagle')
+
+
+def loop_fn(config: str, precision: str, drafter: str, depth: int = 6, prompt_len: int = 64,
+            max_new_tokens: int = 96):
+  """(a no-argument function decoding one random prompt, its number of loop steps): plain
+  `generate` for drafter 'plain', else a `speculative_generate` chain of `depth` drafts (Medusa:
+  its 3 heads) from a random-weight model of `config` with 3 Medusa heads and one EAGLE block."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax_spec import decoding, models  # pylint: disable=g-import-not-at-top
+  from jax_spec import precision as precision_lib  # pylint: disable=g-import-not-at-top
+  cfg = models.PRESETS[config].replace(mtp_depth=0, medusa_heads=3, eagle_layers=1)
+  model = models.Transformer(cfg, policy=precision_lib.get_policy(precision), rngs=nnx.Rngs(0))
+  prompts_BT = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)),
+                           jnp.int32)
+  lengths_B = jnp.array([prompt_len], jnp.int32)
+  if drafter == 'plain':
+    return (lambda: decoding.generate(model, prompts_BT, lengths_B,
+                                      max_new_tokens=max_new_tokens).tokens_BN), max_new_tokens
+  num_draft = None if drafter == 'medusa' else depth
+  run = lambda: decoding.speculative_generate(model, prompts_BT, lengths_B, drafter=drafter,
+                                              tree='chain', num_draft=num_draft,
+                                              max_new_tokens=max_new_tokens)
+  return (lambda: run().tokens_BN), int(run().stats.loop_steps)
+
+
 def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefix_len: int,
-           steps: int, calls: int) -> None:
+           steps: int, calls: int, loops: list[str] = ()) -> None:
   """Compiles, prints 'ready', then for every input line one JSON line: per T, seconds per step
   of the fastest of `calls` calls."""
   # Imports here: the worker must import the jax_spec of its own checkout (PYTHONPATH).
@@ -85,32 +118,39 @@ def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefi
   model = models.Transformer(models.PRESETS[config], policy=precision_lib.get_policy(precision),
                              rngs=nnx.Rngs(params=0))
   # Chains: depths 0..T-1, causal mask.
-  fns = {t: verify_loop(model, list(range(t)), [[j <= i for j in range(t)] for i in range(t)],
-                        cache_len, prefix_len, steps) for t in tokens}
-  for fn in fns.values():
+  fns = {str(t): (verify_loop(model, list(range(t)), [[j <= i for j in range(t)]
+                                                      for i in range(t)],
+                              cache_len, prefix_len, steps), steps) for t in tokens}
+  for name in loops:
+    fns[f'loop {name}'] = loop_fn(config, precision, name)
+  for fn, _ in fns.values():
     jax.block_until_ready(fn())
   print('ready', flush=True)
   for _ in sys.stdin:
     out = {}
-    for t, fn in fns.items():
+    for part, (fn, num_steps) in fns.items():
       best = float('inf')
       for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t0)
-      out[t] = best / steps
+      out[part] = best / num_steps
     print(json.dumps(out), flush=True)
 
 
 def compare(variants: list[Variant], *, config: str = 'small', precision: str = 'fp32',
             tokens=(1, 2, 4, 8, 16), cache_len: int = 512, prefix_len: int = 128, steps: int = 16,
-            repeats: int = 9, calls: int = 3) -> dict[str, Any]:
-  """Times every variant's verify loops interleaved (see the module docstring)."""
+            repeats: int = 9, calls: int = 3, loops=()) -> dict[str, Any]:
+  """Times every variant's verify loops (and whole `loops`) interleaved (module docstring)."""
   if not variants or len({v.label for v in variants}) != len(variants):
     raise ValueError(f'variants must be non-empty with distinct labels, got {variants}')
+  unknown = set(loops) - {'plain', *LOOP_DRAFTERS}
+  if unknown:
+    raise ValueError(f"loops must be 'plain' or drafters of {LOOP_DRAFTERS}, got {sorted(unknown)}")
+  loops = list(dict.fromkeys(['plain', *loops])) if loops else []
   tokens = sorted(set(tokens) | {1})
   args = json.dumps(dict(config=config, precision=precision, tokens=tokens, cache_len=cache_len,
-                         prefix_len=prefix_len, steps=steps, calls=calls))
+                         prefix_len=prefix_len, steps=steps, calls=calls, loops=loops))
   procs = {}
   for v in variants:
     env = dict(os.environ, PYTHONPATH=v.checkout, XLA_FLAGS=v.xla_flags)
@@ -128,30 +168,34 @@ def compare(variants: list[Variant], *, config: str = 'small', precision: str = 
       for label in labels[r % len(labels):] + labels[:r % len(labels)]:
         procs[label].stdin.write('go\n')
         procs[label].stdin.flush()
-        times[label].append({int(k): s for k, s in json.loads(procs[label].stdout.readline()).items()})
+        times[label].append(json.loads(procs[label].stdout.readline()))
   finally:
     for p in procs.values():
       p.stdin.close()
       p.wait(timeout=60)
   first = labels[0]
+  parts = [str(t) for t in tokens] + [f'loop {name}' for name in loops]
   rows = []
   for v in variants:
     rounds = times[v.label]
-    for t in tokens:
+    for part in parts:
+      unit = 'loop plain' if part.startswith('loop') else '1'   # r(T) and loops: in plain steps
       rows.append({
-          'variant': v.label, 'tokens': t,
-          'ms_per_step': 1e3 * statistics.median(x[t] for x in rounds),
-          'ratio': statistics.median(x[t] / x[1] for x in rounds),
+          'variant': v.label, 'part': part,
+          'tokens': None if part.startswith('loop') else int(part),
+          'ms_per_step': 1e3 * statistics.median(x[part] for x in rounds),
+          'ratio': statistics.median(x[part] / x[unit] for x in rounds),
           # > 1: this variant's step is faster than the first variant's, in the same rounds.
-          'speedup_vs_first': statistics.median(a[t] / b[t] for a, b in zip(times[first], rounds))})
+          'speedup_vs_first': statistics.median(a[part] / b[part]
+                                                for a, b in zip(times[first], rounds))})
   return {'variants': [dataclasses.asdict(v) for v in variants], 'config': config,
           'precision': precision, 'steps': steps, 'repeats': repeats, 'rows': rows}
 
 
 def format_table(results: dict[str, Any]) -> str:
-  lines = [f"| variant | T | ms / step | r(T) | speedup vs {results['variants'][0]['label']} |",
-           '|---|---|---|---|---|']
-  lines += [f"| {r['variant']} | {r['tokens']} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} | "
+  lines = [f"| variant | T or loop | ms / step | r(T) or plain steps | speedup vs "
+           f"{results['variants'][0]['label']} |", '|---|---|---|---|---|']
+  lines += [f"| {r['variant']} | {r['part']} | {r['ms_per_step']:.3f} | {r['ratio']:.2f} | "
             f"{r['speedup_vs_first']:.2f}x |" for r in results['rows']]
   return '\n'.join(lines)
 

@@ -43,7 +43,9 @@ class TransformerConfig:
   `mtp_depth` DeepSeek-V3 MTP modules (0 = none) and `medusa_heads` Medusa heads (0 = none) can be
   combined. `medusa_frozen_trunk=True` is Medusa-1: the heads see `stop_gradient(hidden)`.
   `eagle_layers` > 0 adds one EAGLE-style feature drafter of that many blocks (0 = none), applied
-  autoregressively to any depth (`jax_spec.models.eagle`).
+  autoregressively to any depth (`jax_spec.models.eagle`); `eagle_d_ff` is their MLP width
+  (None: the trunk's `d_ff`). The drafter runs once per draft depth, so its bytes, not its FLOPs,
+  set a speculative step's cost on a CPU (docs/benchmarks.md, "A narrower EAGLE block").
   `attention_impl=None` lets the attention dispatcher choose (pallas on GPU/TPU, xla on CPU).
   Pretrained architectures (jax_spec.pretrained) also use: `explicit_head_dim` (Qwen3: head_dim
   != d_model // num_heads), `qkv_bias` (Qwen2), `out_bias` (Llama `attention_bias`), `qk_norm`
@@ -67,6 +69,7 @@ class TransformerConfig:
   medusa_shared_head: bool = True
   medusa_frozen_trunk: bool = False
   eagle_layers: int = 0
+  eagle_d_ff: int | None = None
   attention_impl: str | None = None
   explicit_head_dim: int | None = None
   qkv_bias: bool = False
@@ -85,6 +88,9 @@ class TransformerConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f'{name} must be a non-negative int, got {value!r}')
+    if self.eagle_d_ff is not None and (not isinstance(self.eagle_d_ff, int)
+                                        or isinstance(self.eagle_d_ff, bool) or self.eagle_d_ff <= 0):
+      raise ValueError(f'eagle_d_ff must be None or a positive int, got {self.eagle_d_ff!r}')
     if self.explicit_head_dim is not None and (
         not isinstance(self.explicit_head_dim, int) or isinstance(self.explicit_head_dim, bool)
         or self.explicit_head_dim <= 0):
@@ -164,6 +170,7 @@ def param_count(c: TransformerConfig) -> dict[str, int]:
   mtp = c.mtp_depth * (2 * d + 2 * d * d + _block_params(c))
   medusa = c.medusa_heads * (c.medusa_num_layers * (d * d + d) + (0 if c.medusa_shared_head else d * v))
   # The EAGLE module is an MTP module (combine + block) with eagle_layers - 1 more blocks.
-  eagle = (2 * d + 2 * d * d + c.eagle_layers * _block_params(c)) if c.eagle_layers else 0
+  eagle_block = _block_params(c.replace(d_ff=c.eagle_d_ff or c.d_ff))
+  eagle = (2 * d + 2 * d * d + c.eagle_layers * eagle_block) if c.eagle_layers else 0
   return {'trunk': trunk, 'mtp': mtp, 'medusa': medusa, 'eagle': eagle,
           'total': trunk + mtp + medusa + eagle}

@@ -65,6 +65,7 @@ class EagleModule(MTPModule):
   """
 
   def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    config = config.replace(d_ff=config.eagle_d_ff or config.d_ff)
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.extra_blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                   for _ in range(config.eagle_layers - 1)])

@@ -36,7 +36,7 @@ HEADS_FILE = 'heads.safetensors'
 HEADS_CONFIG_KEY = 'jax_spec_heads'
 # Head fields saved with the heads (and checked on load); other non-trunk fields are free overrides.
 HEAD_FIELDS = ('mtp_depth', 'medusa_heads', 'medusa_num_layers', 'medusa_shared_head',
-               'eagle_layers')
+               'eagle_layers', 'eagle_d_ff')
 PARAM_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
