@@ -50,7 +50,7 @@ def _noisy_copy(model, scale, seed):
 def _check_stats(out, tree):
   s = spec.summarize(out.stats, out.lengths_B)
   steps = np.asarray(out.stats.verify_steps_B)
-  hist = np.asarray(out.stats.accepted_hist_A)
+  hist = np.asarray(out.stats.accepted_hist_I)
   assert len(hist) == tree.max_depth + 1 and hist.sum() == steps.sum()
   assert (hist * np.arange(len(hist))).sum() == np.asarray(out.stats.accepted_B).sum()
   assert 1.0 <= s['mean_accepted_length'] <= tree.max_depth + 1
@@ -80,7 +80,7 @@ def test_greedy_draft_model_partial_and_full_acceptance(model, prompts, baseline
                                     draft_model=_noisy_copy(model, 0.1, 0), tree=tree,
                                     max_new_tokens=MAX_NEW)
   np.testing.assert_array_equal(noisy.tokens_BN, baseline.tokens_BN)
-  hist = np.asarray(noisy.stats.accepted_hist_A)
+  hist = np.asarray(noisy.stats.accepted_hist_I)
   assert hist[1:3].sum() > 0, hist               # partial acceptances happened
   _check_stats(noisy, tree)
   # The model drafting for itself: every draft is accepted, tau = gamma + 1. Same program.
@@ -312,7 +312,7 @@ def test_dynamic_tree_draft_model_greedy_identical_to_generate(model, ragged):
                                     max_new_tokens=DYNAMIC_NEW)
   np.testing.assert_array_equal(noisy.tokens_BN, ref.tokens_BN)
   np.testing.assert_array_equal(noisy.lengths_B, ref.lengths_B)
-  hist = np.asarray(noisy.stats.accepted_hist_A)
+  hist = np.asarray(noisy.stats.accepted_hist_I)
   assert hist[0] > 0 and hist[1] > 0 and hist[2] > 0, hist        # partial and full acceptances
   _check_stats(noisy, trees.chain(2))
   contrary, eos = _contrary_copy(model), int(ref.tokens_BN[2, 5])

@@ -55,7 +55,7 @@ ACCEPTANCE_RULES = ('greedy', 'rejection', 'typical')
 class SpeculativeStats(NamedTuple):
   verify_steps_B: jax.Array        # int32 [B]: verify forwards while the row was generating
   accepted_B: jax.Array            # int32 [B]: accepted draft tokens, summed over those steps
-  accepted_hist_A: jax.Array       # int32 [max_depth + 1]: (row, step) pairs by accepted count
+  accepted_hist_I: jax.Array       # int32 [max_depth + 1]: (row, step) pairs by accepted count
   loop_steps: jax.Array            # int32 []: iterations of the while loop (batched verifies)
 
 
@@ -73,7 +73,7 @@ def summarize(stats: SpeculativeStats, lengths_B=None) -> dict:
   """
   steps = int(np.sum(stats.verify_steps_B))
   accepted = int(np.sum(stats.accepted_B))
-  hist = np.asarray(stats.accepted_hist_A, np.int64)
+  hist = np.asarray(stats.accepted_hist_I, np.int64)
   at_least = np.cumsum(hist[::-1])[::-1]          # at_least[d] = pairs with >= d accepted
   out = {
       'verify_steps': steps,
@@ -320,7 +320,7 @@ def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_le
     st = carry.stats
     stats = SpeculativeStats(
         st.verify_steps_B + active_B.astype(jnp.int32), st.accepted_B + num_B,
-        st.accepted_hist_A + jnp.sum(jax.nn.one_hot(num_B, depth + 1, dtype=jnp.int32)
+        st.accepted_hist_I + jnp.sum(jax.nn.one_hot(num_B, depth + 1, dtype=jnp.int32)
                                      * active_B[:, None], axis=0),
         st.loop_steps + 1)
     return LoopState(new_cache, jnp.where(active_B, acc.next_token_B, root_B), done_B, buffer_BN,

@@ -166,7 +166,7 @@ def _merge_stats(all_stats) -> decoding.SpeculativeStats:
   return decoding.SpeculativeStats(
       np.concatenate([np.asarray(s.verify_steps_B) for s in all_stats]),
       np.concatenate([np.asarray(s.accepted_B) for s in all_stats]),
-      np.sum([np.asarray(s.accepted_hist_A) for s in all_stats], axis=0),
+      np.sum([np.asarray(s.accepted_hist_I) for s in all_stats], axis=0),
       np.sum([int(s.loop_steps) for s in all_stats]))
 
 
