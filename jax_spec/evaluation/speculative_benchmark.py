@@ -139,7 +139,8 @@ def load_run(workdir: str, what: str = 'workdir', precision: str = 'fp32'):
   if not workdir or not os.path.isdir(workdir):
     raise ValueError(f'{what}={workdir!r} is not a directory (a workdir of experiments.train)')
   info = workdir_lib.read_run_info(workdir)
-  model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision)
+  model, tokenizer, model_config = restore.load_model_from_workdir(workdir, policy=precision,
+                                                                   info=info)
   return model, tokenizer, model_config, info
 
 

@@ -19,13 +19,13 @@ from jax_spec.training.sharding import path_to_str
 from jax_spec.training.state import build_model, compile_fast, storage_dtype_fn
 
 
-def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=None):
+def load_model_from_workdir(workdir: str, *, step: int | None = None, policy=None, info=None):
   """Rebuilds the trained model: returns `(model, tokenizer, model_config)`.
 
   Restores params from the latest checkpoint (or `step`); `policy` defaults to the training
-  precision.
+  precision. `info`: the run's `workdir.read_run_info`, when the caller has read it already.
   """
-  info = workdir_lib.read_run_info(workdir)
+  info = workdir_lib.read_run_info(workdir) if info is None else info
   cfg = workdir_lib.train_config_of(workdir, info)
   model_config = TransformerConfig(**info['model'])
   tokenizer = load_tokenizer(os.path.join(workdir, 'tokenizer'))

@@ -95,9 +95,8 @@ def _init(cfg, model_config, policy, tx, loss_scale_mode):
   model = build_model(model_config, policy, cfg.seed)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params = to_storage_dtypes(params, cfg)  # a frozen trunk in its storage dtype
-  state = steps_lib.init_train_state(params, tx, jax.random.fold_in(jax.random.key(cfg.seed), 1))
-  if loss_scale_mode == 'dynamic':
-    state = steps_lib.set_loss_scale(state, precision_lib.DEFAULT_INITIAL_SCALE)
+  state = steps_lib.init_train_state(params, tx, jax.random.fold_in(jax.random.key(cfg.seed), 1),
+                                     dynamic_loss_scale=loss_scale_mode == 'dynamic')
   return state, rest
 
 

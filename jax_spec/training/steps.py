@@ -81,11 +81,13 @@ def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.1, b1: f
                                lambda params: _labels(params, trainable))
 
 
-def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> State:
+def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array, *,
+                     dynamic_loss_scale: bool = False) -> State:
+  """A fresh state; with `dynamic_loss_scale` the loss scale starts at the fp16 default."""
   return {
       'params': params,
       'opt_state': tx.init(params),
-      'loss_scale': {'scale': jnp.ones((), jnp.float32), 'fin_steps': jnp.zeros((), jnp.int32)},
+      'loss_scale': precision_lib.initial_loss_scale(dynamic_loss_scale),
       'step': jnp.zeros((), jnp.int32),
       'skipped_steps': jnp.zeros((), jnp.int32),
       'rng': jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
@@ -93,10 +95,7 @@ def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array) -
 
 
 def set_loss_scale(state: State, scale: float) -> State:
-  state = dict(state)
-  state['loss_scale'] = {'scale': jnp.asarray(scale, jnp.float32),
-                         'fin_steps': jnp.zeros((), jnp.int32)}
-  return state
+  return dict(state, loss_scale=precision_lib.initial_loss_scale(True, scale))
 
 
 def _forward_losses(graphdef, rest, params, batch, model_config, mtp_lambda, medusa_weight,
