@@ -8,6 +8,7 @@ from flax import nnx
 
 from jax_spec import models
 from jax_spec.decoding import drafters, sampling, trees
+from jax_spec.decoding.drafters import draft_model as draft_model_lib
 from jax_spec.decoding.acceptance import Accepted
 
 
@@ -76,8 +77,11 @@ def test_cache_len_is_sized_by_each_drafter(monkeypatch, tree):
                              rngs=nnx.Rngs(0))
   prompts_BT, lengths_B, max_new = jnp.ones((2, 5), jnp.int32), jnp.array([5, 2], jnp.int32), 6
   monkeypatch.setattr(spec, '_speculative', lambda *args, settings: settings.drafter)
+  # Other test modules register drafters of their own in this process (e.g. cost_model's
+  # 'model_never_agreeing'): any drafter that drafts with a separate model gets one.
   for name, cls in drafters.registered().items():
-    kw = dict(drafter=name, draft_model=model if name == 'model' else None, tree=tree,
+    separate = issubclass(cls, draft_model_lib.DraftModelDrafter)
+    kw = dict(drafter=name, draft_model=model if separate else None, tree=tree,
               max_new_tokens=max_new)
     with pytest.raises(ValueError, match=rf"cache_len=1 is too small: .*drafter='{name}' needs"):
       spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=1, **kw)
