@@ -50,7 +50,7 @@ class DecodeOutputs:
 class MTPCache:
   """State of the MTP modules' caches (module k holds exact entries < max(lengths - k + 1, 0)).
 
-  `k`, `v`: [J, B, S, K, E]; `lengths`: [B] trunk length seen so far (n); `tokens`: [B, S + J + 1]
+  `layers[k - 1]`: module k's `LayerCache` (one block each); `lengths`: [B] trunk length seen so far (n); `tokens`: [B, S + J + 1]
   token at each position (committed, then the next token, then the drafts of the last call);
   `prev_hidden`: [J, B, D], module k's output at its last exact position.
   """

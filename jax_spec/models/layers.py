@@ -160,8 +160,9 @@ class LayerCache:
   """One attention layer's K/V cache: `k`, `v` [B, S, K, E] in the compute dtype.
 
   Each layer owns its arrays (not a slice of a stacked [L, ...] cache), so a layer's write is an
-  in-place update of its own buffer inside the decode loop and its attention reads it directly:
-  2.4x faster per step than a stacked cache on XLA:CPU (docs/benchmarks.md, "Verify cost model").
+  in-place update of its own buffer inside the decode loop and its attention reads it directly
+  (a stacked cache paid a slice per layer: 2.4x slower in a 4-layer micro-benchmark on XLA:CPU,
+  the one-token step 1.12x slower; docs/benchmarks.md, "Verify cost model").
   """
   k: jax.Array
   v: jax.Array
