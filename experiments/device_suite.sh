@@ -99,13 +99,14 @@ want verify_small && stage verify_small 150 "$PY" -m experiments.bench_verify --
 want verify_base && stage verify_base 150 "$PY" -m experiments.bench_verify "${VERIFY[@]}" \
   "${BASE_VERIFY[@]}" --workdir="$WORK/verify_base"
 # XLA command buffers (CUDA graphs) for the loop bodies, WHILE included, side by side with XLA's
-# default and with none: interleaved r(T) of one checkout under three flag sets, then the whole
+# default and with none: interleaved r(T) and whole plain / Medusa / EAGLE loops (`--ab_loops`, in
+# plain steps: section 3's target is <= 1.15) of one checkout under three flag sets, then the whole
 # cost model (loops at full acceptance) with command buffers on, to compare with verify_small.
 CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CONDITIONAL,WHILE"
 CMDBUF="$CMDBUF --xla_gpu_graph_min_graph_size=1"
-want verify_cmdbuf_ab && stage verify_cmdbuf_ab 150 "$PY" -m experiments.bench_verify \
+want verify_cmdbuf_ab && stage verify_cmdbuf_ab 240 "$PY" -m experiments.bench_verify \
   "${AB_VERIFY[@]}" --ab="xla_default=." \
-  --ab="none=. --xla_gpu_enable_command_buffer=" --ab="while=. $CMDBUF" \
+  --ab="none=. --xla_gpu_enable_command_buffer=" --ab="while=. $CMDBUF" --ab_loops=medusa,eagle \
   --workdir="$WORK/verify_cmdbuf_ab"
 want verify_small_cmdbuf && stage verify_small_cmdbuf 150 env XLA_FLAGS="$CMDBUF" "$PY" \
   -m experiments.bench_verify --config=small "${VERIFY[@]}" --workdir="$WORK/verify_small_cmdbuf"
