@@ -88,14 +88,11 @@ class TransformerConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f'{name} must be a non-negative int, got {value!r}')
-    if self.eagle_d_ff is not None and (not isinstance(self.eagle_d_ff, int)
-                                        or isinstance(self.eagle_d_ff, bool) or self.eagle_d_ff <= 0):
-      raise ValueError(f'eagle_d_ff must be None or a positive int, got {self.eagle_d_ff!r}')
-    if self.explicit_head_dim is not None and (
-        not isinstance(self.explicit_head_dim, int) or isinstance(self.explicit_head_dim, bool)
-        or self.explicit_head_dim <= 0):
-      raise ValueError(f'explicit_head_dim must be None or a positive int, got '
-                       f'{self.explicit_head_dim!r}')
+    for name in ('eagle_d_ff', 'explicit_head_dim'):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value <= 0):
+        raise ValueError(f'{name} must be None or a positive int, got {value!r}')
     if self.explicit_head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f'd_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})')
     if self.num_heads % self.num_kv_heads:
@@ -118,6 +115,11 @@ class TransformerConfig:
       object.__setattr__(self, 'rope_scaling', RopeScaling(**self.rope_scaling))
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f'rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}')
+
+  @property
+  def eagle_config(self) -> 'TransformerConfig':
+    """The config the EAGLE blocks are built from: the trunk's, with MLP width `eagle_d_ff`."""
+    return self.replace(d_ff=self.eagle_d_ff or self.d_ff)
 
   @property
   def head_dim(self) -> int:
@@ -170,7 +172,7 @@ def param_count(c: TransformerConfig) -> dict[str, int]:
   mtp = c.mtp_depth * (2 * d + 2 * d * d + _block_params(c))
   medusa = c.medusa_heads * (c.medusa_num_layers * (d * d + d) + (0 if c.medusa_shared_head else d * v))
   # The EAGLE module is an MTP module (combine + block) with eagle_layers - 1 more blocks.
-  eagle_block = _block_params(c.replace(d_ff=c.eagle_d_ff or c.d_ff))
-  eagle = (2 * d + 2 * d * d + c.eagle_layers * eagle_block) if c.eagle_layers else 0
+  eagle = 2 * d + 2 * d * d + c.eagle_layers * _block_params(c.eagle_config)
+  eagle = eagle if c.eagle_layers else 0
   return {'trunk': trunk, 'mtp': mtp, 'medusa': medusa, 'eagle': eagle,
           'total': trunk + mtp + medusa + eagle}

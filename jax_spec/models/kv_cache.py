@@ -31,7 +31,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.layers[0].k.shape[1]
+    return self.layers[0].max_len
 
   @property
   def batch_size(self) -> int:
@@ -50,8 +50,9 @@ class DecodeOutputs:
 class MTPCache:
   """State of the MTP modules' caches (module k holds exact entries < max(lengths - k + 1, 0)).
 
-  `layers[k - 1]`: module k's `LayerCache` (one block each); `lengths`: [B] trunk length seen so far (n); `tokens`: [B, S + J + 1]
-  token at each position (committed, then the next token, then the drafts of the last call);
+  `layers[k - 1]`: module k's `LayerCache` (one block each); `lengths`: [B] trunk length seen so
+  far (n); `tokens`: [B, S + J + 1] token at each position (committed, then the next token, then
+  the drafts of the last call);
   `prev_hidden`: [J, B, D], module k's output at its last exact position.
   """
   layers: tuple[LayerCache, ...]
@@ -123,7 +124,7 @@ def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
   if seq_len > cache.max_len:
     raise ValueError(f'tokens_BT length {seq_len} exceeds the cache max_len {cache.max_len}')
   positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-  hidden_BTD, ks, vs = model.trunk(tokens_BT, positions_BT)
+  hidden_BTD, ks, vs = model.trunk(tokens_BT, model.rotary(positions_BT))
   put = lambda cache_BSKE, new_BTKE: jax.lax.dynamic_update_slice(
       cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), (0, 0, 0, 0))
   layers = tuple(LayerCache(put(layer.k, k_BTKE), put(layer.v, v_BTKE))
@@ -173,7 +174,7 @@ def commit(cache, path_BA, num_accepted_B):
   if cache.lengths.shape != (batch,) or num_accepted_B.shape != (batch,):
     raise ValueError(f'path_BA {path_BA.shape} and num_accepted_B {num_accepted_B.shape} must '
                      f'match the cache batch {cache.lengths.shape[0]}')
-  max_len = cache.layers[0].k.shape[1]
+  max_len = cache.layers[0].max_len
   rows_BA = jnp.broadcast_to(jnp.arange(batch)[:, None], path_BA.shape)
   lengths = cache.lengths
   src_BA = jnp.clip(lengths[:, None] + path_BA.astype(jnp.int32), 0, max_len - 1)
@@ -207,7 +208,8 @@ def init_mtp_cache(model: Transformer, batch_size: int, max_len: int) -> MTPCach
   depth = model.config.mtp_depth
   if not depth:
     raise ValueError('init_mtp_cache: the model has no MTP modules (config.mtp_depth == 0)')
-  return MTPCache(layers=empty_layer_caches(model, depth, batch_size, max_len), lengths=jnp.zeros((batch_size,), jnp.int32),
+  return MTPCache(layers=empty_layer_caches(model, depth, batch_size, max_len),
+                  lengths=jnp.zeros((batch_size,), jnp.int32),
                   tokens=jnp.zeros((batch_size, max_len + depth + 1), jnp.int32),
                   prev_hidden=jnp.zeros((depth, batch_size, model.config.d_model), model.dtype))
 

@@ -167,6 +167,10 @@ class LayerCache:
   k: jax.Array
   v: jax.Array
 
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[1]
+
   @classmethod
   def zeros(cls, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
     shape = (batch_size, max_len, num_kv_heads, head_dim)

@@ -65,7 +65,7 @@ class EagleModule(MTPModule):
   """
 
   def __init__(self, config: TransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    config = config.replace(d_ff=config.eagle_d_ff or config.d_ff)
+    config = config.eagle_config
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.extra_blocks = nnx.List([Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                   for _ in range(config.eagle_layers - 1)])
@@ -174,10 +174,11 @@ class Transformer(nnx.Module):
     c = self.config
     return rotary(positions_BT, c.head_dim, c.rope_theta, c.rope_scaling)
 
-  def trunk(self, tokens_BT, positions_BT, segment_ids_BT=None):
+  def trunk(self, tokens_BT, rope: Rotary, segment_ids_BT=None):
     """Embedding, blocks and final norm: `(hidden_BTD final-normed, ks, vs)`, with each layer's
-    K/V `[B, T, K, E]` (what `kv_cache.prefill` writes; unused K/V vanish under jit)."""
-    x_BTD, rope = self.embed_tokens(tokens_BT), self.rotary(positions_BT)
+    K/V `[B, T, K, E]` (what `kv_cache.prefill` writes; unused K/V vanish under jit). `rope`:
+    `self.rotary(positions_BT)`, which the caller's MTP modules reuse."""
+    x_BTD = self.embed_tokens(tokens_BT)
     ks, vs = [], []
     for layer in self.layers:
       x_BTD, k_BTKE, v_BTKE = layer(x_BTD, rope, segment_ids_BT)
@@ -196,12 +197,13 @@ class Transformer(nnx.Module):
         positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
       else:
         positions_BT = positions_from_segments(segment_ids_BT)
-    hidden_BTD, _, _ = self.trunk(tokens_BT, positions_BT, segment_ids_BT)
+    rope = self.rotary(positions_BT)
+    hidden_BTD, _, _ = self.trunk(tokens_BT, rope, segment_ids_BT)
     logits_BTV = self.logits(hidden_BTD)
 
     mtp_logits = None
     if self.config.mtp_depth:
-      h_BTD, out, rope = hidden_BTD, [], self.rotary(positions_BT)
+      h_BTD, out = hidden_BTD, []
       for k, module in enumerate(self.mtp, start=1):
         # Module k at position i reads t_{i+k}; inputs past the row end are padded (targets masked).
         shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, min(k, seq_len))))[:, :seq_len]
