@@ -155,3 +155,20 @@ def test_decoders_trace_fp32_models_with_full_precision_matmuls(monkeypatch, pol
                                 max_new_tokens=2)
   assert seen == [expected, expected]
   assert jax.config.jax_default_matmul_precision is None   # restored after the call
+
+
+def test_default_caches_are_the_request_rounded_up_to_16(monkeypatch):
+  """Both samplers size their default cache to the request (not max_seq_len), in 16s."""
+  from jax_spec.decoding import speculative as spec_lib  # pylint: disable=g-import-not-at-top
+  assert [generate_lib.check_cache_len(None, n, 'x') for n in (1, 16, 17, 225)] == [16, 16, 32, 240]
+  assert generate_lib.check_cache_len(40, 17, 'x') == 40
+  model = models.Transformer(models.get_config('tiny', num_layers=1), rngs=nnx.Rngs(0))
+  seen = []
+  monkeypatch.setattr(generate_lib, '_generate', lambda *a, **k: seen.append(k['cache_len']))
+  monkeypatch.setattr(spec_lib, '_speculative',
+                      lambda *a, **k: seen.append(k['settings'].drafter.cache_len))
+  prompts = jnp.ones((1, 5), jnp.int32)
+  generate_lib.generate(model, prompts, jnp.array([5]), max_new_tokens=13)   # needs 18
+  spec_lib.speculative_generate(model, prompts, jnp.array([5]), drafter='medusa', tree='chain',
+                                max_new_tokens=13)   # 5 + 13 + (depth 2 - 1) + 3 nodes = 22
+  assert seen == [32, 32]

@@ -64,9 +64,20 @@ def validate_prompts(model, prompts_BT, prompt_lengths_B, max_new_tokens, eos_id
   return prompts_BT.astype(jnp.int32), prompt_lengths_B.astype(jnp.int32)
 
 
+# Default caches round the slots a request needs up to this multiple: the GPU decode kernel's key
+# blocks tile the cache in 16s (any other length is padded, i.e. copied, at every call).
+CACHE_SLOT_MULTIPLE = 16
+
+
 def check_cache_len(cache_len, needed, what):
+  """`cache_len`, checked to hold `needed` slots; None: `needed` rounded up to a multiple of 16.
+
+  The default is sized to the request, not to the model's `max_seq_len`: XLA's cache attention
+  reads every slot (masked), so on CPU a one-token step of `small` at 512 slots costs ~1.3x the
+  same step at the 224 a 64 + 160 token request needs (docs/benchmarks.md, "Cache length").
+  """
   if cache_len is None:
-    return needed
+    return -(-needed // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
   if not isinstance(cache_len, int) or cache_len < needed:
     raise ValueError(f'cache_len={cache_len!r} is too small: {what} needs {needed} slots')
   return cache_len
@@ -94,7 +105,7 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
 
   A row stops after emitting `eos_id` (it is included in the row's length); positions after the
   length hold `pad_id`. Temperature 0 is greedy (no `rng` needed). `cache_len` defaults to
-  `prompt_len + max_new_tokens` (the padded prompt length).
+  `prompt_len + max_new_tokens` (the padded prompt length) rounded up to a multiple of 16.
   """
   prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
                                                   max_new_tokens, eos_id, pad_id)

@@ -139,6 +139,9 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
     'dynamic:N', 'dynamic:N:K' (N draft nodes, K children per expanded node, depth `num_draft`).
     Names are resolved against `num_draft` draft positions (default: the drafter's: MTP depth,
     Medusa heads; 4 for a draft model).
+  cache_len: KV cache slots of the trunk and the drafter; default: what the request needs (prompt,
+    `max_new_tokens`, the last step's overshoot and the tree's scratch) rounded up to a multiple
+    of 16.
   Returns the tokens, lengths and `SpeculativeStats` (see `summarize`).
   """
   prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,

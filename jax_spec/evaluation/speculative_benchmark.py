@@ -77,7 +77,8 @@ class BenchmarkOptions:
   top_k: int = _opt(0, 'Top-k filter (0 = off).')
   top_p: float = _opt(1.0, 'Top-p filter (1 = off).')
   stop_at_eos: bool = _opt(True, "Rows stop at the tokenizer's EOS.")
-  cache_len: int | None = _opt(None, "KV cache slots (default: the model's max_seq_len).")
+  cache_len: int | None = _opt(None, 'KV cache slots (default: each sampler sizes its cache to '
+                               'the request, as `generate` does).')
   seed: int = _opt(0, 'Sampling seed.')
   # fp32 by default on every backend. On CPU for speed: XLA:CPU emulates bf16/fp16 matmuls (a
   # one-token bf16 step of the small preset takes 2x the fp32 one). On GPUs for exactness: a
@@ -226,7 +227,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   common = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
                 top_k=opts.top_k, top_p=opts.top_p,
                 eos_id=tokenizer.eos_id if opts.stop_at_eos else None,
-                cache_len=opts.cache_len or model_config.max_seq_len)
+                cache_len=opts.cache_len)
   spec_kwargs = {} if opts.acceptance is None else {'acceptance': opts.acceptance}
 
   def baseline(batch, key):
