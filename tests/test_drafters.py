@@ -1,8 +1,11 @@
 """The Drafter interface: registry, and each drafter's state contract (beyond the end-to-end tests
 of tests/test_speculative.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 from flax import nnx
 
@@ -68,9 +71,10 @@ def test_benchmark_resolves_dynamic_trees():
 
 @pytest.mark.parametrize('tree', ['chain', 'dynamic:3:2'])
 def test_cache_len_is_sized_by_each_drafter(monkeypatch, tree):
-  """Per drafter: the default cache_len is the minimum that the too-small error names; one slot
-  less is a ValueError naming cache_len and the drafter; the minimum covers the trunk's tree and
-  the drafter's own scratch past the committed tokens. No loop runs (`_speculative` stubbed);
+  """Per drafter: the default cache_len is the minimum that the too-small error names, rounded up
+  to a multiple of 16; one slot less than the minimum is a ValueError naming cache_len and the
+  drafter; the minimum covers the trunk's tree and the drafter's own scratch past the committed
+  tokens. No loop runs (`_speculative` stubbed);
   tests/test_speculative.py and test_eagle_decoding.py decode at the default sizes."""
   from jax_spec.decoding import speculative as spec   # pylint: disable=g-import-not-at-top
   model = models.Transformer(models.get_config('tiny', num_layers=1, eagle_layers=1),
@@ -83,10 +87,12 @@ def test_cache_len_is_sized_by_each_drafter(monkeypatch, tree):
     separate = issubclass(cls, draft_model_lib.DraftModelDrafter)
     kw = dict(drafter=name, draft_model=model if separate else None, tree=tree,
               max_new_tokens=max_new)
-    with pytest.raises(ValueError, match=rf"cache_len=1 is too small: .*drafter='{name}' needs"):
+    with pytest.raises(ValueError, match=rf"cache_len=1 is too small: .*drafter='{name}' needs"
+                       ) as too_small:
       spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=1, **kw)
+    needed = int(re.search(r'needs (\d+) slots', str(too_small.value)).group(1))
     drafter = spec.speculative_generate(model, prompts_BT, lengths_B, **kw)
-    needed = drafter.cache_len
+    assert drafter.cache_len == -(-needed // 16) * 16, name   # the minimum, in 16s
     with pytest.raises(ValueError, match=rf"cache_len={needed - 1} is too small: .* needs "
                                          rf"{needed} slots"):
       spec.speculative_generate(model, prompts_BT, lengths_B, cache_len=needed - 1, **kw)

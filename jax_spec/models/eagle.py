@@ -85,7 +85,7 @@ def drafter_module(model: Transformer, kind: str) -> MTPModule:
 def _read(model, x_BTD):
   """Module output -> (predicted final-normed feature, fp32 logits through the shared head)."""
   feature = model.final_norm(x_BTD)
-  return feature, model.logits(feature)
+  return feature, model.decode_logits(feature)
 
 
 def _block_with_attention(block, x_BTD, rope, attend):

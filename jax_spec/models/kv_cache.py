@@ -103,7 +103,7 @@ def init_cache(model: Transformer, batch_size: int, max_len: int) -> KVCache:
 
 def _outputs(model, hidden_BTD):
   medusa = model.medusa_logits(hidden_BTD) if model.config.medusa_heads else None
-  return DecodeOutputs(model.logits(hidden_BTD), hidden_BTD, medusa)
+  return DecodeOutputs(model.decode_logits(hidden_BTD), hidden_BTD, medusa)
 
 
 def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):

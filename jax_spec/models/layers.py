@@ -18,6 +18,7 @@ from flax import nnx
 from flax import struct
 
 from jax_spec import attention as attention_lib
+from jax_spec.kernels import rows_matmul
 from jax_spec.models.config import RopeScaling, TransformerConfig
 
 
@@ -57,6 +58,15 @@ class Dense(nnx.Module):
     y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
+  def decode(self, x, in_axes: int = 1):
+    """`self(x)` for the few rows of a decode step (`rows_matmul.matmul`; forward only). The
+    equation must contract x's last `in_axes` dims with the kernel's first ones, in order."""
+    kernel = self.kernel[...].astype(self.dtype)
+    lead, contract, out = x.shape[:-in_axes], kernel.shape[:in_axes], kernel.shape[in_axes:]
+    y = rows_matmul.matmul(x.astype(self.dtype).reshape(lead + (math.prod(contract),)),
+                           kernel.reshape(math.prod(contract), -1)).reshape(lead + out)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
 
 def fused_dense(x, denses):
   """`[d(x) for d in denses]` with one matmul: Dense layers of the same input, each a kernel
@@ -69,7 +79,8 @@ def fused_dense(x, denses):
   dtype = denses[0].dtype
   kernels = [d.kernel[...].astype(dtype) for d in denses]
   sizes = [math.prod(k.shape[1:]) for k in kernels]
-  y = x.astype(dtype) @ jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+  y = rows_matmul.matmul(x.astype(dtype),
+                         jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1))
   outs = []
   for d, k, part in zip(denses, kernels, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
     part = part.reshape(x.shape[:-1] + k.shape[1:])
@@ -228,7 +239,7 @@ class Attention(nnx.Module):
     o_BTHE = attention_lib.cache_attention(
         q_BTHE, cache.k, cache.v, cache_lengths_B=lengths_B, tree_mask_BTT=tree_mask_BTT,
         implementation=self.impl)
-    return self.out(o_BTHE.astype(x_BTD.dtype)), cache
+    return self.out.decode(o_BTHE.astype(x_BTD.dtype), in_axes=2), cache
 
 
 class SwiGLU(nnx.Module):
@@ -242,9 +253,11 @@ class SwiGLU(nnx.Module):
     self.down = Dense((c.d_ff, c.d_model), 'btf,fd->btd', init=out_init, **kw)
 
   def __call__(self, x_BTD, fused: bool = False):
-    gate_BTF, up_BTF = (fused_dense(x_BTD, (self.gate, self.up)) if fused else
-                        (self.gate(x_BTD), self.up(x_BTD)))
-    return self.down(jax.nn.silu(gate_BTF) * up_BTF)
+    """`fused`: the decode path (one matmul for gate and up; few-row kernels)."""
+    if not fused:
+      return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+    gate_BTF, up_BTF = fused_dense(x_BTD, (self.gate, self.up))
+    return self.down.decode(jax.nn.silu(gate_BTF) * up_BTF)
 
 
 class Block(nnx.Module):

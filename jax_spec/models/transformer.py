@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
+from jax_spec.kernels import rows_matmul
 from jax_spec.models.config import TransformerConfig
 from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, Rotary, normal_init,
                                     positions_from_segments, rotary)
@@ -37,8 +38,9 @@ class MTPModule(nnx.Module):
   def blocks(self) -> tuple[Block, ...]:
     return (self.block,)
 
-  def combine(self, h_BTD, e_BTD):
-    return self.proj(jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1))
+  def combine(self, h_BTD, e_BTD, decode: bool = False):
+    x_BTC = jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1)
+    return self.proj.decode(x_BTC) if decode else self.proj(x_BTC)
 
   def __call__(self, h_BTD, e_BTD, rope: Rotary, segment_ids_BT=None):
     x_BTD = self.combine(h_BTD, e_BTD)
@@ -49,7 +51,7 @@ class MTPModule(nnx.Module):
   def decode(self, h_BTD, e_BTD, rope: Rotary, caches: tuple[LayerCache, ...], lengths_B,
              tree_mask_BTT):
     """The blocks on cached K/V, block i on `caches[i]` -> (x, caches)."""
-    x_BTD = self.combine(h_BTD, e_BTD)
+    x_BTD = self.combine(h_BTD, e_BTD, decode=True)
     new_caches = []
     for block, cache in zip(self.blocks, caches, strict=True):
       x_BTD, cache = block.decode(x_BTD, rope, cache, lengths_B, tree_mask_BTT)
@@ -149,6 +151,13 @@ class Transformer(nnx.Module):
   def logits(self, h_BTD):
     """LM head on an already final-normed hidden state."""
     return self.project(h_BTD)
+
+  def decode_logits(self, h_BTD):
+    """`logits` for the few rows of a decode step: fp32 models through `rows_matmul`."""
+    if self.dtype != jnp.float32:
+      return self.logits(h_BTD)
+    return rows_matmul.matmul(h_BTD.astype(jnp.float32),
+                              self.shared_head_DV().astype(jnp.float32))
 
   def medusa_logits(self, hidden_BTD):
     """[K, B, T, V] fp32; head k (from 1) at position i predicts t_{i+k+1}."""

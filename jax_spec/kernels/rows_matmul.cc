@@ -1,0 +1,141 @@
+// y[R, F] = x[R, D] @ w[D, F] for few rows R, in fp32: the decode / verify step's matmuls on CPU.
+//
+// Why: XLA:CPU sends every matmul of more than one row to a GEMM that packs the weight into
+// panels at each call, so on a 2-core CPU a 4..16-row matmul costs 2-4 one-row ones although it
+// reads the same weight (experiments.bench_matmul). Here the weight is streamed once per group of
+// up to kRows rows, straight from its row-major layout: each output tile of kRows x kCols floats
+// lives in registers while d runs over D. Every output element is summed over d in the same
+// order with one fused multiply-add per term (built with -ffp-contract=off, so the compiler
+// cannot fuse some products and not others), whatever R is: a row's result does not depend on how
+// many rows share the call.
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kCols = 8;    // fp32 lanes of one AVX2 register: the packed weight's tile width
+constexpr int64_t kAcc = 12;    // accumulator registers (+ weights + broadcast: <= 16)
+constexpr int64_t kRows = kAcc;  // rows per pass over the weight
+
+// kR rows x kT column tiles: y[r, (t0 + t) * kCols + j] = sum_d x[r, d] * w[t0 + t, d, j], d in
+// order, one fused multiply-add per term. kR * kT <= kAcc independent accumulators hide the FMA
+// latency when there are few rows.
+template <int64_t kR, int64_t kT>
+void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_stride) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kR][kT];
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < d_in; ++d) {
+    __m256 w_t[kT];
+    for (int64_t t = 0; t < kT; ++t) w_t[t] = _mm256_loadu_ps(w + (t * d_in + d) * kCols);
+    for (int64_t r = 0; r < kR; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * d_in + d);
+      for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm256_fmadd_ps(xv, w_t[t], acc[r][t]);
+    }
+  }
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t) _mm256_storeu_ps(y + r * y_stride + t * kCols, acc[r][t]);
+#else
+  float acc[kR][kT][kCols] = {};
+  for (int64_t d = 0; d < d_in; ++d)
+    for (int64_t r = 0; r < kR; ++r)
+      for (int64_t t = 0; t < kT; ++t)
+        for (int64_t j = 0; j < kCols; ++j)
+          acc[r][t][j] = std::fma(x[r * d_in + d], w[(t * d_in + d) * kCols + j], acc[r][t][j]);
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t)
+      for (int64_t j = 0; j < kCols; ++j) y[r * y_stride + t * kCols + j] = acc[r][t][j];
+#endif
+}
+
+// Tiles [t_begin, t_end) of kR rows.
+template <int64_t kR>
+void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
+           int64_t t_end) {
+  constexpr int64_t kT = kAcc / kR < 1 ? 1 : kAcc / kR;
+  const int64_t y_stride = tiles * kCols;
+  int64_t t = t_begin;
+  for (; t + kT <= t_end; t += kT)
+    Block<kR, kT>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
+  for (; t < t_end; ++t) Block<kR, 1>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
+}
+
+using TilesFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr TilesFn kTilesFns[kRows] = {Tiles<1>, Tiles<2>, Tiles<3>, Tiles<4>,  Tiles<5>,  Tiles<6>,
+                                      Tiles<7>, Tiles<8>, Tiles<9>, Tiles<10>, Tiles<11>, Tiles<12>};
+
+// Work shared between the caller and pool threads: chunks of tiles are claimed from a counter,
+// and the caller runs every chunk nobody has claimed, so it only ever waits for chunks already
+// running on another thread (no deadlock when the pool is busy).
+struct Shared {
+  std::function<void(int64_t)> run_chunk;
+  int64_t chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      run_chunk(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// x [R, D], w_tiles [F / 8, D, 8] (the weight [D, F] packed into column tiles) -> y [R, F].
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> w_tiles, ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto w_dims = w_tiles.dimensions();
+  const auto y_dims = y->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3 || w_dims[2] != kCols || x_dims[1] != w_dims[1] ||
+      y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul: expected x [R, D], w_tiles [F / 8, D, 8] and y [R, F]");
+  }
+  const int64_t rows = x_dims[0], d_in = x_dims[1], tiles = w_dims[0];
+  const float* x_data = x.typed_data();
+  const float* w_data = w_tiles.typed_data();
+  float* y_data = y->typed_data();
+  // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
+  const int64_t groups = (rows + kRows - 1) / kRows;
+  // Column chunks split the weight between threads (a chunk reads its own tiles only).
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 2));
+  const int64_t min_tiles = 8;  // below this, a chunk is not worth a thread's wake-up
+  const int64_t splits = std::max<int64_t>(1, std::min(threads, tiles / min_tiles));
+  auto shared = std::make_shared<Shared>();
+  shared->chunks = groups * splits;
+  shared->run_chunk = [=](int64_t c) {
+    const int64_t g = c / splits, s = c % splits;
+    const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
+    const int64_t t0 = s * tiles / splits, t1 = (s + 1) * tiles / splits;
+    kTilesFns[r1 - r0 - 1](x_data + r0 * d_in, w_data, y_data + r0 * tiles * kCols, d_in, tiles,
+                           t0, t1);
+  };
+  for (int64_t i = 1; i < std::min(splits, shared->chunks); ++i)
+    pool.Schedule([shared] { shared->Work(); });
+  shared->Work();
+  while (shared->done.load(std::memory_order_acquire) < shared->chunks) {
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,125 @@
+"""Few-row fp32 matmuls on CPU through an XLA FFI kernel (`rows_matmul.cc`), for decoding.
+
+A decode or verify step multiplies a handful of rows (1 token, or the T nodes of a candidate tree)
+by every weight. XLA:CPU runs a one-row matmul as a matrix-vector product and every larger one as
+a GEMM that repacks the weight at each call, so on a 2-core CPU `[7, 256] x [256, 768]` costs
+~2.7-3.7 one-row products (docs/benchmarks.md, "A few-row matmul kernel"). The kernel streams the
+weight once, from a column-tiled copy (`pack`, loop-invariant: XLA hoists it out of the decode
+loop), with the output tile in registers, on up to two threads of XLA's intra-op pool.
+
+Each output element is summed in the same order whatever the number of rows, so a token's logits
+do not depend on how many tokens share the call: plain decoding (1 row) and a verify step (T rows)
+give bitwise the same numbers for the same token and context.
+
+`matmul(x, w)` uses the kernel when it can (CPU, fp32, the library built) and `x @ w` otherwise;
+on other platforms (also when exporting for one) `lax.platform_dependent` lowers the plain dot.
+The library is compiled with the system's C++ compiler on first use into `JAX_SPEC_CACHE_DIR`
+(default `~/.cache/jax_spec`); `JAX_SPEC_ROWS_MATMUL=0` turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+TILE = 8            # columns per packed tile (`kCols` in rows_matmul.cc)
+_TARGET = 'jax_spec_rows_matmul'
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rows_matmul.cc')
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+  """What the -march=native build depends on: the CPU's feature flags."""
+  try:
+    with open('/proc/cpuinfo') as fh:
+      flags = next((line for line in fh if line.startswith('flags')), '')
+  except OSError:
+    flags = ''
+  return flags or platform.processor() or platform.machine()
+
+
+def _library_path() -> str:
+  with open(_SOURCE, 'rb') as fh:
+    source = fh.read()
+  key = hashlib.sha256(source + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
+  cache = os.environ.get('JAX_SPEC_CACHE_DIR',
+                         os.path.join(os.path.expanduser('~'), '.cache', 'jax_spec'))
+  return os.path.join(cache, f'rows_matmul-{key[:16]}.so')
+
+
+def _build(path: str) -> None:
+  compiler = shutil.which(os.environ.get('CXX', 'c++')) or shutil.which('g++')
+  if compiler is None:
+    raise RuntimeError('no C++ compiler (set CXX)')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  # -ffp-contract=off: the kernel's fused multiply-adds are explicit; nothing else may be fused.
+  cmd = [compiler, '-O3', '-march=native', '-ffp-contract=off', '-std=c++17', '-shared', '-fPIC',
+         '-w', '-I', jax.ffi.include_dir(), _SOURCE, '-o', tmp]
+  try:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    os.replace(tmp, path)   # atomic: concurrent builders (test workers) never see a partial file
+  except subprocess.CalledProcessError as e:
+    raise RuntimeError(f'{" ".join(cmd)} failed:\n{e.stderr[-2000:]}') from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def available() -> bool:
+  """Whether the kernel is registered (building it on the first call); False if it is switched
+  off or cannot be built (logged once)."""
+  with _lock:
+    if 'ok' not in _state:
+      _state['ok'] = False
+      if os.environ.get('JAX_SPEC_ROWS_MATMUL', '1') != '0':
+        try:
+          path = _library_path()
+          if not os.path.exists(path):
+            _build(path)
+          lib = ctypes.cdll.LoadLibrary(path)
+          jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxSpecRowsMatmul),
+                                      platform='cpu')
+          _state['ok'] = True
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+          logging.warning('rows_matmul: falling back to XLA dots (%s)', e)
+    return bool(_state['ok'])
+
+
+def pack(w_DF):
+  """`[D, F]` -> `[ceil(F / 8), D, 8]` column tiles (zero padded), the kernel's weight layout."""
+  d_in, d_out = w_DF.shape
+  padded = -(-d_out // TILE) * TILE
+  w_DF = jnp.pad(w_DF, ((0, 0), (0, padded - d_out)))
+  return w_DF.reshape(d_in, padded // TILE, TILE).transpose(1, 0, 2)
+
+
+def _kernel(x_RD, w_DF):
+  tiles_ND8 = pack(w_DF)
+  y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], tiles_ND8.shape[0] * TILE),
+                                                     jnp.float32),
+                       vmap_method='sequential')(x_RD, tiles_ND8)
+  return y[:, :w_DF.shape[1]]
+
+
+def matmul(x, w_DF):
+  """`x @ w_DF` for `x [..., D]`, through the kernel on CPU when both are fp32 (see the module
+  docstring); forward only (no gradient), for decoding."""
+  if x.shape[-1] != w_DF.shape[0]:
+    raise ValueError(f'matmul: x {x.shape} and w_DF {w_DF.shape} do not contract')
+  if x.dtype != jnp.float32 or w_DF.dtype != jnp.float32 or not available():
+    return x @ w_DF
+  x_RD = x.reshape(-1, x.shape[-1])
+  y_RF = jax.lax.platform_dependent(x_RD, w_DF, cpu=_kernel, default=lambda a, b: a @ b)
+  return y_RF.reshape(x.shape[:-1] + (w_DF.shape[1],))

@@ -1,0 +1,67 @@
+"""The few-row CPU matmul kernel (jax_spec/kernels/rows_matmul.cc) against float64, row by row."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_spec.kernels import rows_matmul
+
+
+def test_kernel_is_built_and_used_on_cpu():
+  assert rows_matmul.available()   # a silent fallback would leave every test below vacuous
+  x, w = jnp.ones((3, 16), jnp.float32), jnp.ones((16, 24), jnp.float32)
+  hlo = jax.jit(rows_matmul.matmul).lower(x, w).as_text()
+  assert 'jax_spec_rows_matmul' in hlo
+
+
+@pytest.mark.parametrize('rows, d_in, d_out', [(1, 256, 768), (3, 37, 9), (7, 256, 259),
+                                               (13, 100, 37), (25, 64, 8), (12, 5, 1)])
+def test_matches_float64(rows, d_in, d_out):
+  rng = np.random.default_rng(rows * 1000 + d_out)
+  x = rng.standard_normal((rows, d_in)).astype(np.float32)
+  w = rng.standard_normal((d_in, d_out)).astype(np.float32)
+  got = np.asarray(jax.jit(rows_matmul.matmul)(x, w), np.float64)
+  want = x.astype(np.float64) @ w.astype(np.float64)
+  scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)   # |error| <~ eps * this
+  assert got.shape == (rows, d_out)
+  assert np.max(np.abs(got - want) / scale) < 4 * d_in * np.finfo(np.float32).eps
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+  """Bitwise: one token's row alone equals the same row in a 7- or 16-row call (plain decoding
+  and a verify step then give the same logits for the same token)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((16, 96)).astype(np.float32)
+  w = rng.standard_normal((96, 40)).astype(np.float32)
+  f = jax.jit(rows_matmul.matmul)
+  alone = np.stack([np.asarray(f(x[i:i + 1], w))[0] for i in range(16)])
+  np.testing.assert_array_equal(np.asarray(f(x, w)), alone)
+  np.testing.assert_array_equal(np.asarray(f(x[:7], w)), alone[:7])
+
+
+def test_leading_dims_fallbacks_and_errors():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+  np.testing.assert_allclose(rows_matmul.matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)   # not fp32: XLA's dot
+  assert 'jax_spec_rows_matmul' not in jax.jit(rows_matmul.matmul).lower(xb, wb).as_text()
+  np.testing.assert_array_equal(rows_matmul.matmul(xb, wb), xb @ wb)
+  with pytest.raises(ValueError, match='do not contract'):
+    rows_matmul.matmul(x, w.T)
+
+
+def test_pack_is_column_tiles():
+  w = jnp.arange(3 * 10, dtype=jnp.float32).reshape(3, 10)
+  tiles = np.asarray(rows_matmul.pack(w))
+  assert tiles.shape == (2, 3, 8)
+  np.testing.assert_array_equal(tiles[0], np.asarray(w)[:, :8])
+  np.testing.assert_array_equal(tiles[1, :, :2], np.asarray(w)[:, 8:])
+  assert not tiles[1, :, 2:].any()
+
+
+def test_other_platforms_lower_the_plain_dot():
+  exported = jax.export.export(jax.jit(rows_matmul.matmul), platforms=['cuda'])(
+      jax.ShapeDtypeStruct((4, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32))
+  text = exported.mlir_module()
+  assert 'jax_spec_rows_matmul' not in text and 'dot_general' in text
