@@ -34,7 +34,10 @@ flags.DEFINE_list('tree_tokens', [str(t) for t in _DEFAULTS.tree_tokens], 'Tree 
 flags.DEFINE_list('drafters', list(_DEFAULTS.drafters), 'Drafters to model and time.')
 flags.DEFINE_integer('depth', _DEFAULTS.depth, "Chain depth of 'model', 'eagle', 'mtp_recursive' and "
                      'of the self-drafting loops.')
-flags.DEFINE_integer('cache_len', _DEFAULTS.cache_len, 'KV cache slots of the part loops.')
+flags.DEFINE_integer('eagle_d_ff', 0, "MLP width of the EAGLE block (0: the trunk's d_ff; the "
+                     'quickstart uses 128).')
+flags.DEFINE_integer('cache_len', _DEFAULTS.cache_len, 'KV cache slots of the part loops and '
+                     'whole loops.')
 flags.DEFINE_integer('prefix_len', _DEFAULTS.prefix_len, 'Committed tokens before the timed steps.')
 flags.DEFINE_integer('steps', _DEFAULTS.steps, 'Iterations per timed call of a part.')
 flags.DEFINE_integer('repeats', _DEFAULTS.repeats, 'Timed calls per part (medians are reported).')
@@ -79,7 +82,8 @@ def main(argv):
   opts = cost_model.CostOptions(
       config=FLAGS.config, precision=FLAGS.precision, draft_config=FLAGS.draft_config,
       verify_tokens=ints(FLAGS.tokens), tree_tokens=ints(FLAGS.tree_tokens),
-      drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, cache_len=FLAGS.cache_len,
+      drafters=tuple(FLAGS.drafters), depth=FLAGS.depth, eagle_d_ff=FLAGS.eagle_d_ff or None,
+      cache_len=FLAGS.cache_len,
       prefix_len=FLAGS.prefix_len, steps=FLAGS.steps, repeats=FLAGS.repeats,
       prompt_len=FLAGS.prompt_len, new_tokens=ints(FLAGS.new_tokens), profile=FLAGS.profile,
       loops=FLAGS.loops)

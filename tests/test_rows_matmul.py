@@ -7,11 +7,22 @@ import pytest
 from jax_spec.kernels import rows_matmul
 
 
-def test_kernel_is_built_and_used_on_cpu():
+@pytest.fixture(autouse=True)
+def every_size_to_the_kernel(monkeypatch):
+  """The odd shapes below are smaller than the size the decode path sends to the kernel."""
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+
+
+def _uses_kernel(x, w):
+  return 'jax_spec_rows_matmul' in jax.jit(rows_matmul.matmul).lower(x, w).as_text()
+
+
+def test_kernel_is_built_and_used_on_cpu(monkeypatch):
   assert rows_matmul.available()   # a silent fallback would leave every test below vacuous
   x, w = jnp.ones((3, 16), jnp.float32), jnp.ones((16, 24), jnp.float32)
-  hlo = jax.jit(rows_matmul.matmul).lower(x, w).as_text()
-  assert 'jax_spec_rows_matmul' in hlo
+  assert _uses_kernel(x, w)
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 16 * 25 + 1)   # small weights: XLA's dot
+  assert not _uses_kernel(x, jnp.ones((16, 25), jnp.float32))   # (new shapes: not a cached trace)
 
 
 @pytest.mark.parametrize('rows, d_in, d_out', [(1, 256, 768), (3, 37, 9), (7, 256, 259),
@@ -45,7 +56,7 @@ def test_leading_dims_fallbacks_and_errors():
   w = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
   np.testing.assert_allclose(rows_matmul.matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)   # not fp32: XLA's dot
-  assert 'jax_spec_rows_matmul' not in jax.jit(rows_matmul.matmul).lower(xb, wb).as_text()
+  assert not _uses_kernel(xb, wb)
   np.testing.assert_array_equal(rows_matmul.matmul(xb, wb), xb @ wb)
   with pytest.raises(ValueError, match='do not contract'):
     rows_matmul.matmul(x, w.T)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jax_spec import models
+from jax_spec.kernels import rows_matmul
 from jax_spec.decoding import sampling
 
 
@@ -73,8 +74,8 @@ def check_cache_len(cache_len, needed, what):
   """`cache_len`, checked to hold `needed` slots; None: `needed` rounded up to a multiple of 16.
 
   The default is sized to the request, not to the model's `max_seq_len`: XLA's cache attention
-  reads every slot (masked), so on CPU a one-token step of `small` at 512 slots costs ~1.3x the
-  same step at the 224 a 64 + 160 token request needs (docs/benchmarks.md, "Cache length").
+  reads every slot (masked), so on CPU plain decoding of a 64 + 160 token request with `small` is
+  1.35-1.55x faster with the 224 slots it needs than with 512 (docs/benchmarks.md, "Cache length").
   """
   if cache_len is None:
     return -(-needed // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
@@ -169,5 +170,6 @@ def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max
     return step + 1, cache, next_B, tokens_BN, done_B, lengths_B
 
   carry = (jnp.int32(1), cache, first_B, tokens_BN, done_B, lengths_B)
-  _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
+  with rows_matmul.packed(models.decode_packs(model)):   # weights packed once, outside the loop
+    _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
   return GenerateOutput(tokens_BN, lengths_B)

@@ -42,6 +42,7 @@ from flax import nnx
 from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
+from jax_spec.kernels import rows_matmul
 from jax_spec.decoding import drafters as drafters_lib
 from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.autoregressive import (check_cache_len, emit_first_token, eos_array,
@@ -331,7 +332,8 @@ def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_le
 
   carry = LoopState(cache, root_B, done_B, buffer_BN, jnp.ones((batch,), jnp.int32), drafter_state,
                     stats)
-  carry = jax.lax.while_loop(cond, body, carry)
+  with rows_matmul.packed(models.decode_packs(ctx.trunk, ctx.module)):   # once, outside the loop
+    carry = jax.lax.while_loop(cond, body, carry)
   tokens_BN = carry.buffer_BN[:, :s.max_new_tokens]
   tokens_BN = jnp.where(jnp.arange(s.max_new_tokens)[None] < carry.num_out_B[:, None], tokens_BN,
                         s.pad_id)

@@ -55,6 +55,7 @@ from jax_spec.decoding.autoregressive import matmul_precision
 from jax_spec.decoding.drafters.draft_model import DraftModelDrafter
 from jax_spec.decoding.speculative import emit
 from jax_spec.evaluation import verify_ab
+from jax_spec.kernels import rows_matmul
 from jax_spec.models.kv_cache import MAX_NEW_TOKENS_PER_CALL
 from jax_spec.training.state import build_model
 
@@ -91,6 +92,7 @@ class CostOptions:
   tree_tokens: tuple[int, ...] = (4, 8, 16, 32, 64)
   drafters: tuple[str, ...] = DRAFTERS
   depth: int = 3                      # chain depth of 'model', 'eagle', 'mtp_recursive', self
+  eagle_d_ff: int | None = None       # MLP width of the EAGLE block (None: the trunk's d_ff)
   cache_len: int = 512
   prefix_len: int = 128
   steps: int = 16                     # iterations per timed call of a part
@@ -172,7 +174,8 @@ def propose_loop(model, own, drafter: drafters_lib.Drafter, opts) -> Callable[[]
           outs, candidates.tokens_BT, acc, active_B, acc.num_accepted_B, lengths_B + i, key))
       return dstate, candidates.tokens_BT[:, -1]
 
-    return jax.lax.fori_loop(0, opts.steps, body, (dstate, root_B))[1]
+    with rows_matmul.packed(models.decode_packs(m, ctx.module)):
+      return jax.lax.fori_loop(0, opts.steps, body, (dstate, root_B))[1]
 
   return lambda: run(state, own_state)
 
@@ -268,6 +271,8 @@ def build_models(opts: CostOptions):
   config = models.PRESETS[opts.config]
   if 'eagle' in opts.drafters and not config.eagle_layers:
     config = dataclasses.replace(config, eagle_layers=1)
+  if opts.eagle_d_ff is not None:
+    config = dataclasses.replace(config, eagle_d_ff=opts.eagle_d_ff)
   draft_config = dataclasses.replace(models.PRESETS[opts.draft_config],
                                      vocab_size=config.vocab_size, mtp_depth=0, medusa_heads=0)
   return build_model(config, policy, opts.seed), build_model(draft_config, policy, opts.seed + 1)

@@ -72,9 +72,20 @@ def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
       cache = models.advance(cache, jnp.ones((1,), jnp.int32))
       return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
 
-    return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
+    with _packed(m):
+      return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
 
   return lambda: run(state)
+
+
+def _packed(*modules):
+  """The decode loops' `rows_matmul.packed` block (a no-op in checkouts older than it)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from jax_spec import models  # pylint: disable=g-import-not-at-top
+  if not hasattr(models, 'decode_packs'):
+    return contextlib.nullcontext()
+  from jax_spec.kernels import rows_matmul  # pylint: disable=g-import-not-at-top
+  return rows_matmul.packed(models.decode_packs(*modules))
 
 
 LOOP_DRAFTERS = ('medusa', 'eagle')

@@ -18,6 +18,8 @@ The library is compiled with the system's C++ compiler on first use into `JAX_SP
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -105,21 +107,55 @@ def pack(w_DF):
   return w_DF.reshape(d_in, padded // TILE, TILE).transpose(1, 0, 2)
 
 
-def _kernel(x_RD, w_DF):
-  tiles_ND8 = pack(w_DF)
+def _kernel(x_RD, tiles_ND8, d_out):
   y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], tiles_ND8.shape[0] * TILE),
                                                      jnp.float32),
                        vmap_method='sequential')(x_RD, tiles_ND8)
-  return y[:, :w_DF.shape[1]]
+  return y[:, :d_out]
 
 
-def matmul(x, w_DF):
+_PACKED: contextvars.ContextVar[dict | None] = contextvars.ContextVar('rows_matmul_packed',
+                                                                     default=None)
+
+
+# Below this many weight elements the custom call's own cost outweighs the GEMM's repacking (the
+# `tiny` draft model's 64-wide matmuls ran slower through the kernel).
+MIN_WEIGHT_SIZE = 1 << 15
+
+
+def usable(w_DF) -> bool:
+  """Whether `matmul` sends this weight to the kernel: fp32, large enough, the kernel built."""
+  return w_DF.dtype == jnp.float32 and w_DF.size >= MIN_WEIGHT_SIZE and available()
+
+
+@contextlib.contextmanager
+def packed(tiles_by_key: dict):
+  """Within the block, `matmul(..., key=k)` uses `tiles_by_key[k]` instead of packing its weight.
+
+  A decode loop packs its weights once, before the loop, and traces its body in this block: XLA
+  does not hoist the pack out of a while loop by itself, and a pack per step would copy every
+  weight at every token.
+  """
+  token = _PACKED.set(tiles_by_key)
+  try:
+    yield
+  finally:
+    _PACKED.reset(token)
+
+
+def matmul(x, w_DF, key=None):
   """`x @ w_DF` for `x [..., D]`, through the kernel on CPU when both are fp32 (see the module
-  docstring); forward only (no gradient), for decoding."""
+  docstring); forward only (no gradient), for decoding. `key`: this weight's entry in an
+  enclosing `packed` block, if any."""
   if x.shape[-1] != w_DF.shape[0]:
     raise ValueError(f'matmul: x {x.shape} and w_DF {w_DF.shape} do not contract')
-  if x.dtype != jnp.float32 or w_DF.dtype != jnp.float32 or not available():
+  if x.dtype != jnp.float32 or not usable(w_DF):
     return x @ w_DF
   x_RD = x.reshape(-1, x.shape[-1])
-  y_RF = jax.lax.platform_dependent(x_RD, w_DF, cpu=_kernel, default=lambda a, b: a @ b)
+  tiles_ND8 = (_PACKED.get() or {}).get(key) if key is not None else None
+  if tiles_ND8 is None:
+    tiles_ND8 = pack(w_DF)
+  y_RF = jax.lax.platform_dependent(
+      x_RD, tiles_ND8, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1]),
+      default=lambda x, _, w: x @ w)
   return y_RF.reshape(x.shape[:-1] + (w_DF.shape[1],))

@@ -61,11 +61,32 @@ class Dense(nnx.Module):
   def decode(self, x, in_axes: int = 1):
     """`self(x)` for the few rows of a decode step (`rows_matmul.matmul`; forward only). The
     equation must contract x's last `in_axes` dims with the kernel's first ones, in order."""
-    kernel = self.kernel[...].astype(self.dtype)
-    lead, contract, out = x.shape[:-in_axes], kernel.shape[:in_axes], kernel.shape[in_axes:]
-    y = rows_matmul.matmul(x.astype(self.dtype).reshape(lead + (math.prod(contract),)),
-                           kernel.reshape(math.prod(contract), -1)).reshape(lead + out)
+    lead, out = x.shape[:-in_axes], self.kernel.shape[in_axes:]
+    y = rows_matmul.matmul(x.astype(self.dtype).reshape(lead + (-1,)), self.matrix(in_axes),
+                           key=id(self)).reshape(lead + out)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+  def matrix(self, in_axes: int = 1):
+    """The kernel as a `[contracted, out]` matrix in the compute dtype."""
+    kernel = self.kernel[...].astype(self.dtype)
+    return kernel.reshape(math.prod(kernel.shape[:in_axes]), -1)
+
+
+def fused_matrix(denses):
+  """The kernels of `fused_dense`'s Dense layers concatenated along their outputs, `[D, sum]`."""
+  return jnp.concatenate([d.matrix() for d in denses], axis=1)
+
+
+def fused_key(denses):
+  return tuple(id(d) for d in denses)
+
+
+def decode_matrices(block) -> dict:
+  """`{key: matrix}` of every matmul a block's `decode` runs (the keys of `rows_matmul.packed`)."""
+  attn, mlp = block.attn, block.mlp
+  qkv, gate_up = (attn.q, attn.k, attn.v), (mlp.gate, mlp.up)
+  return {fused_key(qkv): fused_matrix(qkv), id(attn.out): attn.out.matrix(2),
+          fused_key(gate_up): fused_matrix(gate_up), id(mlp.down): mlp.down.matrix()}
 
 
 def fused_dense(x, denses):
@@ -79,8 +100,7 @@ def fused_dense(x, denses):
   dtype = denses[0].dtype
   kernels = [d.kernel[...].astype(dtype) for d in denses]
   sizes = [math.prod(k.shape[1:]) for k in kernels]
-  y = rows_matmul.matmul(x.astype(dtype),
-                         jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1))
+  y = rows_matmul.matmul(x.astype(dtype), fused_matrix(denses), key=fused_key(denses))
   outs = []
   for d, k, part in zip(denses, kernels, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
     part = part.reshape(x.shape[:-1] + k.shape[1:])

@@ -8,8 +8,8 @@ from flax import struct
 
 from jax_spec.kernels import rows_matmul
 from jax_spec.models.config import TransformerConfig
-from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, Rotary, normal_init,
-                                    positions_from_segments, rotary)
+from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, Rotary, decode_matrices,
+                                    normal_init, positions_from_segments, rotary)
 from jax_spec.precision import Policy, get_policy
 
 
@@ -157,7 +157,7 @@ class Transformer(nnx.Module):
     if self.dtype != jnp.float32:
       return self.logits(h_BTD)
     return rows_matmul.matmul(h_BTD.astype(jnp.float32),
-                              self.shared_head_DV().astype(jnp.float32))
+                              self.shared_head_DV().astype(jnp.float32), key=id(self))
 
   def medusa_logits(self, hidden_BTD):
     """[K, B, T, V] fp32; head k (from 1) at position i predicts t_{i+k+1}."""
@@ -221,3 +221,21 @@ class Transformer(nnx.Module):
       mtp_logits = jnp.stack(out)
     medusa = self.medusa_logits(hidden_BTD) if self.config.medusa_heads else None
     return ModelOutputs(logits_BTV, hidden_BTD, mtp_logits, medusa)
+
+
+def decode_packs(*modules) -> dict:
+  """Every few-row matmul weight of these modules' decode paths (blocks, MTP / EAGLE combines, a
+  Transformer's LM head), packed for `rows_matmul.packed`: what a decode loop packs once before it
+  starts ({} for non-fp32 modules or where the kernel is not used)."""
+  matrices = {}
+  for module in modules:
+    if module is None:
+      continue
+    for _, node in nnx.iter_graph(module):
+      if isinstance(node, Block):
+        matrices.update(decode_matrices(node))
+      elif isinstance(node, MTPModule):
+        matrices[id(node.proj)] = node.proj.matrix()
+      elif isinstance(node, Transformer) and node.dtype == jnp.float32:
+        matrices[id(node)] = node.shared_head_DV().astype(jnp.float32)
+  return {key: rows_matmul.pack(w) for key, w in matrices.items() if rows_matmul.usable(w)}
