@@ -5,8 +5,9 @@
 
 A T-token verify step multiplies T rows by every weight; a plain step multiplies one. This times
 `x_TD @ W_DF` for each T, over `--weights` distinct weight matrices per iteration (so, like a
-model's, they do not stay in the core's cache), as one dot ('gemm') and as T one-row dots
-('rows'), all forms and T interleaved in every round. Prints microseconds per matmul and the
+model's, they do not stay in the core's cache), as XLA's dot ('gemm'), through the decode path's
+few-row kernel (`jax_spec.kernels.rows_matmul`, 'kernel') and as T one-row dots ('rows'), all
+forms and T interleaved in every round. Prints microseconds per matmul and the
 ratio to one row; writes results.json into --workdir. XLA flags come from `XLA_FLAGS` (the
 experiments' `runtime.CPU_FLAGS` are added unless that flag is set there).
 """

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from jax_spec import models
-from jax_spec.kernels import rows_matmul
 from jax_spec.decoding import sampling
+from jax_spec.kernels import rows_matmul
 
 
 class GenerateOutput(NamedTuple):

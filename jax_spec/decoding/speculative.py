@@ -42,13 +42,13 @@ from flax import nnx
 from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
-from jax_spec.kernels import rows_matmul
 from jax_spec.decoding import drafters as drafters_lib
 from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.autoregressive import (check_cache_len, emit_first_token, eos_array,
                                               matmul_precision, validate_prompts)
 from jax_spec.decoding.drafters.base import gather_nodes
 from jax_spec.decoding.trees import get_tree
+from jax_spec.kernels import rows_matmul
 
 ACCEPTANCE_RULES = ('greedy', 'rejection', 'typical')
 

@@ -193,7 +193,7 @@ def _prompts(opts, data, tokenizer):
 
 def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   """Runs the side-by-side benchmark of `opts`; writes and returns the results dict."""
-  model, tokenizer, model_config, info = load_run(opts.workdir, 'workdir', opts.precision)
+  model, tokenizer, _, info = load_run(opts.workdir, 'workdir', opts.precision)
   draft_model = None
   if opts.draft == 'model':
     draft_model, draft_tok, _, _ = load_run(opts.draft_workdir, 'draft_workdir', opts.precision)

@@ -4,8 +4,9 @@ A decode or verify step multiplies a handful of rows (1 token, or the T nodes of
 by every weight. XLA:CPU runs a one-row matmul as a matrix-vector product and every larger one as
 a GEMM that repacks the weight at each call, so on a 2-core CPU `[7, 256] x [256, 768]` costs
 ~2.7-3.7 one-row products (docs/benchmarks.md, "A few-row matmul kernel"). The kernel streams the
-weight once, from a column-tiled copy (`pack`, loop-invariant: XLA hoists it out of the decode
-loop), with the output tile in registers, on up to two threads of XLA's intra-op pool.
+weight once, from a column-tiled copy (`pack`), with the output tile in registers, on up to two
+threads of XLA's intra-op pool. XLA does not hoist the pack out of a while loop, so decode loops
+pack their weights before the loop (`packed`, `models.decode_packs`).
 
 Each output element is summed in the same order whatever the number of rows, so a token's logits
 do not depend on how many tokens share the call: plain decoding (1 row) and a verify step (T rows)

@@ -98,12 +98,11 @@ def fused_dense(x, denses):
   hoisted out of the decode loop by XLA. The stored kernels (and checkpoints) keep their layout.
   """
   dtype = denses[0].dtype
-  kernels = [d.kernel[...].astype(dtype) for d in denses]
-  sizes = [math.prod(k.shape[1:]) for k in kernels]
+  sizes = [math.prod(d.kernel.shape[1:]) for d in denses]
   y = rows_matmul.matmul(x.astype(dtype), fused_matrix(denses), key=fused_key(denses))
   outs = []
-  for d, k, part in zip(denses, kernels, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
-    part = part.reshape(x.shape[:-1] + k.shape[1:])
+  for d, part in zip(denses, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
+    part = part.reshape(x.shape[:-1] + d.kernel.shape[1:])
     outs.append(part if d.bias is None else part + d.bias[...].astype(dtype))
   return outs
 
