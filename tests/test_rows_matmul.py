@@ -39,14 +39,16 @@ def test_matches_float64(rows, d_in, d_out):
 
 
 def test_a_row_does_not_depend_on_the_rows_beside_it():
-  """Bitwise: one token's row alone equals the same row in a 7- or 16-row call (plain decoding
-  and a verify step then give the same logits for the same token)."""
+  """Bitwise: one token's row alone equals the same row in a 7-, 16- or 25-row call (one pass
+  over the weight, or two or three; plain decoding and a verify step then give the same logits
+  for the same token)."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((16, 96)).astype(np.float32)
+  x = rng.standard_normal((25, 96)).astype(np.float32)
   w = rng.standard_normal((96, 40)).astype(np.float32)
   f = jax.jit(rows_matmul.matmul)
-  alone = np.stack([np.asarray(f(x[i:i + 1], w))[0] for i in range(16)])
+  alone = np.stack([np.asarray(f(x[i:i + 1], w))[0] for i in range(25)])
   np.testing.assert_array_equal(np.asarray(f(x, w)), alone)
+  np.testing.assert_array_equal(np.asarray(f(x[:16], w)), alone[:16])
   np.testing.assert_array_equal(np.asarray(f(x[:7], w)), alone[:7])
 
 
@@ -62,12 +64,14 @@ def test_leading_dims_fallbacks_and_errors():
     rows_matmul.matmul(x, w.T)
 
 
-def test_pack_is_column_tiles():
-  w = jnp.arange(3 * 10, dtype=jnp.float32).reshape(3, 10)
+def test_pack_is_column_tiles_of_the_kernels_simd_width():
+  tile = rows_matmul.tile_width()
+  assert tile in (8, 16)    # AVX2 or AVX-512 lanes
+  w = jnp.arange(3 * (tile + 2), dtype=jnp.float32).reshape(3, tile + 2)
   tiles = np.asarray(rows_matmul.pack(w))
-  assert tiles.shape == (2, 3, 8)
-  np.testing.assert_array_equal(tiles[0], np.asarray(w)[:, :8])
-  np.testing.assert_array_equal(tiles[1, :, :2], np.asarray(w)[:, 8:])
+  assert tiles.shape == (2, 3, tile)
+  np.testing.assert_array_equal(tiles[0], np.asarray(w)[:, :tile])
+  np.testing.assert_array_equal(tiles[1, :, :2], np.asarray(w)[:, tile:])
   assert not tiles[1, :, 2:].any()
 
 

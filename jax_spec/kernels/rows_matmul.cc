@@ -9,13 +9,15 @@
 // cannot fuse some products and not others), whatever R is: a row's result does not depend on how
 // many rows share the call.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <functional>
 #include <memory>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -25,29 +27,55 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kCols = 8;    // fp32 lanes of one AVX2 register: the packed weight's tile width
+// The packed weight's tile width and the register file: 16 fp32 lanes and 32 registers with
+// AVX-512, 8 and 16 with AVX2. Python reads the width (JaxSpecRowsMatmulTile) and packs to it.
+#if defined(__AVX512F__)
+constexpr int64_t kCols = 16;
+constexpr int64_t kAcc = 24;    // accumulator registers (+ weights + broadcast: <= 32)
+constexpr int64_t kRows = 16;   // rows per pass over the weight (more: another pass)
+using Vec = __m512;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#define JAX_SPEC_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kCols = 8;
 constexpr int64_t kAcc = 12;    // accumulator registers (+ weights + broadcast: <= 16)
-constexpr int64_t kRows = kAcc;  // rows per pass over the weight
+constexpr int64_t kRows = 12;
+using Vec = __m256;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#define JAX_SPEC_SIMD 1
+#else
+constexpr int64_t kCols = 8;
+constexpr int64_t kAcc = 12;
+constexpr int64_t kRows = 12;
+#endif
 
 // kR rows x kT column tiles: y[r, (t0 + t) * kCols + j] = sum_d x[r, d] * w[t0 + t, d, j], d in
-// order, one fused multiply-add per term. kR * kT <= kAcc independent accumulators hide the FMA
-// latency when there are few rows.
+// order, one fused multiply-add per term. kR * kT <= kAcc
+// independent accumulators hide the FMA latency when there are few rows.
 template <int64_t kR, int64_t kT>
 void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_stride) {
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[kR][kT];
+#if defined(JAX_SPEC_SIMD)
+  Vec acc[kR][kT];
   for (int64_t r = 0; r < kR; ++r)
-    for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < kT; ++t) acc[r][t] = Zero();
   for (int64_t d = 0; d < d_in; ++d) {
-    __m256 w_t[kT];
-    for (int64_t t = 0; t < kT; ++t) w_t[t] = _mm256_loadu_ps(w + (t * d_in + d) * kCols);
+    Vec w_t[kT];
+    for (int64_t t = 0; t < kT; ++t) w_t[t] = Load(w + (t * d_in + d) * kCols);
     for (int64_t r = 0; r < kR; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * d_in + d);
-      for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm256_fmadd_ps(xv, w_t[t], acc[r][t]);
+      const Vec xv = Broadcast(x + r * d_in + d);
+      for (int64_t t = 0; t < kT; ++t) acc[r][t] = Fma(xv, w_t[t], acc[r][t]);
     }
   }
   for (int64_t r = 0; r < kR; ++r)
-    for (int64_t t = 0; t < kT; ++t) _mm256_storeu_ps(y + r * y_stride + t * kCols, acc[r][t]);
+    for (int64_t t = 0; t < kT; ++t) Store(y + r * y_stride + t * kCols, acc[r][t]);
 #else
   float acc[kR][kT][kCols] = {};
   for (int64_t d = 0; d < d_in; ++d)
@@ -61,11 +89,15 @@ void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_str
 #endif
 }
 
+// At most this many weight tiles are read side by side: one AVX-512 row over 24 tiles (24
+// streams) ran 3x slower than over 12 (experiments.bench_matmul).
+constexpr int64_t kMaxStreams = 12;
+
 // Tiles [t_begin, t_end) of kR rows.
 template <int64_t kR>
 void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
            int64_t t_end) {
-  constexpr int64_t kT = kAcc / kR < 1 ? 1 : kAcc / kR;
+  constexpr int64_t kT = std::max<int64_t>(1, std::min<int64_t>(kMaxStreams, kAcc / kR));
   const int64_t y_stride = tiles * kCols;
   int64_t t = t_begin;
   for (; t + kT <= t_end; t += kT)
@@ -74,8 +106,11 @@ void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles
 }
 
 using TilesFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-constexpr TilesFn kTilesFns[kRows] = {Tiles<1>, Tiles<2>, Tiles<3>, Tiles<4>,  Tiles<5>,  Tiles<6>,
-                                      Tiles<7>, Tiles<8>, Tiles<9>, Tiles<10>, Tiles<11>, Tiles<12>};
+template <size_t... kI>
+constexpr std::array<TilesFn, sizeof...(kI)> TilesTable(std::index_sequence<kI...>) {
+  return {Tiles<kI + 1>...};
+}
+constexpr auto kTilesFns = TilesTable(std::make_index_sequence<kRows>());  // [kR - 1]: kR rows
 
 // Work shared between the caller and pool threads: chunks of tiles are claimed from a counter,
 // and the caller runs every chunk nobody has claimed, so it only ever waits for chunks already
@@ -93,7 +128,7 @@ struct Shared {
   }
 };
 
-// x [R, D], w_tiles [F / 8, D, 8] (the weight [D, F] packed into column tiles) -> y [R, F].
+// x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles) -> y [R, F].
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> w_tiles, ffi::ResultBuffer<ffi::F32> y) {
   const auto x_dims = x.dimensions();
@@ -102,17 +137,18 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (x_dims.size() != 2 || w_dims.size() != 3 || w_dims[2] != kCols || x_dims[1] != w_dims[1] ||
       y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
     return ffi::Error::InvalidArgument(
-        "rows_matmul: expected x [R, D], w_tiles [F / 8, D, 8] and y [R, F]");
+        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] (W = JaxSpecRowsMatmulTile()) "
+        "and y [R, F]");
   }
   const int64_t rows = x_dims[0], d_in = x_dims[1], tiles = w_dims[0];
   const float* x_data = x.typed_data();
   const float* w_data = w_tiles.typed_data();
   float* y_data = y->typed_data();
-  // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
+  // Equal groups of at most kRows rows (AVX2, 13 rows: 7 + 6, not 12 + 1); each streams the weight once.
   const int64_t groups = (rows + kRows - 1) / kRows;
   // Column chunks split the weight between threads (a chunk reads its own tiles only).
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 2));
-  const int64_t min_tiles = 8;  // below this, a chunk is not worth a thread's wake-up
+  const int64_t min_tiles = 64 / kCols;  // below 64 columns a chunk is not worth a thread's wake-up
   const int64_t splits = std::max<int64_t>(1, std::min(threads, tiles / min_tiles));
   auto shared = std::make_shared<Shared>();
   shared->chunks = groups * splits;
@@ -132,6 +168,9 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 }  // namespace
+
+// The tile width `pack` must use with this build.
+extern "C" int64_t JaxSpecRowsMatmulTile() { return kCols; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
                               ffi::Ffi::Bind()

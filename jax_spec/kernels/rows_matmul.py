@@ -34,7 +34,6 @@ import threading
 import jax
 import jax.numpy as jnp
 
-TILE = 8            # columns per packed tile (`kCols` in rows_matmul.cc)
 _TARGET = 'jax_spec_rows_matmul'
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rows_matmul.cc')
 _lock = threading.Lock()
@@ -94,24 +93,36 @@ def available() -> bool:
           lib = ctypes.cdll.LoadLibrary(path)
           jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxSpecRowsMatmul),
                                       platform='cpu')
+          lib.JaxSpecRowsMatmulTile.restype = ctypes.c_int64
+          _state['tile'] = int(lib.JaxSpecRowsMatmulTile())
           _state['ok'] = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
           logging.warning('rows_matmul: falling back to XLA dots (%s)', e)
     return bool(_state['ok'])
 
 
+def tile_width() -> int:
+  """Columns per packed tile of the built kernel: its SIMD width (16 with AVX-512, 8 with AVX2)."""
+  if not available():
+    raise RuntimeError('rows_matmul: the kernel is not available (see the logged reason)')
+  return int(_state['tile'])
+
+
 def pack(w_DF):
-  """`[D, F]` -> `[ceil(F / 8), D, 8]` column tiles (zero padded), the kernel's weight layout."""
+  """`[D, F]` -> `[ceil(F / W), D, W]` column tiles (zero padded), W = `tile_width()`: the
+  kernel's weight layout."""
+  tile = tile_width()
   d_in, d_out = w_DF.shape
-  padded = -(-d_out // TILE) * TILE
+  padded = -(-d_out // tile) * tile
   w_DF = jnp.pad(w_DF, ((0, 0), (0, padded - d_out)))
-  return w_DF.reshape(d_in, padded // TILE, TILE).transpose(1, 0, 2)
+  return w_DF.reshape(d_in, padded // tile, tile).transpose(1, 0, 2)
 
 
-def _kernel(x_RD, tiles_ND8, d_out):
-  y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], tiles_ND8.shape[0] * TILE),
+def _kernel(x_RD, tiles_NDW, d_out):
+  num_tiles, _, tile = tiles_NDW.shape
+  y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], num_tiles * tile),
                                                      jnp.float32),
-                       vmap_method='sequential')(x_RD, tiles_ND8)
+                       vmap_method='sequential')(x_RD, tiles_NDW)
   return y[:, :d_out]
 
 
@@ -153,10 +164,10 @@ def matmul(x, w_DF, key=None):
   if x.dtype != jnp.float32 or not usable(w_DF):
     return x @ w_DF
   x_RD = x.reshape(-1, x.shape[-1])
-  tiles_ND8 = (_PACKED.get() or {}).get(key) if key is not None else None
-  if tiles_ND8 is None:
-    tiles_ND8 = pack(w_DF)
+  tiles_NDW = (_PACKED.get() or {}).get(key) if key is not None else None
+  if tiles_NDW is None:
+    tiles_NDW = pack(w_DF)
   y_RF = jax.lax.platform_dependent(
-      x_RD, tiles_ND8, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1]),
+      x_RD, tiles_NDW, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1]),
       default=lambda x, _, w: x @ w)
   return y_RF.reshape(x.shape[:-1] + (w_DF.shape[1],))
