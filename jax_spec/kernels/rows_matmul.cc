@@ -13,6 +13,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <utility>
@@ -162,7 +163,10 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t i = 1; i < std::min(splits, shared->chunks); ++i)
     pool.Schedule([shared] { shared->Work(); });
   shared->Work();
-  while (shared->done.load(std::memory_order_acquire) < shared->chunks) {
+  // Spin while the other chunk is short; then yield, so that a pool thread the OS preempted (more
+  // busy threads than cores: several processes, or test workers) gets the core back.
+  for (int64_t spins = 0; shared->done.load(std::memory_order_acquire) < shared->chunks; ++spins) {
+    if (spins > 2000) std::this_thread::yield();
   }
   return ffi::Error::Success();
 }
