@@ -114,3 +114,43 @@ def test_speculative_loop_lowers_for_cuda():
   exported = jax.export.export(jax.jit(loop), platforms=['cuda'])(*args)
   assert exported.platforms == ('cuda',)
   assert re.search(r'stablehlo\.while', exported.mlir_module())
+
+
+def _costly(x):
+  for _ in range(4):
+    x = jnp.tanh(x @ x)
+  return x
+
+
+def _cheap(x):
+  return x + 1.0
+
+
+def _loop_body(i, x):
+  return _cheap(_costly(x)) * 0.5
+
+
+def test_top_regions_attribute_op_time_to_the_source_calls_of_the_loop_body(tmp_path):
+  """Through the optimized HLO's stack frames: four 256 x 256 matmuls outweigh an add."""
+  import glob
+  import gzip
+  import jax
+  fn = jax.jit(lambda x: jax.lax.fori_loop(0, 20, _loop_body, x))
+  x = jnp.full((256, 256), 0.01, jnp.float32)
+  stacks = cost_model.hlo_stacks(fn.lower(x).compile().as_text())
+  assert stacks and all(s and len(s[0]) == 3 for s in stacks.values())
+  assert any(any(fn_name == '_costly' for _, fn_name, _ in s) for s in stacks.values())
+  fn(x).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    fn(x).block_until_ready()
+  path, = glob.glob(str(tmp_path / 'plugins' / 'profile' / '*' / 'perfetto_trace.json.gz'))
+  with gzip.open(path) as fh:
+    regions = cost_model.top_regions(json.load(fh), stacks, anchor='_loop_body')
+  by_name = {r['region']: r for r in regions}
+  costly = [r for name, r in by_name.items() if name.endswith(': _costly')]
+  assert len(costly) == 1, list(by_name)
+  assert costly[0]['share'] == max(r['share'] for r in regions) and costly[0]['share'] > 0.5
+  assert abs(sum(r['share'] for r in regions) - 1.0) < 1e-6
+  assert cost_model.region_of([('a.py', 'f', 1), ('a.py', 'body', 7), ('b.py', 'g', 3)],
+                              'body') == '7: g'
+  assert cost_model.region_of([('a.py', 'f', 1)], 'body') == 'outside body'

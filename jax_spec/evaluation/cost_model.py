@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -454,6 +455,81 @@ def top_ops(trace_json: dict, top: int = 15, by_kind: bool = False) -> list[dict
   all_us = sum(v for v in total.values() if v > 0) or 1.0
   return [{'op': name, 'self_us': us, 'calls': counts[name], 'share': us / all_us}
           for name, us in total.most_common(top) if us > 0]
+
+
+def _hlo_table(hlo_text: str, name: str) -> list[str]:
+  start = hlo_text.find(f'\n{name}\n')
+  if start < 0:
+    return []
+  lines = []
+  for line in hlo_text[start + len(name) + 2:].splitlines():
+    if not line.strip():
+      break
+    lines.append(line)
+  return lines
+
+
+def hlo_stacks(hlo_text: str) -> dict[str, list[tuple[str, str, int]]]:
+  """Python call stack (outermost first, `(file basename, function, line)`) of every instruction
+  of an optimized HLO module's text (`compiled.as_text()` or an XLA dump), from its
+  `stack_frame_id` metadata and the module's FileNames / FunctionNames / FileLocations /
+  StackFrames tables. (The text prints a frame's parent as the parent's id + 1; 1 is a root.)
+  Instructions without stack metadata are left out."""
+  fields = lambda line: {k: int(v) for k, v in re.findall(r'(\w+)=(\d+)', line)}
+  files = {int(l.split()[0]): os.path.basename(l.split(None, 1)[1].strip('"'))
+           for l in _hlo_table(hlo_text, 'FileNames')}
+  funcs = {int(l.split()[0]): l.split(None, 1)[1].strip('"')
+           for l in _hlo_table(hlo_text, 'FunctionNames')}
+  locations = {}
+  for line in _hlo_table(hlo_text, 'FileLocations'):
+    f = fields(line)
+    locations[int(line.split()[0])] = (files.get(f['file_name_id'], '?'),
+                                       funcs.get(f['function_name_id'], '?'), f['line'])
+  frames = {int(l.split()[0]): fields(l) for l in _hlo_table(hlo_text, 'StackFrames')}
+  cache: dict[int, list] = {}
+
+  def stack(frame_id):
+    if frame_id not in cache:
+      f = frames.get(frame_id)
+      if f is None:
+        cache[frame_id] = []
+      else:
+        parent = f['parent_frame_id'] - 1
+        outer = stack(parent) if 0 < parent < frame_id else []
+        cache[frame_id] = outer + [locations.get(f['file_location_id'], ('?', '?', 0))]
+    return cache[frame_id]
+
+  return {m.group(1): stack(int(m.group(2))) for m in
+          re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?stack_frame_id=(\d+)', hlo_text, re.M)}
+
+
+def region_of(stack: list[tuple[str, str, int]], anchor: str) -> str:
+  """The call made from the innermost frame of function `anchor` (e.g. a loop body), as
+  'line: function' (one frame deeper too, when there is one); 'outside <anchor>' otherwise."""
+  for i in range(len(stack) - 1, -1, -1):
+    if stack[i][1] == anchor:
+      inner = stack[i + 1:i + 3]
+      if not inner:
+        return f'{stack[i][2]}: {anchor}'
+      return f'{stack[i][2]}: ' + ' > '.join(fn for _, fn, _ in inner)
+  return f'outside {anchor}'
+
+
+def top_regions(trace_json: dict, stacks: dict, anchor: str, top: int = 20) -> list[dict]:
+  """`top_ops`' self times summed by source region (`region_of` each op's stack). Ops the HLO
+  gives no stack (the runtime's own events; some dots inside nested computations) are grouped by
+  kind, as '[dot]'."""
+  per_op = top_ops(trace_json, top=1 << 30)
+  total = collections.Counter()
+  calls = collections.Counter()
+  for o in per_op:
+    stack = stacks.get(o['op'])
+    region = region_of(stack, anchor) if stack else f"[{o['op'].split('.')[0]}]"
+    total[region] += o['self_us']
+    calls[region] += o['calls']
+  all_us = sum(total.values()) or 1.0
+  return [{'region': r, 'self_us': us, 'calls': calls[r], 'share': us / all_us}
+          for r, us in total.most_common(top)]
 
 
 def profile_loops(plain_fn, speculative_fn, top: int = 15) -> dict[str, list[dict]]:
