@@ -17,12 +17,9 @@ objects of those two programs, ~1000 files.)
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
-import gzip
 import json
 import os
-import tempfile
 
 from absl import flags
 
@@ -70,8 +67,8 @@ def main(argv):
   from jax_spec.evaluation import cost_model  # pylint: disable=g-import-not-at-top
   from jax_spec.training.state import build_model  # pylint: disable=g-import-not-at-top
 
-  config = dataclasses.replace(models.PRESETS[FLAGS.config], mtp_depth=2, medusa_heads=3,
-                               eagle_layers=1, eagle_d_ff=FLAGS.eagle_d_ff or None)
+  config = models.get_config(FLAGS.config, mtp_depth=2, medusa_heads=3, eagle_layers=1,
+                             eagle_d_ff=FLAGS.eagle_d_ff or None)
   model = build_model(config, precision.get_policy('fp32'), 0)
   rng = np.random.default_rng(0)
   prompts_BT = jnp.asarray(rng.integers(0, config.vocab_size, (1, FLAGS.prompt_len)), jnp.int32)
@@ -91,20 +88,16 @@ def main(argv):
     before = set(glob.glob(os.path.join(dump_dir, f'*.{module}.cpu_after_optimizations.txt')))
     out = jax.block_until_ready(call())   # compiles (and dumps) this loop's program
     new = set(glob.glob(os.path.join(dump_dir, f'*.{module}.cpu_after_optimizations.txt')))
-    dumped = sorted(new - before) or sorted(new)
-    if not dumped:
-      raise RuntimeError(f'XLA dumped no optimized HLO for {module} into {dump_dir}')
+    dumped = sorted(new - before)
+    if not dumped:   # e.g. two --loops entries that resolve to one program (a cache hit)
+      raise RuntimeError(f'XLA dumped no new optimized HLO for {module} into {dump_dir} for '
+                         f'--loops entry {spec!r}: was its program compiled before in this run?')
     with open(dumped[-1]) as fh:
       stacks = cost_model.hlo_stacks(fh.read())
     # generate's loop makes max_new_tokens - 1 steps (the prefill emits the first token).
     steps = FLAGS.max_new_tokens - 1 if parsed is None else int(out.stats.loop_steps)
-    with tempfile.TemporaryDirectory() as tmp:
-      with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        jax.block_until_ready(call())
-      path, = glob.glob(os.path.join(tmp, 'plugins', 'profile', '*', 'perfetto_trace.json.gz'))
-      with gzip.open(path) as fh:
-        trace = json.load(fh)
-    regions = cost_model.top_regions(trace, stacks, anchor=_ANCHORS[module], top=FLAGS.top)
+    regions = cost_model.top_regions(cost_model.trace_call(call), stacks, anchor=_ANCHORS[module],
+                                     top=FLAGS.top)
     results[spec] = {'loop_steps': steps, 'regions': regions}
     print(f'\n{spec}: {steps} loop steps (profiled)')
     print('| region | us / step | ops / step | share |\n|---|---|---|---|')

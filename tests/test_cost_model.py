@@ -130,10 +130,8 @@ def _loop_body(i, x):
   return _cheap(_costly(x)) * 0.5
 
 
-def test_top_regions_attribute_op_time_to_the_source_calls_of_the_loop_body(tmp_path):
+def test_top_regions_attribute_op_time_to_the_source_calls_of_the_loop_body():
   """Through the optimized HLO's stack frames: four 256 x 256 matmuls outweigh an add."""
-  import glob
-  import gzip
   import jax
   fn = jax.jit(lambda x: jax.lax.fori_loop(0, 20, _loop_body, x))
   x = jnp.full((256, 256), 0.01, jnp.float32)
@@ -141,11 +139,8 @@ def test_top_regions_attribute_op_time_to_the_source_calls_of_the_loop_body(tmp_
   assert stacks and all(s and len(s[0]) == 3 for s in stacks.values())
   assert any(any(fn_name == '_costly' for _, fn_name, _ in s) for s in stacks.values())
   fn(x).block_until_ready()
-  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
-    fn(x).block_until_ready()
-  path, = glob.glob(str(tmp_path / 'plugins' / 'profile' / '*' / 'perfetto_trace.json.gz'))
-  with gzip.open(path) as fh:
-    regions = cost_model.top_regions(json.load(fh), stacks, anchor='_loop_body')
+  regions = cost_model.top_regions(cost_model.trace_call(lambda: fn(x)), stacks,
+                                   anchor='_loop_body')
   by_name = {r['region']: r for r in regions}
   costly = [r for name, r in by_name.items() if name.endswith(': _costly')]
   assert len(costly) == 1, list(by_name)

@@ -532,20 +532,25 @@ def top_regions(trace_json: dict, stacks: dict, anchor: str, top: int = 20) -> l
           for r, us in total.most_common(top)]
 
 
+def trace_call(fn: Callable[[], Any]) -> dict:
+  """The Perfetto trace (JSON) of one `jax.profiler`-traced call of `fn`."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      jax.block_until_ready(fn())
+    paths = glob.glob(os.path.join(tmp, 'plugins', 'profile', '*', 'perfetto_trace.json.gz'))
+    if not paths:
+      raise RuntimeError(f'jax.profiler wrote no perfetto_trace.json.gz under {tmp}')
+    with gzip.open(paths[0]) as fh:
+      return json.load(fh)
+
+
 def profile_loops(plain_fn, speculative_fn, top: int = 15) -> dict[str, list[dict]]:
   """A `jax.profiler` trace of one call of each loop, summarised by `top_ops`."""
   out = {}
   for name, fn in (('plain', plain_fn), ('speculative_full_acceptance', speculative_fn)):
-    with tempfile.TemporaryDirectory() as tmp:
-      with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        jax.block_until_ready(fn())
-      paths = glob.glob(os.path.join(tmp, 'plugins', 'profile', '*', 'perfetto_trace.json.gz'))
-      if not paths:
-        raise RuntimeError(f'jax.profiler wrote no perfetto_trace.json.gz under {tmp}')
-      with gzip.open(paths[0]) as fh:
-        trace = json.load(fh)
-      out[name] = top_ops(trace, top)
-      out[f'{name}_by_kind'] = top_ops(trace, top, by_kind=True)
+    trace = trace_call(fn)
+    out[name] = top_ops(trace, top)
+    out[f'{name}_by_kind'] = top_ops(trace, top, by_kind=True)
   return out
 
 

@@ -59,8 +59,8 @@ constexpr int64_t kAcc = 12;
 constexpr int64_t kRows = 12;
 
 // kR rows x kT column tiles: y[r, (t0 + t) * kCols + j] = sum_d x[r, d] * w[t0 + t, d, j], d in
-// order, one fused multiply-add per term. kR * kT <= kAcc
-// independent accumulators hide the FMA latency when there are few rows.
+// order, one fused multiply-add per term. kR * kT <= kAcc independent accumulators hide the FMA
+// latency when there are few rows.
 template <int64_t kR, int64_t kT>
 void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_stride) {
 #if defined(JAX_SPEC_SIMD)
