@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from jax_spec import models as M
+from jax_spec.kernels import rows_matmul
 
 ATOL = RTOL = 2e-4
 SEQ = 20  # full-sequence length used for the reference forward
@@ -290,3 +291,24 @@ def test_advance_equals_commit_of_a_chain_prefix():
   np.testing.assert_array_equal(out.lengths, [5, 5, 1])
   with pytest.raises(ValueError, match='num_accepted_B'):
     M.advance(cache, jnp.ones((2,), jnp.int32))
+
+
+@pytest.mark.parametrize('shared_head, num_layers', [(True, 1), (False, 2)])
+def test_decode_medusa_logits_match_the_heads(monkeypatch, shared_head, num_layers):
+  """The decode path (every head's first block in one kernel matmul, one LM head call) computes
+  `medusa_logits`; both matmuls go through the kernel (the HLO names it)."""
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+  cfg = M.get_config('tiny', medusa_heads=3, medusa_num_layers=num_layers,
+                     medusa_shared_head=shared_head, d_model=32, d_ff=64, vocab_size=61)
+  model = M.Transformer(cfg, rngs=nnx.Rngs(0))
+  for i, head in enumerate(model.medusa):
+    for j, res in enumerate(head.res):
+      res.kernel[...] = 0.3 * jax.random.normal(jax.random.key(10 * i + j), res.kernel.shape)
+      res.bias[...] = 0.1 * jax.random.normal(jax.random.key(100 + 10 * i + j), res.bias.shape)
+  hidden_BTD = jax.random.normal(jax.random.key(7), (2, 3, cfg.d_model))
+  decode = _merge(lambda m, h: m.decode_medusa_logits(h))
+  graphdef, state = nnx.split(model)
+  assert decode.lower(graphdef, state, hidden_BTD).as_text().count('jax_spec_rows_matmul') == (
+      2 if shared_head else 1 + cfg.medusa_heads)
+  np.testing.assert_allclose(decode(graphdef, state, hidden_BTD), model.medusa_logits(hidden_BTD),
+                             atol=1e-5, rtol=1e-5)

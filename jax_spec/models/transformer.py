@@ -173,6 +173,30 @@ class Transformer(nnx.Module):
       out.append(self.project(head(x_BTD), own))
     return jnp.stack(out)
 
+  def decode_medusa_logits(self, hidden_BTD):
+    """`medusa_logits` for the few rows of a decode step, fp32 models through `rows_matmul`: the
+    heads' first residual blocks read the same hidden state, so they run as one matmul
+    (`medusa_first_matrix`), and a shared LM head reads every head's output in one more."""
+    if self.dtype != jnp.float32 or not self.config.medusa_heads:
+      return self.medusa_logits(hidden_BTD)
+    x_BTD = hidden_BTD.astype(jnp.float32)
+    num_heads, d = len(self.medusa), x_BTD.shape[-1]
+    y_BTKD = rows_matmul.matmul(x_BTD, medusa_first_matrix(self), key=('medusa', id(self)))
+    y_BTKD = y_BTKD.reshape(x_BTD.shape[:-1] + (num_heads, d))
+    bias_KD = jnp.stack([head.res[0].bias[...] for head in self.medusa]).astype(jnp.float32)
+    h_BTKD = x_BTD[..., None, :] + jax.nn.silu(y_BTKD + bias_KD)
+    outs = []
+    for k, head in enumerate(self.medusa):
+      h_BTD = h_BTKD[..., k, :]
+      for res in head.res[1:]:
+        h_BTD = res(h_BTD)
+      outs.append(h_BTD)
+    if self.config.medusa_shared_head:
+      logits_BTKV = self.decode_logits(jnp.stack(outs, axis=-2))
+      return jnp.moveaxis(logits_BTKV, -2, 0)
+    return jnp.stack([rows_matmul.matmul(h_BTD, head.lm_head[...].astype(jnp.float32),
+                                         key=id(head)) for head, h_BTD in zip(self.medusa, outs)])
+
   def _check_tokens(self, tokens_BT, name='tokens_BT'):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
       raise ValueError(f'{name} must be an integer [batch, seq] array, got {tokens_BT.dtype} '
@@ -223,6 +247,12 @@ class Transformer(nnx.Module):
     return ModelOutputs(logits_BTV, hidden_BTD, mtp_logits, medusa)
 
 
+def medusa_first_matrix(model):
+  """The Medusa heads' first residual-block kernels side by side, `[D, heads * D]` (fp32)."""
+  return jnp.concatenate([head.res[0].kernel[...] for head in model.medusa],
+                         axis=1).astype(jnp.float32)
+
+
 def decode_packs(*modules) -> dict:
   """Every few-row matmul weight of these modules' decode paths (blocks, MTP / EAGLE combines, a
   Transformer's LM head), packed for `rows_matmul.packed`: what a decode loop packs once before it
@@ -238,4 +268,9 @@ def decode_packs(*modules) -> dict:
         matrices[id(node.proj)] = node.proj.matrix()
       elif isinstance(node, Transformer) and node.dtype == jnp.float32:
         matrices[id(node)] = node.shared_head_DV().astype(jnp.float32)
+        if node.config.medusa_heads:
+          matrices[('medusa', id(node))] = medusa_first_matrix(node)
+          if not node.config.medusa_shared_head:
+            matrices.update({id(head): head.lm_head[...].astype(jnp.float32)
+                             for head in node.medusa})
   return {key: rows_matmul.pack(w) for key, w in matrices.items() if rows_matmul.usable(w)}

@@ -12,7 +12,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_spec import models
 from jax_spec.decoding import sampling
 from jax_spec.decoding.drafters import base
 
@@ -54,4 +53,4 @@ class MedusaDrafter(base.HeadsDrafter):
     # The heads only at each row's new last position (one node, not all T; XLA drops the unused
     # all-node Medusa logits of `extend`).
     hidden_B1D = base.gather_nodes(verify.outputs.hidden_BTD, verify.last_node_B[:, None])
-    return MedusaState(models.medusa_logits(ctx.trunk, hidden_B1D)[:, :, 0])
+    return MedusaState(ctx.trunk.decode_medusa_logits(hidden_B1D)[:, :, 0])
