@@ -1,9 +1,9 @@
 """Autoregressive baseline `generate`: prefill, then one token per step inside one jitted `lax.while_loop`.
 
 This is what the speculative sampler is measured against and must match (greedy: token for token).
-The model is split outside (`nnx.split`) and merged inside the jitted function, so the weights are
-arguments, not baked-in constants, and one compiled program serves every call with the same shapes
-and settings.
+The model is split outside (`nnx.split`, `decoding.prepare`) and merged inside the jitted function,
+so the weights are arguments, not baked-in constants, and one compiled program serves every call
+with the same shapes and settings.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_spec import models
+from jax_spec.decoding import prepared as prepared_lib
 from jax_spec.decoding import sampling
 from jax_spec.kernels import rows_matmul
 
@@ -37,9 +37,7 @@ def _int_array(name, x, hint=''):
 
 
 def validate_prompts(model, prompts_BT, prompt_lengths_B, max_new_tokens, eos_id, pad_id):
-  """Shared input checks of `generate` and `speculative_generate`."""
-  if not isinstance(model, models.Transformer):
-    raise ValueError(f'model must be a jax_spec.models.Transformer, got {type(model).__name__}')
+  """Shared input checks of `generate` and `speculative_generate` (`model`: a Transformer)."""
   prompts_BT = _int_array('prompts_BT', prompts_BT, ' (token ids: encode text with the '
                           'tokenizer first, e.g. tokenizer.encode)')
   prompt_lengths_B = _int_array('prompt_lengths_B', prompt_lengths_B)
@@ -107,8 +105,10 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
   A row stops after emitting `eos_id` (it is included in the row's length); positions after the
   length hold `pad_id`. Temperature 0 is greedy (no `rng` needed). `cache_len` defaults to
   `prompt_len + max_new_tokens` (the padded prompt length) rounded up to a multiple of 16.
+  `model`: a Transformer, or one `decoding.prepare`d once for many calls.
   """
-  prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
+  prepared = prepared_lib.as_prepared(model)
+  prompts_BT, prompt_lengths_B = validate_prompts(prepared.model, prompts_BT, prompt_lengths_B,
                                                   max_new_tokens, eos_id, pad_id)
   config = sampling.SamplingConfig(temperature, top_k, top_p)
   if rng is None:
@@ -117,11 +117,11 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
     rng = jax.random.key(0)
   cache_len = check_cache_len(cache_len, prompts_BT.shape[1] + max_new_tokens,
                               f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens')
-  graphdef, state = nnx.split(model)
-  with matmul_precision(model):
-    return _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_array(eos_id),
-                     max_new_tokens=max_new_tokens, sampling_config=config, pad_id=pad_id,
-                     cache_len=cache_len)
+  trunk = prepared.trunk
+  with matmul_precision(prepared.model):
+    return _generate(trunk.graphdef, trunk.state, trunk.packs, prompts_BT, prompt_lengths_B, rng,
+                     eos_array(eos_id), max_new_tokens=max_new_tokens, sampling_config=config,
+                     pad_id=pad_id, cache_len=cache_len)
 
 
 def eos_array(eos_id):
@@ -138,38 +138,38 @@ def emit_first_token(logits_BTV, prompt_lengths_B, rng, sampling_config):
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'sampling_config',
                                              'pad_id', 'cache_len'))
-def _generate(graphdef, state, prompts_BT, prompt_lengths_B, rng, eos_id, *, max_new_tokens,
+def _generate(graphdef, state, packs, prompts_BT, prompt_lengths_B, rng, eos_id, *, max_new_tokens,
               sampling_config, pad_id, cache_len):
-  model = nnx.merge(graphdef, state)
-  batch = prompts_BT.shape[0]
-  sc = sampling_config
-  cache = models.init_cache(model, batch, cache_len)
-  outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
-  first_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, jax.random.fold_in(rng, 0), sc)
-  tokens_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
-  done_B = first_B == eos_id
-  lengths_B = jnp.ones((batch,), jnp.int32)
-  rows_B = jnp.arange(batch)
-  depths_B1 = jnp.zeros((batch, 1), jnp.int32)
-  mask_B11 = jnp.ones((batch, 1, 1), bool)
+  model, packs_by_key = prepared_lib.merge(graphdef, state, packs)
+  with rows_matmul.packed(packs_by_key):   # the prefill's and every step's: none packed here
+    batch = prompts_BT.shape[0]
+    sc = sampling_config
+    cache = models.init_cache(model, batch, cache_len)
+    outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
+    first_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, jax.random.fold_in(rng, 0), sc)
+    tokens_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+    done_B = first_B == eos_id
+    lengths_B = jnp.ones((batch,), jnp.int32)
+    rows_B = jnp.arange(batch)
+    depths_B1 = jnp.zeros((batch, 1), jnp.int32)
+    mask_B11 = jnp.ones((batch, 1, 1), bool)
 
-  def cond(carry):
-    step, _, _, _, done_B, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done_B)
+    def cond(carry):
+      step, _, _, _, done_B, _ = carry
+      return (step < max_new_tokens) & ~jnp.all(done_B)
 
-  def body(carry):
-    step, cache, last_B, tokens_BN, done_B, lengths_B = carry
-    outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
-    cache = models.advance(cache, (~done_B).astype(jnp.int32))
-    next_B = sampling.sample_logits(jax.random.fold_in(rng, step), outs.logits_BTV[:, 0],
-                                    temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
-    next_B = jnp.where(done_B, pad_id, next_B)
-    tokens_BN = tokens_BN.at[rows_B, step].set(next_B)
-    lengths_B = lengths_B + (~done_B).astype(jnp.int32)
-    done_B = done_B | (next_B == eos_id)
-    return step + 1, cache, next_B, tokens_BN, done_B, lengths_B
+    def body(carry):
+      step, cache, last_B, tokens_BN, done_B, lengths_B = carry
+      outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
+      cache = models.advance(cache, (~done_B).astype(jnp.int32))
+      next_B = sampling.sample_logits(jax.random.fold_in(rng, step), outs.logits_BTV[:, 0],
+                                      temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
+      next_B = jnp.where(done_B, pad_id, next_B)
+      tokens_BN = tokens_BN.at[rows_B, step].set(next_B)
+      lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+      done_B = done_B | (next_B == eos_id)
+      return step + 1, cache, next_B, tokens_BN, done_B, lengths_B
 
-  carry = (jnp.int32(1), cache, first_B, tokens_BN, done_B, lengths_B)
-  with rows_matmul.packed(models.decode_packs(model)):   # weights packed once, outside the loop
+    carry = (jnp.int32(1), cache, first_B, tokens_BN, done_B, lengths_B)
     _, _, _, tokens_BN, _, lengths_B = jax.lax.while_loop(cond, body, carry)
-  return GenerateOutput(tokens_BN, lengths_B)
+    return GenerateOutput(tokens_BN, lengths_B)

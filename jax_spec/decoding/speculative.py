@@ -37,13 +37,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_spec import models
 from jax_spec.decoding import acceptance as acceptance_lib
 from jax_spec.decoding import sampling
 from jax_spec.decoding import drafters as drafters_lib
 from jax_spec.decoding import dynamic_tree
+from jax_spec.decoding import prepared as prepared_lib
 from jax_spec.decoding.autoregressive import (check_cache_len, emit_first_token, eos_array,
                                               matmul_precision, validate_prompts)
 from jax_spec.decoding.drafters.base import gather_nodes
@@ -143,8 +143,12 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   cache_len: KV cache slots of the trunk and the drafter; default: what the request needs (prompt,
     `max_new_tokens`, the last step's overshoot and the tree's scratch) rounded up to a multiple
     of 16.
+  model: a Transformer, or one `decoding.prepare`d once for many calls (with its draft model, if
+    any: then `draft_model` may be omitted).
   Returns the tokens, lengths and `SpeculativeStats` (see `summarize`).
   """
+  prepared = prepared_lib.as_prepared(model, draft_model)
+  model, draft_model = prepared.model, prepared.draft_model
   prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
                                                   max_new_tokens, eos_id, pad_id)
   drafter_cls = drafters_lib.registered().get(drafter) if isinstance(drafter, str) else None
@@ -185,17 +189,21 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
   cache_len = check_cache_len(cache_len, committed + scratch,
                               f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens, '
                               f'a tree of {tree.num_nodes} nodes and drafter={drafter!r}')
-  graphdef, state = nnx.split(model)
   own = drafter_cls.own_module(model, draft_model)
-  own_graphdef, own_state = nnx.split(own) if own is not None else (None, None)
+  if own is not None and own is not draft_model:
+    raise ValueError(f'drafter {drafter!r}: own_module must be the draft model (the one module '
+                     f'prepared besides the trunk)')
+  trunk, own_split = prepared.trunk, (prepared.draft if own is not None else None)
   settings = _Settings(drafter=drafter_cls(tree=tree, sampling=sc, sample_drafts=bool(sample_drafts),
                                            cache_len=cache_len),
                        acceptance=acceptance if not sc.greedy else 'greedy', pad_id=pad_id,
                        max_new_tokens=max_new_tokens, typical_eps=float(typical_eps),
                        typical_delta=float(typical_delta))
   with matmul_precision(model):  # the baseline's precision: see autoregressive.matmul_precision
-    return _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_lengths_B,
-                        rng, eos_array(eos_id), settings=settings)
+    return _speculative(trunk.graphdef, (trunk.state, trunk.packs),
+                        own_split.graphdef if own_split else None,
+                        (own_split.state, own_split.packs) if own_split else None,
+                        prompts_BT, prompt_lengths_B, rng, eos_array(eos_id), settings=settings)
 
 
 class _Settings(NamedTuple):
@@ -260,81 +268,84 @@ def emit(tokens_BT, acc, num_B, active_B, done_B, buffer_BN, num_out_B, eos_id, 
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'own_graphdef', 'settings'))
-def _speculative(graphdef, state, own_graphdef, own_state, prompts_BT, prompt_lengths_B, rng,
-                 eos_id, *, settings):
+def _speculative(graphdef, state_and_packs, own_graphdef, own_state_and_packs, prompts_BT,
+                 prompt_lengths_B, rng, eos_id, *, settings):
   s = settings
   drafter = s.drafter
   tree, sc = drafter.tree, drafter.sampling
-  model = nnx.merge(graphdef, state)
-  ctx = drafters_lib.Context(model, nnx.merge(own_graphdef, own_state)
-                             if own_graphdef is not None else None)
-  batch = prompts_BT.shape[0]
-  num_nodes, depth = tree.num_nodes, tree.max_depth
-  if not drafter.is_dynamic:
-    static_depths_BT = jnp.broadcast_to(jnp.asarray(tree.depth_T), (batch, num_nodes))
-    static_mask_BTT = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT),
-                                       (batch, num_nodes, num_nodes))
+  model, packs_by_key = prepared_lib.merge(graphdef, *state_and_packs)
+  own = None
+  if own_graphdef is not None:
+    own, own_packs = prepared_lib.merge(own_graphdef, *own_state_and_packs)
+    packs_by_key = {**packs_by_key, **own_packs}
+  ctx = drafters_lib.Context(model, own)
+  with rows_matmul.packed(packs_by_key):   # the prefill's and every step's: none packed here
+    batch = prompts_BT.shape[0]
+    num_nodes, depth = tree.num_nodes, tree.max_depth
+    if not drafter.is_dynamic:
+      static_depths_BT = jnp.broadcast_to(jnp.asarray(tree.depth_T), (batch, num_nodes))
+      static_mask_BTT = jnp.broadcast_to(jnp.asarray(tree.ancestor_mask_TT),
+                                         (batch, num_nodes, num_nodes))
 
-  # --- prefill ---------------------------------------------------------------------------------
-  key_first, key_draft = jax.random.split(jax.random.fold_in(rng, 0))
-  cache = models.init_cache(model, batch, drafter.cache_len)
-  outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
-  root_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, key_first, sc)
-  drafter_state = drafter.init(ctx, drafters_lib.Prefill(outs, prompts_BT, prompt_lengths_B,
-                                                         root_B, key_draft))
+    # --- prefill -------------------------------------------------------------------------------
+    key_first, key_draft = jax.random.split(jax.random.fold_in(rng, 0))
+    cache = models.init_cache(model, batch, drafter.cache_len)
+    outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
+    root_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, key_first, sc)
+    drafter_state = drafter.init(ctx, drafters_lib.Prefill(outs, prompts_BT, prompt_lengths_B,
+                                                           root_B, key_draft))
 
-  out_width = s.max_new_tokens + depth + 1
-  buffer_BN = jnp.full((batch, out_width), s.pad_id, jnp.int32).at[:, 0].set(root_B)
-  done_B = (root_B == eos_id) | (s.max_new_tokens <= 1)
-  stats = SpeculativeStats(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                           jnp.zeros((depth + 1,), jnp.int32), jnp.int32(0))
+    out_width = s.max_new_tokens + depth + 1
+    buffer_BN = jnp.full((batch, out_width), s.pad_id, jnp.int32).at[:, 0].set(root_B)
+    done_B = (root_B == eos_id) | (s.max_new_tokens <= 1)
+    stats = SpeculativeStats(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                             jnp.zeros((depth + 1,), jnp.int32), jnp.int32(0))
 
-  # --- the loop ----------------------------------------------------------------------------------
-  def cond(carry: LoopState):
-    return ~jnp.all(carry.done_B)
+    # --- the loop --------------------------------------------------------------------------------
+    def cond(carry: LoopState):
+      return ~jnp.all(carry.done_B)
 
-  def body(carry: LoopState):
-    cache, root_B, done_B = carry.cache, carry.root_B, carry.done_B
-    key = jax.random.fold_in(rng, carry.stats.loop_steps + 1)
-    k_draft, k_accept, k_next_draft = jax.random.split(key, 3)
-    active_B = ~done_B
-    candidates, drafter_state = drafter.propose(ctx, carry.drafter, root_B, k_draft)
-    tokens_BT = candidates.tokens_BT
-    if candidates.tree is None:
-      step_tree, depths_BT, mask_BTT = tree, static_depths_BT, static_mask_BTT
-    else:   # built this step (dynamic tree): per-row arrays
-      step_tree = candidates.tree.arrays
-      depths_BT, mask_BTT = candidates.tree.depths_BT, candidates.tree.mask_BTT
+    def body(carry: LoopState):
+      cache, root_B, done_B = carry.cache, carry.root_B, carry.done_B
+      key = jax.random.fold_in(rng, carry.stats.loop_steps + 1)
+      k_draft, k_accept, k_next_draft = jax.random.split(key, 3)
+      active_B = ~done_B
+      candidates, drafter_state = drafter.propose(ctx, carry.drafter, root_B, k_draft)
+      tokens_BT = candidates.tokens_BT
+      if candidates.tree is None:
+        step_tree, depths_BT, mask_BTT = tree, static_depths_BT, static_mask_BTT
+      else:   # built this step (dynamic tree): per-row arrays
+        step_tree = candidates.tree.arrays
+        depths_BT, mask_BTT = candidates.tree.depths_BT, candidates.tree.mask_BTT
 
-    outs, cache_ext = models.extend(model, tokens_BT, depths_BT, mask_BTT, cache)
-    acc = _accept(s, step_tree, k_accept, candidates, outs.logits_BTV)
-    num_B = jnp.where(active_B, acc.num_accepted_B, 0)
-    path_BP = jnp.maximum(acc.path_BP, 0)
-    keep_B = jnp.where(active_B, num_B + 1, 0)
-    # A chain's accepted path is its prefix, already in place: only the lengths move.
-    new_cache = (models.advance(cache_ext, keep_B) if tree.is_chain else
-                 models.commit(cache_ext, path_BP, keep_B))
+      outs, cache_ext = models.extend(model, tokens_BT, depths_BT, mask_BTT, cache)
+      acc = _accept(s, step_tree, k_accept, candidates, outs.logits_BTV)
+      num_B = jnp.where(active_B, acc.num_accepted_B, 0)
+      path_BP = jnp.maximum(acc.path_BP, 0)
+      keep_B = jnp.where(active_B, num_B + 1, 0)
+      # A chain's accepted path is its prefix, already in place: only the lengths move.
+      new_cache = (models.advance(cache_ext, keep_B) if tree.is_chain else
+                   models.commit(cache_ext, path_BP, keep_B))
 
-    buffer_BN, num_out_B, done_B = emit(tokens_BT, acc, num_B, active_B, done_B, carry.buffer_BN,
-                                        carry.num_out_B, eos_id, pad_id=s.pad_id,
-                                        max_new_tokens=s.max_new_tokens)
+      buffer_BN, num_out_B, done_B = emit(tokens_BT, acc, num_B, active_B, done_B, carry.buffer_BN,
+                                          carry.num_out_B, eos_id, pad_id=s.pad_id,
+                                          max_new_tokens=s.max_new_tokens)
 
-    drafter_state = drafter.update(ctx, drafter_state, drafters_lib.Verify(
-        outs, tokens_BT, acc, active_B, num_B, cache.lengths, k_next_draft))
-    st = carry.stats
-    stats = SpeculativeStats(
-        st.verify_steps_B + active_B.astype(jnp.int32), st.accepted_B + num_B,
-        st.accepted_hist_I + jnp.sum(jax.nn.one_hot(num_B, depth + 1, dtype=jnp.int32)
-                                     * active_B[:, None], axis=0),
-        st.loop_steps + 1)
-    return LoopState(new_cache, jnp.where(active_B, acc.next_token_B, root_B), done_B, buffer_BN,
-                     num_out_B, drafter_state, stats)
+      drafter_state = drafter.update(ctx, drafter_state, drafters_lib.Verify(
+          outs, tokens_BT, acc, active_B, num_B, cache.lengths, k_next_draft))
+      st = carry.stats
+      stats = SpeculativeStats(
+          st.verify_steps_B + active_B.astype(jnp.int32), st.accepted_B + num_B,
+          st.accepted_hist_I + jnp.sum(jax.nn.one_hot(num_B, depth + 1, dtype=jnp.int32)
+                                       * active_B[:, None], axis=0),
+          st.loop_steps + 1)
+      return LoopState(new_cache, jnp.where(active_B, acc.next_token_B, root_B), done_B, buffer_BN,
+                       num_out_B, drafter_state, stats)
 
-  carry = LoopState(cache, root_B, done_B, buffer_BN, jnp.ones((batch,), jnp.int32), drafter_state,
-                    stats)
-  with rows_matmul.packed(models.decode_packs(ctx.trunk, ctx.module)):   # once, outside the loop
+    carry = LoopState(cache, root_B, done_B, buffer_BN, jnp.ones((batch,), jnp.int32),
+                      drafter_state, stats)
     carry = jax.lax.while_loop(cond, body, carry)
-  tokens_BN = carry.buffer_BN[:, :s.max_new_tokens]
-  tokens_BN = jnp.where(jnp.arange(s.max_new_tokens)[None] < carry.num_out_B[:, None], tokens_BN,
-                        s.pad_id)
-  return SpeculativeOutput(tokens_BN, carry.num_out_B, carry.stats)
+    tokens_BN = carry.buffer_BN[:, :s.max_new_tokens]
+    tokens_BN = jnp.where(jnp.arange(s.max_new_tokens)[None] < carry.num_out_B[:, None], tokens_BN,
+                          s.pad_id)
+    return SpeculativeOutput(tokens_BN, carry.num_out_B, carry.stats)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_spec.decoding import autoregressive
+from jax_spec.decoding import prepared as prepared_lib
 from jax_spec.decoding import speculative
 
 
@@ -97,16 +98,19 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: i
   encoded = [encode_prompt(tokenizer, p) for p in prompts]
   if min(map(len, encoded)) == 0:
     raise ValueError('a prompt encodes to no tokens')
+  # Streaming decodes in chunks, one call each: split and pack the model(s) once for all of them.
+  speculative_kwargs = dict(speculative_kwargs)
+  model = prepared_lib.as_prepared(model, speculative_kwargs.pop('draft_model', None))
   eos_id = tokenizer.eos_id if stop_at_eos else None
   # The samplers stop at one EOS id; other stop ids (e.g. Llama 3's <|eot_id|> besides
   # <|end_of_text|>, from generation_config.json) end the row here, on the host.
   stop_ids = set(getattr(tokenizer, 'eos_ids', ())) | {eos_id} if stop_at_eos else set()
   pad_id = tokenizer.pad_id
   batch, width = len(encoded), max(map(len, encoded)) + max_new_tokens
-  if width > model.config.max_seq_len:
+  if width > model.model.config.max_seq_len:
     raise ValueError(f'the longest prompt ({width - max_new_tokens} tokens) plus max_new_tokens '
                      f'({max_new_tokens}) exceeds the model\'s max_seq_len '
-                     f'{model.config.max_seq_len}')
+                     f'{model.model.config.max_seq_len}')
   width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
   step = max_new_tokens if on_text is None else min(chunk_tokens, max_new_tokens)
   sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,

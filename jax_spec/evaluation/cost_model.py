@@ -251,16 +251,18 @@ def _prompt(config, opts):
 
 def plain_call(model, opts, max_new_tokens):
   prompts_BT, lengths_B = _prompt(model.config, opts)
+  prepared = decoding.prepare(model)
   # One cache size for both lengths (and the parts): differencing two calls whose caches differ
   # would credit the longer call's larger cache to the steps (the attention reads every slot).
-  return lambda: decoding.generate(model, prompts_BT, lengths_B, max_new_tokens=max_new_tokens,
+  return lambda: decoding.generate(prepared, prompts_BT, lengths_B, max_new_tokens=max_new_tokens,
                                    cache_len=opts.cache_len)
 
 
 def speculative_call(model, draft_model, spec: LoopSpec, opts, max_new_tokens):
   prompts_BT, lengths_B = _prompt(model.config, opts)
+  prepared = decoding.prepare(model, draft_model)
   return lambda: decoding.speculative_generate(
-      model, prompts_BT, lengths_B, drafter=spec.drafter, draft_model=draft_model, tree=spec.tree,
+      prepared, prompts_BT, lengths_B, drafter=spec.drafter, tree=spec.tree,
       max_new_tokens=max_new_tokens, cache_len=opts.cache_len)
 
 

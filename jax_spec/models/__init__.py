@@ -5,7 +5,8 @@ from jax_spec.models.kv_cache import (DecodeOutputs, KVCache, MTPCache, MTPDraft
 from jax_spec.models.layers import LayerCache
 from jax_spec.models.losses import (HEAD_TARGETS, HeadLoss, compute_losses, cross_entropy,
                                     shifted_targets, trunk_agreement)
-from jax_spec.models.transformer import ModelOutputs, Transformer, decode_packs
+from jax_spec.models.transformer import (ModelOutputs, Transformer, decode_matrices_of,
+                                          decode_packs, decode_packs_from)
 from jax_spec.models import eagle  # feature drafters: EAGLE module, MTP module 1 recursively
 
 __all__ = [
@@ -14,5 +15,5 @@ __all__ = [
     'trunk_agreement', 'KVCache', 'LayerCache', 'MTPCache', 'MTPDraft',
     'DecodeOutputs', 'init_cache', 'prefill', 'extend', 'commit', 'advance', 'init_mtp_cache',
     'mtp_draft',
-    'medusa_logits', 'eagle', 'decode_packs',
+    'medusa_logits', 'eagle', 'decode_matrices_of', 'decode_packs', 'decode_packs_from',
 ]

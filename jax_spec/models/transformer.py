@@ -253,10 +253,10 @@ def medusa_first_matrix(model):
                          axis=1).astype(jnp.float32)
 
 
-def decode_packs(*modules) -> dict:
-  """Every few-row matmul weight of these modules' decode paths (blocks, MTP / EAGLE combines, a
-  Transformer's LM head), packed for `rows_matmul.packed`: what a decode loop packs once before it
-  starts ({} for non-fp32 modules or where the kernel is not used)."""
+def decode_matrices_of(*modules) -> dict:
+  """`{key: matrix}` of every few-row matmul weight of these modules' decode paths (blocks, MTP /
+  EAGLE combines, a Transformer's LM head and Medusa heads), in a fixed traversal order; the keys
+  are those the decode paths pass to `rows_matmul.matmul` (ids of this copy's layers)."""
   matrices = {}
   for module in modules:
     if module is None:
@@ -273,4 +273,24 @@ def decode_packs(*modules) -> dict:
           if not node.config.medusa_shared_head:
             matrices.update({id(head): head.lm_head[...].astype(jnp.float32)
                              for head in node.medusa})
-  return {key: rows_matmul.pack(w) for key, w in matrices.items() if rows_matmul.usable(w)}
+  return matrices
+
+
+def decode_packs(*modules) -> dict:
+  """The weights of `decode_matrices_of` that the kernel takes, packed for `rows_matmul.packed`:
+  what a decode loop packs once before it starts ({} for non-fp32 modules or without the kernel)."""
+  return {key: rows_matmul.pack(w) for key, w in decode_matrices_of(*modules).items()
+          if rows_matmul.usable(w)}
+
+
+def decode_packs_from(packs: tuple, *modules) -> dict:
+  """`decode_packs(*modules)` from its values, packed earlier (outside a jitted loop, once for
+  many calls: `decoding.prepare`) and passed in as arguments: the keys name layers by id, and an
+  `nnx.merge` inside the jitted function makes new layers. `()` (nothing packed) gives `{}`."""
+  if not packs:
+    return {}
+  keys = [key for key, w in decode_matrices_of(*modules).items() if rows_matmul.usable(w)]
+  if len(keys) != len(packs):
+    raise ValueError(f'packs: {len(packs)} packed weights for {len(keys)} decode matmuls: they '
+                     f'were packed from other modules')
+  return dict(zip(keys, packs))

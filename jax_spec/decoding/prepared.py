@@ -1,0 +1,88 @@
+"""A model prepared once for many decode calls: split for the jitted loops and its decode weights
+packed for the few-row matmul kernel.
+
+`generate(model, ...)` and `speculative_generate(model, ...)` prepare the model at every call: an
+`nnx.split` of every parameter and a pack of every decode weight (a copy of the model's matmuls
+in the kernel's tile layout), ~2-4 ms on CPU for the quickstart's model, which a 160-token request
+pays once more on top of its prefill. Serving many requests, prepare once and pass the prepared
+model instead:
+
+    prepared = decoding.prepare(model, draft_model=draft)
+    out = decoding.speculative_generate(prepared, prompts_BT, lengths_B, drafter='medusa', ...)
+    base = decoding.generate(prepared, prompts_BT, lengths_B, ...)
+
+A prepared model is a snapshot: it decodes with the weights `model` had at `prepare` time
+(prepare again after training further).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jax_spec import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One module as a jitted decode loop takes it: `nnx.split` and its packed decode weights."""
+  graphdef: Any               # static argument of the loop
+  state: Any                  # nnx.State: traced argument
+  packs: tuple                # `models.decode_packs` values, in order; () where nothing is packed
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedModel:
+  """A target model (and optionally a draft model) prepared for the decode functions."""
+  model: models.Transformer
+  draft_model: models.Transformer | None
+  trunk: Split
+  draft: Split | None
+
+
+def _check(name, module):
+  if not isinstance(module, models.Transformer):
+    raise ValueError(f'{name} must be a jax_spec.models.Transformer (or, for model, a '
+                     f'decoding.PreparedModel), got {type(module).__name__}')
+
+
+def prepare(model, draft_model=None) -> PreparedModel:
+  """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc)."""
+  _check('model', model)
+  if draft_model is not None:
+    _check('draft_model', draft_model)
+  return PreparedModel(model, draft_model, split(model),
+                       split(draft_model) if draft_model is not None else None)
+
+
+def split(module) -> Split:
+  graphdef, state = nnx.split(module)
+  # Packs feed only the CPU kernel: on other backends the loops' dots read the weights directly.
+  packs = _pack(graphdef, state) if jax.default_backend() == 'cpu' else ()
+  return Split(graphdef, state, packs)
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _pack(graphdef, state):
+  return tuple(models.decode_packs(nnx.merge(graphdef, state)).values())
+
+
+def as_prepared(model, draft_model=None) -> PreparedModel:
+  """`model` if it is prepared (its draft model must then be `draft_model` or None), else
+  `prepare(model, draft_model)`."""
+  if not isinstance(model, PreparedModel):
+    return prepare(model, draft_model)
+  if draft_model is not None and draft_model is not model.draft_model:
+    raise ValueError('draft_model: this PreparedModel was prepared with another draft model (or '
+                     'none); pass the draft model to decoding.prepare(model, draft_model)')
+  return model
+
+
+def merge(graphdef, state, packs):
+  """Inside a jitted decode function: (the module, its `rows_matmul.packed` dict), packed here
+  when nothing was packed before (`packs == ()`)."""
+  module = nnx.merge(graphdef, state)
+  return module, (models.decode_packs_from(packs, module) if packs else models.decode_packs(module))

@@ -1,0 +1,87 @@
+"""decoding.prepare: a model split and packed once decodes exactly like the model; the loops take
+every kernel weight from the prepared packs (none packed per call); bad arguments."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_spec import decoding
+from jax_spec import models
+from jax_spec.decoding import prepared as prepared_lib
+from jax_spec.kernels import rows_matmul
+
+MAX_NEW = 7
+
+
+def _model(seed, **overrides):
+  # Peaked logits (init_std 0.2): a 1-token and a T-token forward never flip a greedy argmax.
+  cfg = models.get_config('tiny', init_std=0.2, num_layers=1, eagle_layers=1, **overrides)
+  return models.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _prompts(vocab):
+  return (jax.random.randint(jax.random.key(3), (2, 6), 0, vocab).astype(jnp.int32),
+          jnp.array([6, 2], jnp.int32))
+
+
+def _decode_all(model, draft_model, prompts):
+  """Plain decoding and every drafter's greedy chain, from `model` (prepared or not)."""
+  outs = {'plain': decoding.generate(model, *prompts, max_new_tokens=MAX_NEW)}
+  for drafter in ('medusa', 'mtp', 'eagle'):
+    outs[drafter] = decoding.speculative_generate(model, *prompts, drafter=drafter,
+                                                  max_new_tokens=MAX_NEW)
+  outs['model'] = decoding.speculative_generate(
+      model, *prompts, drafter='model', draft_model=None if isinstance(
+          model, decoding.PreparedModel) else draft_model, max_new_tokens=MAX_NEW)
+  return {k: np.asarray(v.tokens_BN) for k, v in outs.items()}
+
+
+def test_prepared_model_decodes_like_the_model(monkeypatch):
+  # Every weight through the kernel (the tiny model's are below its size threshold).
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+  model, draft = _model(0, vocab_size=97), _model(1, vocab_size=97, mtp_depth=0, medusa_heads=0)
+  prompts = _prompts(97)
+  prepared = decoding.prepare(model, draft)
+  if rows_matmul.available():
+    assert len(prepared.trunk.packs) == len(models.decode_packs(model)) > 0
+    assert len(prepared.draft.packs) == len(models.decode_packs(draft)) > 0
+  direct, from_prepared = _decode_all(model, draft, prompts), _decode_all(prepared, draft, prompts)
+  for name, tokens in direct.items():
+    np.testing.assert_array_equal(from_prepared[name], tokens, err_msg=name)
+    np.testing.assert_array_equal(tokens, direct['plain'], err_msg=name)   # lossless
+
+
+def test_loops_read_every_kernel_weight_from_the_packs(monkeypatch):
+  """Once prepared, tracing the loops packs nothing: each `rows_matmul.matmul` finds its weight's
+  key among the prepared packs (a key missing from `decode_matrices_of` would pack per call)."""
+  if not rows_matmul.available():
+    pytest.skip('the few-row kernel is not built here')
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+  model = _model(0, vocab_size=89, medusa_shared_head=False)
+  draft = _model(1, vocab_size=89, mtp_depth=0, medusa_heads=0)
+  prepared = decoding.prepare(model, draft)
+
+  def no_pack(w):
+    raise AssertionError(f'a {w.shape} weight was packed inside the loop')
+
+  monkeypatch.setattr(rows_matmul, 'pack', no_pack)
+  _decode_all(prepared, draft, _prompts(89))   # new shapes: every loop is traced here
+
+
+def test_bad_arguments():
+  model = _model(0)
+  with pytest.raises(ValueError, match='model must be'):
+    decoding.prepare('gpt2')
+  with pytest.raises(ValueError, match='draft_model must be'):
+    decoding.prepare(model, draft_model=object())
+  with pytest.raises(ValueError, match='model must be'):
+    decoding.generate(object(), *_prompts(259), max_new_tokens=2)
+  prepared = decoding.prepare(model)
+  with pytest.raises(ValueError, match='draft_model'):
+    decoding.speculative_generate(prepared, *_prompts(259), drafter='model', draft_model=model,
+                                  max_new_tokens=2)
+  with pytest.raises(ValueError, match='packs'):
+    models.decode_packs_from((jnp.zeros((1, 1, 1)),) * 99, model)
+  assert models.decode_packs_from((), model) == {}
+  assert prepared_lib.as_prepared(prepared) is prepared
