@@ -37,36 +37,30 @@ def _decode_all(model, draft_model, prompts):
   return {k: np.asarray(v.tokens_BN) for k, v in outs.items()}
 
 
-def test_prepared_model_decodes_like_the_model(monkeypatch):
+def test_prepared_model_decodes_like_the_model_and_packs_nothing_per_call(monkeypatch):
+  """Same tokens as the model for plain decoding and every drafter; and once prepared, tracing
+  the loops packs nothing: each `rows_matmul.matmul` finds its weight's key among the prepared
+  packs (a key missing from `decode_matrices_of` would pack per call). Unshared Medusa LM heads:
+  the most keys."""
   # Every weight through the kernel (the tiny model's are below its size threshold).
   monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
-  model, draft = _model(0, vocab_size=97), _model(1, vocab_size=97, mtp_depth=0, medusa_heads=0)
+  model = _model(0, vocab_size=97, medusa_shared_head=False)
+  draft = _model(1, vocab_size=97, mtp_depth=0, medusa_heads=0)
   prompts = _prompts(97)
   prepared = decoding.prepare(model, draft)
+  direct = _decode_all(model, draft, prompts)
   if rows_matmul.available():
     assert len(prepared.trunk.packs) == len(models.decode_packs(model)) > 0
     assert len(prepared.draft.packs) == len(models.decode_packs(draft)) > 0
-  direct, from_prepared = _decode_all(model, draft, prompts), _decode_all(prepared, draft, prompts)
+
+    def no_pack(w):
+      raise AssertionError(f'a {w.shape} weight was packed inside the loop')
+
+    monkeypatch.setattr(rows_matmul, 'pack', no_pack)
+  from_prepared = _decode_all(prepared, draft, prompts)
   for name, tokens in direct.items():
     np.testing.assert_array_equal(from_prepared[name], tokens, err_msg=name)
     np.testing.assert_array_equal(tokens, direct['plain'], err_msg=name)   # lossless
-
-
-def test_loops_read_every_kernel_weight_from_the_packs(monkeypatch):
-  """Once prepared, tracing the loops packs nothing: each `rows_matmul.matmul` finds its weight's
-  key among the prepared packs (a key missing from `decode_matrices_of` would pack per call)."""
-  if not rows_matmul.available():
-    pytest.skip('the few-row kernel is not built here')
-  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
-  model = _model(0, vocab_size=89, medusa_shared_head=False)
-  draft = _model(1, vocab_size=89, mtp_depth=0, medusa_heads=0)
-  prepared = decoding.prepare(model, draft)
-
-  def no_pack(w):
-    raise AssertionError(f'a {w.shape} weight was packed inside the loop')
-
-  monkeypatch.setattr(rows_matmul, 'pack', no_pack)
-  _decode_all(prepared, draft, _prompts(89))   # new shapes: every loop is traced here
 
 
 def test_bad_arguments():
