@@ -312,37 +312,3 @@ def test_decode_medusa_logits_match_the_heads(monkeypatch, shared_head, num_laye
       2 if shared_head else 1 + cfg.medusa_heads)
   np.testing.assert_allclose(decode(graphdef, state, hidden_BTD), model.medusa_logits(hidden_BTD),
                              atol=1e-5, rtol=1e-5)
-
-
-def test_kernel_path_with_its_norms_matches_full_forward(setup, monkeypatch):
-  """Every weight through the kernel, the pre-norms inside its calls (each block's QKV and
-  gate-up matmuls, each MTP combine's projection: `layers.normed_matmul`): a verify chain and the
-  MTP drafts still agree with the full forward, and the HLO holds one normed call per pre-norm."""
-  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
-  cfg, graphdef, state = setup
-  extend_k, mtp_draft_k = _merge(M.extend), _merge(M.mtp_draft)   # fresh traces
-  batch = 2
-  seq = jax.random.randint(jax.random.key(5), (batch, SEQ), 0, cfg.vocab_size)
-  prompt_lengths = jnp.array([6, 4], jnp.int32)
-  model = nnx.merge(graphdef, state)
-  _, cache = prefill(graphdef, state, seq[:, :6], prompt_lengths, M.init_cache(model, batch, MAX_LEN))
-  depths, mask = _chain(batch, 3)
-  cand = seq[jnp.arange(batch)[:, None], prompt_lengths[:, None] + jnp.arange(3)]
-  text = extend_k.lower(graphdef, state, cand, depths, mask, cache).as_text()
-  assert text.count('jax_spec_rms_norm_rows_matmul') == 2 * cfg.num_layers
-  out, cache = extend_k(graphdef, state, cand, depths, mask, cache)
-  ref, out_np = _np(full_forward(graphdef, state, seq)), _np(out)
-  for b, n in enumerate(np.array(prompt_lengths)):
-    np.testing.assert_allclose(out_np.logits_BTV[b], ref.logits_BTV[b, n:n + 3], atol=ATOL,
-                               rtol=RTOL)
-    np.testing.assert_allclose(out_np.hidden_BTD[b], ref.hidden_BTD[b, n:n + 3], atol=ATOL,
-                               rtol=RTOL)
-  cache = commit(cache, jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (batch, 3)),
-                 jnp.array([3, 1], jnp.int32))
-  next_tok = seq[jnp.arange(batch), cache.lengths]
-  args = (M.init_mtp_cache(model, batch, MAX_LEN), ref.hidden_BTD[:, :9], seq[:, :9],
-          cache.lengths, next_tok)
-  assert mtp_draft_k.lower(graphdef, state, *args).as_text().count(
-      'jax_spec_rms_norm_rows_matmul') == 3 * cfg.mtp_depth   # combine + the block's two
-  draft, _ = mtp_draft_k(graphdef, state, *args)
-  _check_drafts(graphdef, state, seq, cache.lengths, next_tok, draft)

@@ -64,50 +64,6 @@ def test_leading_dims_fallbacks_and_errors():
     rows_matmul.matmul(x, w.T)
 
 
-def _rms_norm_float64(x, scale, eps, segments):
-  parts = x.astype(np.float64).reshape(x.shape[0], segments, -1)
-  parts = parts / np.sqrt(np.mean(parts ** 2, axis=-1, keepdims=True) + eps)
-  return parts.reshape(x.shape) * scale.astype(np.float64)
-
-
-@pytest.mark.parametrize('rows, d_in, d_out, segments', [(1, 256, 768, 1), (7, 512, 259, 2),
-                                                         (13, 30, 37, 3), (4, 7, 5, 1)])
-def test_rms_norm_in_the_kernel_matches_float64(rows, d_in, d_out, segments):
-  """`RMSNorm(x) @ w` in one call, each segment of a row normed on its own (an MTP combine's
-  `[RMSNorm(h); RMSNorm(e)]`); rows of very different scales, as a residual stream has."""
-  rng = np.random.default_rng(rows * 100 + segments)
-  x = (rng.standard_normal((rows, d_in)) * rng.uniform(0.01, 30, (rows, 1))).astype(np.float32)
-  w = rng.standard_normal((d_in, d_out)).astype(np.float32)
-  scale = rng.uniform(0.5, 2, d_in).astype(np.float32)
-  norm = rows_matmul.RowNorm(jnp.asarray(scale), 1e-5, segments)
-  f = jax.jit(lambda x, w: rows_matmul.matmul(x, w, rms_norm=norm))
-  assert 'jax_spec_rms_norm_rows_matmul' in f.lower(x, w).as_text()
-  got = np.asarray(f(x, w), np.float64)
-  normed = _rms_norm_float64(x, scale, 1e-5, segments)
-  bound = np.abs(normed) @ np.abs(w).astype(np.float64)
-  assert np.max(np.abs(got - normed @ w.astype(np.float64)) / bound) < 8 * d_in * np.finfo(
-      np.float32).eps
-  # A wrong segmentation (one norm over the whole row) is far off: the test can fail.
-  if segments > 1:
-    whole = _rms_norm_float64(x, scale, 1e-5, 1) @ w.astype(np.float64)
-    assert np.max(np.abs(got - whole) / bound) > 1e-3
-  # Row independence, bitwise, as for the plain product.
-  alone = np.stack([np.asarray(f(x[i:i + 1], w))[0] for i in range(rows)])
-  np.testing.assert_array_equal(np.asarray(f(x, w)), alone)
-  # The XLA reference (`RowNorm.__call__`, other platforms) agrees.
-  np.testing.assert_allclose(np.asarray(norm(x) @ w), got, rtol=2e-4, atol=2e-4 * np.abs(got).max())
-
-
-def test_rms_norm_argument_errors():
-  x, w = jnp.ones((2, 6), jnp.float32), jnp.ones((6, 4), jnp.float32)
-  with pytest.raises(ValueError, match='rms_norm scale'):
-    rows_matmul.matmul(x, w, rms_norm=rows_matmul.RowNorm(jnp.ones(5), 1e-6))
-  with pytest.raises(ValueError, match='segments'):
-    rows_matmul.matmul(x, w, rms_norm=rows_matmul.RowNorm(jnp.ones(6), 1e-6, 4))
-  with pytest.raises(ValueError, match='fp32'):
-    rows_matmul.matmul(x.astype(jnp.bfloat16), w, rms_norm=rows_matmul.RowNorm(jnp.ones(6), 1e-6))
-
-
 def test_pack_is_column_tiles_of_the_kernels_simd_width():
   tile = rows_matmul.tile_width()
   assert tile in (8, 16)    # AVX2 or AVX-512 lanes
@@ -119,12 +75,8 @@ def test_pack_is_column_tiles_of_the_kernels_simd_width():
   assert not tiles[1, :, 2:].any()
 
 
-@pytest.mark.parametrize('with_norm', [False, True])
-def test_other_platforms_lower_the_plain_dot(with_norm):
-  norm = rows_matmul.RowNorm(jnp.ones(32), 1e-6) if with_norm else None
-  exported = jax.export.export(jax.jit(lambda x, w: rows_matmul.matmul(x, w, rms_norm=norm)),
-                               platforms=['cuda'])(
+def test_other_platforms_lower_the_plain_dot():
+  exported = jax.export.export(jax.jit(rows_matmul.matmul), platforms=['cuda'])(
       jax.ShapeDtypeStruct((4, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32))
   text = exported.mlir_module()
-  assert 'jax_spec_rows_matmul' not in text and 'jax_spec_rms_norm' not in text
-  assert 'dot_general' in text and ('rsqrt' in text) == with_norm
+  assert 'jax_spec_rows_matmul' not in text and 'dot_general' in text

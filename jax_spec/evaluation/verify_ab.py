@@ -10,7 +10,8 @@ shared machine). Reported per variant and T: median ms per step, r(T) as the med
 the plain step's speedup over the first variant (median of per-round ratios).
 
 `loops` adds whole decoding loops to each round (`loop_fn`: plain `generate` and
-`speculative_generate` chains of the named drafters on a model with Medusa and EAGLE heads),
+`speculative_generate` chains of the named drafters on a model with Medusa and EAGLE heads,
+`decoding.prepare`d where the checkout has it),
 reported per decoded step and in plain steps: a change (or an XLA flag) that speeds up the verify
 forward alone can still slow the whole loop, whose drafting and bookkeeping are many small ops.
 
@@ -106,6 +107,10 @@ def loop_fn(config: str, precision: str, drafter: str, depth: int = 6, prompt_le
   prompts_BT = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)),
                            jnp.int32)
   lengths_B = jnp.array([prompt_len], jnp.int32)
+  # Decoded as the benchmarks decode: prepared once (split, weights packed). Checkouts from before
+  # `decoding.prepare` decode the model itself, which packs its weights at every call.
+  if hasattr(decoding, 'prepare'):
+    model = decoding.prepare(model)
   if drafter == 'plain':
     return (lambda: decoding.generate(model, prompts_BT, lengths_B,
                                       max_new_tokens=max_new_tokens).tokens_BN), max_new_tokens

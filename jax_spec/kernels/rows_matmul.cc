@@ -129,9 +129,22 @@ struct Shared {
   }
 };
 
-// y [rows, tiles * kCols] = x [rows, d_in] @ the packed weight, on up to two threads of the pool.
-void RowsMatmul(ffi::ThreadPool& pool, const float* x_data, int64_t rows, int64_t d_in,
-                const float* w_data, int64_t tiles, float* y_data) {
+// x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles) -> y [R, F].
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> w_tiles, ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto w_dims = w_tiles.dimensions();
+  const auto y_dims = y->dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3 || w_dims[2] != kCols || x_dims[1] != w_dims[1] ||
+      y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
+    return ffi::Error::InvalidArgument(
+        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] (W = JaxSpecRowsMatmulTile()) "
+        "and y [R, F]");
+  }
+  const int64_t rows = x_dims[0], d_in = x_dims[1], tiles = w_dims[0];
+  const float* x_data = x.typed_data();
+  const float* w_data = w_tiles.typed_data();
+  float* y_data = y->typed_data();
   // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
   const int64_t groups = (rows + kRows - 1) / kRows;
   // Column chunks split the weight between threads (a chunk reads its own tiles only).
@@ -155,60 +168,6 @@ void RowsMatmul(ffi::ThreadPool& pool, const float* x_data, int64_t rows, int64_
   for (int64_t spins = 0; shared->done.load(std::memory_order_acquire) < shared->chunks; ++spins) {
     if (spins > 2000) std::this_thread::yield();
   }
-}
-
-bool ShapesMatch(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims,
-                 ffi::Span<const int64_t> y_dims) {
-  return x_dims.size() == 2 && w_dims.size() == 3 && w_dims[2] == kCols &&
-         x_dims[1] == w_dims[1] && y_dims.size() == 2 && y_dims[0] == x_dims[0] &&
-         y_dims[1] == w_dims[0] * kCols;
-}
-
-// x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles) -> y [R, F].
-ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> w_tiles, ffi::ResultBuffer<ffi::F32> y) {
-  if (!ShapesMatch(x.dimensions(), w_tiles.dimensions(), y->dimensions())) {
-    return ffi::Error::InvalidArgument(
-        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] (W = JaxSpecRowsMatmulTile()) "
-        "and y [R, F]");
-  }
-  RowsMatmul(pool, x.typed_data(), x.dimensions()[0], x.dimensions()[1], w_tiles.typed_data(),
-             w_tiles.dimensions()[0], y->typed_data());
-  return ffi::Error::Success();
-}
-
-// The same product of RMSNorm(x) [R, D]: each of `segments` equal parts of a row is normalised on
-// its own, x * rsqrt(mean(x^2) + eps) * scale, before the weight is streamed. The RMSNorm before a
-// block's projections is then not three more small XLA ops per call (a reduction XLA:CPU splits
-// in two, the rsqrt, the scaling). The sum of squares runs over d in order: a row's result does
-// not depend on the rows beside it, as for the product.
-ffi::Error RmsNormRowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> w_tiles,
-                                 ffi::ResultBuffer<ffi::F32> y, float eps, int64_t segments) {
-  const auto x_dims = x.dimensions();
-  if (!ShapesMatch(x_dims, w_tiles.dimensions(), y->dimensions()) ||
-      scale.dimensions().size() != 1 || scale.dimensions()[0] != x_dims[1] || segments < 1 ||
-      x_dims[1] % segments != 0) {
-    return ffi::Error::InvalidArgument(
-        "rms_norm_rows_matmul: expected x [R, D], scale [D], w_tiles [F / W, D, W], y [R, F] "
-        "and segments dividing D");
-  }
-  const int64_t rows = x_dims[0], d_in = x_dims[1], width = d_in / segments;
-  const float* x_data = x.typed_data();
-  const float* scale_data = scale.typed_data();
-  std::unique_ptr<float[]> normed(new float[rows * d_in]);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t s = 0; s < segments; ++s) {
-      const int64_t begin = r * d_in + s * width;
-      float sum_sq = 0.0f;
-      for (int64_t d = 0; d < width; ++d) sum_sq += x_data[begin + d] * x_data[begin + d];
-      const float inv_rms = 1.0f / std::sqrt(sum_sq / static_cast<float>(width) + eps);
-      for (int64_t d = 0; d < width; ++d)
-        normed[begin + d] = x_data[begin + d] * inv_rms * scale_data[s * width + d];
-    }
-  }
-  RowsMatmul(pool, normed.get(), rows, d_in, w_tiles.typed_data(), w_tiles.dimensions()[0],
-             y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -223,13 +182,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRmsNormRowsMatmul, RmsNormRowsMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("segments"));

@@ -12,10 +12,6 @@ Each output element is summed in the same order whatever the number of rows, so 
 do not depend on how many tokens share the call: plain decoding (1 row) and a verify step (T rows)
 give bitwise the same numbers for the same token and context.
 
-`matmul(x, w, rms_norm=RowNorm(scale, eps))` computes `RMSNorm(x) @ w` in the same call: the
-kernel normalises the rows before it streams the weight (the pre-norm of a block's projections,
-otherwise three more small XLA ops per matmul).
-
 `matmul(x, w)` uses the kernel when it can (CPU, fp32, the library built) and `x @ w` otherwise;
 on other platforms (also when exporting for one) `lax.platform_dependent` lowers the plain dot.
 The library is compiled with the system's C++ compiler on first use into `JAX_SPEC_CACHE_DIR`
@@ -34,14 +30,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _TARGET = 'jax_spec_rows_matmul'
-_NORM_TARGET = 'jax_spec_rms_norm_rows_matmul'
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rows_matmul.cc')
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -100,9 +93,6 @@ def available() -> bool:
           lib = ctypes.cdll.LoadLibrary(path)
           jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxSpecRowsMatmul),
                                       platform='cpu')
-          jax.ffi.register_ffi_target(_NORM_TARGET,
-                                      jax.ffi.pycapsule(lib.JaxSpecRmsNormRowsMatmul),
-                                      platform='cpu')
           lib.JaxSpecRowsMatmulTile.restype = ctypes.c_int64
           _state['tile'] = int(lib.JaxSpecRowsMatmulTile())
           _state['ok'] = True
@@ -128,30 +118,11 @@ def pack(w_DF):
   return w_DF.reshape(d_in, padded // tile, tile).transpose(1, 0, 2)
 
 
-class RowNorm(NamedTuple):
-  """RMSNorm of the matmul's input rows: each of `segments` equal parts of a row (a concatenation
-  of normed vectors, e.g. an MTP combine's `[RMSNorm(h); RMSNorm(e)]`) is normalised on its own,
-  `x * rsqrt(mean(x^2) + eps) * scale` in fp32, as `models.layers.RMSNorm` does."""
-  scale: jax.Array          # [D] fp32: the segments' scales, concatenated
-  eps: float
-  segments: int = 1
-
-  def __call__(self, x):
-    """The normalised rows, in XLA (the kernel's reference; platforms without it)."""
-    parts = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.segments, -1))
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(parts), axis=-1, keepdims=True) + self.eps)
-    return (parts * inv_rms).reshape(x.shape) * self.scale.astype(jnp.float32)
-
-
-def _kernel(x_RD, tiles_NDW, d_out, norm: RowNorm | None = None):
+def _kernel(x_RD, tiles_NDW, d_out):
   num_tiles, _, tile = tiles_NDW.shape
-  out = jax.ShapeDtypeStruct((x_RD.shape[0], num_tiles * tile), jnp.float32)
-  if norm is None:
-    y = jax.ffi.ffi_call(_TARGET, out, vmap_method='sequential')(x_RD, tiles_NDW)
-  else:
-    y = jax.ffi.ffi_call(_NORM_TARGET, out, vmap_method='sequential')(
-        x_RD, norm.scale.astype(jnp.float32), tiles_NDW, eps=np.float32(norm.eps),
-        segments=np.int64(norm.segments))
+  y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], num_tiles * tile),
+                                                     jnp.float32),
+                       vmap_method='sequential')(x_RD, tiles_NDW)
   return y[:, :d_out]
 
 
@@ -184,26 +155,19 @@ def packed(tiles_by_key: dict):
     _PACKED.reset(token)
 
 
-def matmul(x, w_DF, key=None, rms_norm: RowNorm | None = None):
+def matmul(x, w_DF, key=None):
   """`x @ w_DF` for `x [..., D]`, through the kernel on CPU when both are fp32 (see the module
   docstring); forward only (no gradient), for decoding. `key`: this weight's entry in an
-  enclosing `packed` block, if any. `rms_norm`: multiply `rms_norm(x)` instead (fp32)."""
+  enclosing `packed` block, if any."""
   if x.shape[-1] != w_DF.shape[0]:
     raise ValueError(f'matmul: x {x.shape} and w_DF {w_DF.shape} do not contract')
-  if rms_norm is not None:
-    if rms_norm.scale.shape != (x.shape[-1],) or x.shape[-1] % rms_norm.segments:
-      raise ValueError(f'matmul: rms_norm scale {rms_norm.scale.shape} and {rms_norm.segments} '
-                       f'segments do not fit x {x.shape}')
-    if x.dtype != jnp.float32:
-      raise ValueError(f'matmul: rms_norm needs fp32 x, got {x.dtype}')
-  normed = (lambda v: v) if rms_norm is None else rms_norm
   if x.dtype != jnp.float32 or not usable(w_DF):
-    return normed(x) @ w_DF
+    return x @ w_DF
   x_RD = x.reshape(-1, x.shape[-1])
   tiles_NDW = (_PACKED.get() or {}).get(key) if key is not None else None
   if tiles_NDW is None:
     tiles_NDW = pack(w_DF)
   y_RF = jax.lax.platform_dependent(
-      x_RD, tiles_NDW, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1], rms_norm),
-      default=lambda x, _, w: normed(x) @ w)
+      x_RD, tiles_NDW, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1]),
+      default=lambda x, _, w: x @ w)
   return y_RF.reshape(x.shape[:-1] + (w_DF.shape[1],))

@@ -58,13 +58,12 @@ class Dense(nnx.Module):
     y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
-  def decode(self, x, in_axes: int = 1, norms=()):
+  def decode(self, x, in_axes: int = 1):
     """`self(x)` for the few rows of a decode step (`rows_matmul.matmul`; forward only). The
-    equation must contract x's last `in_axes` dims with the kernel's first ones, in order.
-    `norms`: RMSNorms of x's equal parts first (`normed_matmul`)."""
+    equation must contract x's last `in_axes` dims with the kernel's first ones, in order."""
     lead, out = x.shape[:-in_axes], self.kernel.shape[in_axes:]
-    y = normed_matmul(x.reshape(lead + (-1,)), norms, self.matrix(in_axes),
-                      key=id(self)).reshape(lead + out)
+    y = rows_matmul.matmul(x.astype(self.dtype).reshape(lead + (-1,)), self.matrix(in_axes),
+                           key=id(self)).reshape(lead + out)
     return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
   def matrix(self, in_axes: int = 1):
@@ -90,25 +89,9 @@ def decode_matrices(block) -> dict:
           fused_key(gate_up): fused_matrix(gate_up), id(mlp.down): mlp.down.matrix()}
 
 
-def normed_matmul(x, norms, w_DF, key):
-  """`concat([norm(part) for norm, part in zip(norms, equal parts of x)]) @ w_DF`, decode path
-  (`rows_matmul.matmul`; no norms: `x @ w_DF`). For fp32 x and weight one kernel call normalises
-  its rows before the product (`rows_matmul.RowNorm`); otherwise the RMSNorm modules run first."""
-  if (norms and x.dtype == w_DF.dtype == jnp.float32
-      and len({norm.eps for norm in norms}) == 1):
-    scale = jnp.concatenate([norm.scale[...].astype(jnp.float32) for norm in norms])
-    return rows_matmul.matmul(x, w_DF, key=key,
-                              rms_norm=rows_matmul.RowNorm(scale, norms[0].eps, len(norms)))
-  if norms:
-    parts = jnp.split(x, len(norms), axis=-1)
-    x = jnp.concatenate([norm(part) for norm, part in zip(norms, parts)], axis=-1)
-  return rows_matmul.matmul(x.astype(w_DF.dtype), w_DF, key=key)
-
-
-def fused_dense(x, denses, norm=None):
+def fused_dense(x, denses):
   """`[d(x) for d in denses]` with one matmul: Dense layers of the same input, each a kernel
   `[D, *out]` with equation '...d,d...->...', their kernels concatenated along the outputs.
-  `norm`: an RMSNorm of x first, inside the same kernel call where it can (`normed_matmul`).
 
   Decoding runs a few rows per step, where a matmul costs per call more than per FLOP
   (docs/benchmarks.md, "Verify cost model"); the concatenation of loop-invariant weights is
@@ -116,7 +99,7 @@ def fused_dense(x, denses, norm=None):
   """
   dtype = denses[0].dtype
   sizes = [math.prod(d.kernel.shape[1:]) for d in denses]
-  y = normed_matmul(x, () if norm is None else (norm,), fused_matrix(denses), fused_key(denses))
+  y = rows_matmul.matmul(x.astype(dtype), fused_matrix(denses), key=fused_key(denses))
   outs = []
   for d, part in zip(denses, jnp.split(y, list(itertools.accumulate(sizes))[:-1], -1)):
     part = part.reshape(x.shape[:-1] + d.kernel.shape[1:])
@@ -249,11 +232,9 @@ class Attention(nnx.Module):
     self.q_norm, self.k_norm = (norm(), norm()) if c.qk_norm else (None, None)
     self.impl = c.attention_impl
 
-  def qkv(self, x_BTD, rope: Rotary, fused: bool = False, norm=None):
-    """`fused`: the decode path (one matmul; few-row kernels), with `norm` (the block's pre-norm)
-    applied to x inside it."""
+  def qkv(self, x_BTD, rope: Rotary, fused: bool = False):
     if fused:
-      q_BTHE, k_BTKE, v_BTKE = fused_dense(x_BTD, (self.q, self.k, self.v), norm)
+      q_BTHE, k_BTKE, v_BTKE = fused_dense(x_BTD, (self.q, self.k, self.v))
     else:
       q_BTHE, k_BTKE, v_BTKE = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if self.q_norm is not None:
@@ -268,10 +249,10 @@ class Attention(nnx.Module):
         kv_segment_ids=segment_ids_BT, implementation=self.impl)
     return self.out(o_BTHE), k_BTKE, v_BTKE
 
-  def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT, norm=None):
+  def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
     """New tokens against this layer's cache: writes K/V at slots `[len, len + T)`, then attends.
-    `norm`: an RMSNorm of x first (the block's). Returns (output, cache)."""
-    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, rope, fused=True, norm=norm)
+    Returns (output, cache)."""
+    q_BTHE, k_BTKE, v_BTKE = self.qkv(x_BTD, rope, fused=True)
     slots_BT = lengths_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=jnp.int32)
     cache = cache.write(k_BTKE, v_BTKE, slots_BT)
     o_BTHE = attention_lib.cache_attention(
@@ -290,12 +271,11 @@ class SwiGLU(nnx.Module):
     self.up = Dense((c.d_model, c.d_ff), 'btd,df->btf', init=init, **kw)
     self.down = Dense((c.d_ff, c.d_model), 'btf,fd->btd', init=out_init, **kw)
 
-  def __call__(self, x_BTD, fused: bool = False, norm=None):
-    """`fused`: the decode path (one matmul for gate and up; few-row kernels), with `norm` (the
-    block's pre-norm) applied to x inside it."""
+  def __call__(self, x_BTD, fused: bool = False):
+    """`fused`: the decode path (one matmul for gate and up; few-row kernels)."""
     if not fused:
       return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
-    gate_BTF, up_BTF = fused_dense(x_BTD, (self.gate, self.up), norm)
+    gate_BTF, up_BTF = fused_dense(x_BTD, (self.gate, self.up))
     return self.down.decode(jax.nn.silu(gate_BTF) * up_BTF)
 
 
@@ -317,7 +297,6 @@ class Block(nnx.Module):
 
   def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
     """New tokens against this block's own cache -> (x, cache)."""
-    a_BTD, cache = self.attn.decode(x_BTD, rope, cache, lengths_B, tree_mask_BTT,
-                                    norm=self.attn_norm)
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), rope, cache, lengths_B, tree_mask_BTT)
     x_BTD = x_BTD + a_BTD
-    return x_BTD + self.mlp(x_BTD, fused=True, norm=self.mlp_norm), cache
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD), fused=True), cache

@@ -39,11 +39,8 @@ class MTPModule(nnx.Module):
     return (self.block,)
 
   def combine(self, h_BTD, e_BTD, decode: bool = False):
-    if decode:   # both norms inside the projection's kernel call (`layers.normed_matmul`)
-      x_BTC = jnp.concatenate([h_BTD, e_BTD.astype(h_BTD.dtype)], axis=-1)
-      return self.proj.decode(x_BTC, norms=(self.hidden_norm, self.embed_norm))
     x_BTC = jnp.concatenate([self.hidden_norm(h_BTD), self.embed_norm(e_BTD)], axis=-1)
-    return self.proj(x_BTC)
+    return self.proj.decode(x_BTC) if decode else self.proj(x_BTC)
 
   def __call__(self, h_BTD, e_BTD, rope: Rotary, segment_ids_BT=None):
     x_BTD = self.combine(h_BTD, e_BTD)
