@@ -8,126 +8,11 @@
 // order with one fused multiply-add per term (built with -ffp-contract=off, so the compiler
 // cannot fuse some products and not others), whatever R is: a row's result does not depend on how
 // many rows share the call.
-#include <algorithm>
-#include <array>
-#include <atomic>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <cmath>
-#include <cstdint>
-#include <utility>
-
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "rows_matmul.h"
 
 namespace {
 
-// The packed weight's tile width and the register file: 16 fp32 lanes and 32 registers with
-// AVX-512, 8 and 16 with AVX2. Python reads the width (JaxSpecRowsMatmulTile) and packs to it.
-#if defined(__AVX512F__)
-constexpr int64_t kCols = 16;
-constexpr int64_t kAcc = 24;    // accumulator registers (+ weights + broadcast: <= 32)
-using Vec = __m512;
-inline Vec Zero() { return _mm512_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
-inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-#define JAX_SPEC_SIMD 1
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t kCols = 8;
-constexpr int64_t kAcc = 12;    // accumulator registers (+ weights + broadcast: <= 16)
-using Vec = __m256;
-inline Vec Zero() { return _mm256_setzero_ps(); }
-inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-#define JAX_SPEC_SIMD 1
-#else
-constexpr int64_t kCols = 8;
-constexpr int64_t kAcc = 12;
-#endif
-// Rows per pass over the weight (more: another pass). With AVX-512, 16 rows in one pass (one
-// tile each) ran 1.3x slower than two passes of 8 (three tiles each; experiments.bench_matmul).
-constexpr int64_t kRows = 12;
-
-// kR rows x kT column tiles: y[r, (t0 + t) * kCols + j] = sum_d x[r, d] * w[t0 + t, d, j], d in
-// order, one fused multiply-add per term. kR * kT <= kAcc independent accumulators hide the FMA
-// latency when there are few rows.
-template <int64_t kR, int64_t kT>
-void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_stride) {
-#if defined(JAX_SPEC_SIMD)
-  Vec acc[kR][kT];
-  for (int64_t r = 0; r < kR; ++r)
-    for (int64_t t = 0; t < kT; ++t) acc[r][t] = Zero();
-  for (int64_t d = 0; d < d_in; ++d) {
-    Vec w_t[kT];
-    for (int64_t t = 0; t < kT; ++t) w_t[t] = Load(w + (t * d_in + d) * kCols);
-    for (int64_t r = 0; r < kR; ++r) {
-      const Vec xv = Broadcast(x + r * d_in + d);
-      for (int64_t t = 0; t < kT; ++t) acc[r][t] = Fma(xv, w_t[t], acc[r][t]);
-    }
-  }
-  for (int64_t r = 0; r < kR; ++r)
-    for (int64_t t = 0; t < kT; ++t) Store(y + r * y_stride + t * kCols, acc[r][t]);
-#else
-  float acc[kR][kT][kCols] = {};
-  for (int64_t d = 0; d < d_in; ++d)
-    for (int64_t r = 0; r < kR; ++r)
-      for (int64_t t = 0; t < kT; ++t)
-        for (int64_t j = 0; j < kCols; ++j)
-          acc[r][t][j] = std::fma(x[r * d_in + d], w[(t * d_in + d) * kCols + j], acc[r][t][j]);
-  for (int64_t r = 0; r < kR; ++r)
-    for (int64_t t = 0; t < kT; ++t)
-      for (int64_t j = 0; j < kCols; ++j) y[r * y_stride + t * kCols + j] = acc[r][t][j];
-#endif
-}
-
-// At most this many weight tiles are read side by side: one AVX-512 row over 24 tiles (24
-// streams) ran 3x slower than over 12 (experiments.bench_matmul).
-constexpr int64_t kMaxStreams = 12;
-
-// Tiles [t_begin, t_end) of kR rows.
-template <int64_t kR>
-void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
-           int64_t t_end) {
-  constexpr int64_t kT = std::max<int64_t>(1, std::min<int64_t>(kMaxStreams, kAcc / kR));
-  const int64_t y_stride = tiles * kCols;
-  int64_t t = t_begin;
-  for (; t + kT <= t_end; t += kT)
-    Block<kR, kT>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
-  for (; t < t_end; ++t) Block<kR, 1>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
-}
-
-using TilesFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-template <size_t... kI>
-constexpr std::array<TilesFn, sizeof...(kI)> TilesTable(std::index_sequence<kI...>) {
-  return {Tiles<kI + 1>...};
-}
-constexpr auto kTilesFns = TilesTable(std::make_index_sequence<kRows>());  // [kR - 1]: kR rows
-
-// Work shared between the caller and pool threads: chunks of tiles are claimed from a counter,
-// and the caller runs every chunk nobody has claimed, so it only ever waits for chunks already
-// running on another thread (no deadlock when the pool is busy).
-struct Shared {
-  std::function<void(int64_t)> run_chunk;
-  int64_t chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      run_chunk(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
+using jax_spec::kCols;
 
 // x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles) -> y [R, F].
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -145,29 +30,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* w_data = w_tiles.typed_data();
   float* y_data = y->typed_data();
-  // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
-  const int64_t groups = (rows + kRows - 1) / kRows;
-  // Column chunks split the weight between threads (a chunk reads its own tiles only).
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 2));
-  const int64_t min_tiles = 64 / kCols;  // below 64 columns a chunk is not worth a thread's wake-up
-  const int64_t splits = std::max<int64_t>(1, std::min(threads, tiles / min_tiles));
-  auto shared = std::make_shared<Shared>();
-  shared->chunks = groups * splits;
-  shared->run_chunk = [=](int64_t c) {
-    const int64_t g = c / splits, s = c % splits;
-    const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
-    const int64_t t0 = s * tiles / splits, t1 = (s + 1) * tiles / splits;
-    kTilesFns[r1 - r0 - 1](x_data + r0 * d_in, w_data, y_data + r0 * tiles * kCols, d_in, tiles,
-                           t0, t1);
-  };
-  for (int64_t i = 1; i < std::min(splits, shared->chunks); ++i)
-    pool.Schedule([shared] { shared->Work(); });
-  shared->Work();
-  // Spin while the other chunk is short; then yield, so that a pool thread the OS preempted (more
-  // busy threads than cores: several processes, or test workers) gets the core back.
-  for (int64_t spins = 0; shared->done.load(std::memory_order_acquire) < shared->chunks; ++spins) {
-    if (spins > 2000) std::this_thread::yield();
-  }
+  jax_spec::ParallelMatmul(pool, x_data, w_data, y_data, rows, d_in, tiles);
   return ffi::Error::Success();
 }
 

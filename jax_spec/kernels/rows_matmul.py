@@ -35,7 +35,10 @@ import jax
 import jax.numpy as jnp
 
 _TARGET = 'jax_spec_rows_matmul'
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rows_matmul.cc')
+BLOCK_TARGET = 'jax_spec_block_decode'   # block_decode.cc, built into the same library
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = tuple(os.path.join(_DIR, name) for name in ('rows_matmul.cc', 'block_decode.cc'))
+_HEADERS = (os.path.join(_DIR, 'rows_matmul.h'),)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -51,8 +54,10 @@ def _cpu_signature() -> str:
 
 
 def _library_path() -> str:
-  with open(_SOURCE, 'rb') as fh:
-    source = fh.read()
+  source = b''
+  for path in _SOURCES + _HEADERS:
+    with open(path, 'rb') as fh:
+      source += fh.read()
   key = hashlib.sha256(source + jax.__version__.encode() + _cpu_signature().encode()).hexdigest()
   cache = os.environ.get('JAX_SPEC_CACHE_DIR',
                          os.path.join(os.path.expanduser('~'), '.cache', 'jax_spec'))
@@ -68,7 +73,7 @@ def _build(path: str) -> None:
   os.close(fd)
   # -ffp-contract=off: the kernel's fused multiply-adds are explicit; nothing else may be fused.
   cmd = [compiler, '-O3', '-march=native', '-ffp-contract=off', '-std=c++17', '-shared', '-fPIC',
-         '-w', '-I', jax.ffi.include_dir(), _SOURCE, '-o', tmp]
+         '-w', '-I', jax.ffi.include_dir(), *_SOURCES, '-o', tmp]
   try:
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     os.replace(tmp, path)   # atomic: concurrent builders (test workers) never see a partial file
@@ -92,6 +97,8 @@ def available() -> bool:
             _build(path)
           lib = ctypes.cdll.LoadLibrary(path)
           jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxSpecRowsMatmul),
+                                      platform='cpu')
+          jax.ffi.register_ffi_target(BLOCK_TARGET, jax.ffi.pycapsule(lib.JaxSpecBlockDecode),
                                       platform='cpu')
           lib.JaxSpecRowsMatmulTile.restype = ctypes.c_int64
           _state['tile'] = int(lib.JaxSpecRowsMatmulTile())
@@ -155,6 +162,12 @@ def packed(tiles_by_key: dict):
     _PACKED.reset(token)
 
 
+def tiles(w_DF, key=None):
+  """`w_DF` packed: its entry `key` in an enclosing `packed` block, else packed here."""
+  tiles_NDW = (_PACKED.get() or {}).get(key) if key is not None else None
+  return pack(w_DF) if tiles_NDW is None else tiles_NDW
+
+
 def matmul(x, w_DF, key=None):
   """`x @ w_DF` for `x [..., D]`, through the kernel on CPU when both are fp32 (see the module
   docstring); forward only (no gradient), for decoding. `key`: this weight's entry in an
@@ -164,9 +177,7 @@ def matmul(x, w_DF, key=None):
   if x.dtype != jnp.float32 or not usable(w_DF):
     return x @ w_DF
   x_RD = x.reshape(-1, x.shape[-1])
-  tiles_NDW = (_PACKED.get() or {}).get(key) if key is not None else None
-  if tiles_NDW is None:
-    tiles_NDW = pack(w_DF)
+  tiles_NDW = tiles(w_DF, key)
   y_RF = jax.lax.platform_dependent(
       x_RD, tiles_NDW, w_DF, cpu=lambda x, t, _: _kernel(x, t, w_DF.shape[1]),
       default=lambda x, _, w: x @ w)

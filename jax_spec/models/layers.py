@@ -18,7 +18,7 @@ from flax import nnx
 from flax import struct
 
 from jax_spec import attention as attention_lib
-from jax_spec.kernels import rows_matmul
+from jax_spec.kernels import block_decode, rows_matmul
 from jax_spec.models.config import RopeScaling, TransformerConfig
 
 
@@ -296,7 +296,45 @@ class Block(nnx.Module):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), k_BTKE, v_BTKE
 
   def decode(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
-    """New tokens against this block's own cache -> (x, cache)."""
+    """New tokens against this block's own cache -> (x, cache): fp32 on CPU one kernel call
+    (`kernels.block_decode`), else (and on other platforms) the XLA ops of `decode_ops`."""
+    if not self.kernel_applies(x_BTD, cache):
+      return self.decode_ops(x_BTD, rope, cache, lengths_B, tree_mask_BTT)
+    return jax.lax.platform_dependent(x_BTD, rope, cache, lengths_B, tree_mask_BTT,
+                                      cpu=self._decode_kernel, default=self.decode_ops)
+
+  def decode_ops(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
     a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), rope, cache, lengths_B, tree_mask_BTT)
     x_BTD = x_BTD + a_BTD
     return x_BTD + self.mlp(self.mlp_norm(x_BTD), fused=True), cache
+
+  def kernel_applies(self, x_BTD, cache: LayerCache) -> bool:
+    """Whether `decode` runs `kernels.block_decode`: fp32 throughout, XLA's cache attention."""
+    attn = self.attn
+    return (x_BTD.dtype == jnp.float32 and attn.q.dtype == jnp.float32
+            and cache.k.dtype == jnp.float32 and attn.impl in (None, 'xla')
+            and attn.q.kernel.shape[2] % 2 == 0
+            and attn.q.kernel.shape[2] <= block_decode.MAX_HEAD_DIM and block_decode.enabled())
+
+  def _decode_kernel(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
+    attn, mlp = self.attn, self.mlp
+    qkv, gate_up = (attn.q, attn.k, attn.v), (mlp.gate, mlp.up)
+    _, num_heads, head_dim = attn.q.kernel.shape
+    batch, num_new, d_model = x_BTD.shape
+    bias = lambda d: (jnp.zeros((math.prod(d.kernel.shape[1:]),), jnp.float32) if d.bias is None
+                      else d.bias[...].reshape(-1))
+    norm_scale = lambda norm: (jnp.ones((head_dim,), jnp.float32) if norm is None
+                               else norm.scale[...])
+    table = lambda t: jnp.broadcast_to(t, (batch, num_new, 1, head_dim)).reshape(
+        batch, num_new, head_dim)
+    y_BTD, k_BSKE, v_BSKE = block_decode.block_decode(
+        x_BTD, self.attn_norm.scale[...], rows_matmul.tiles(fused_matrix(qkv), fused_key(qkv)),
+        jnp.concatenate([bias(d) for d in qkv]), norm_scale(attn.q_norm), norm_scale(attn.k_norm),
+        table(rope.cos), table(rope.sin), cache.k, cache.v, lengths_B,
+        jnp.broadcast_to(tree_mask_BTT, (batch, num_new, num_new)),
+        rows_matmul.tiles(attn.out.matrix(2), id(attn.out)), bias(attn.out),
+        self.mlp_norm.scale[...], rows_matmul.tiles(fused_matrix(gate_up), fused_key(gate_up)),
+        rows_matmul.tiles(mlp.down.matrix(), id(mlp.down)), eps=self.attn_norm.eps,
+        sm_scale=head_dim ** -0.5, num_heads=num_heads, qk_norm=attn.q_norm is not None)
+    del d_model
+    return y_BTD, LayerCache(k_BSKE, v_BSKE)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from jax_spec.kernels import rows_matmul
+from jax_spec.kernels import block_decode, rows_matmul
 from jax_spec.models.config import TransformerConfig
 from jax_spec.models.layers import (Block, Dense, LayerCache, RMSNorm, Rotary, decode_matrices,
                                     normal_init, positions_from_segments, rotary)
@@ -257,13 +257,20 @@ def decode_matrices_of(*modules) -> dict:
   """`{key: matrix}` of every few-row matmul weight of these modules' decode paths (blocks, MTP /
   EAGLE combines, a Transformer's LM head and Medusa heads), in a fixed traversal order; the keys
   are those the decode paths pass to `rows_matmul.matmul` (ids of this copy's layers)."""
-  matrices = {}
+  return _decode_matrices(*modules)[0]
+
+
+def _decode_matrices(*modules):
+  """(`decode_matrices_of`, the keys of the blocks' matrices)."""
+  matrices, block_keys = {}, set()
   for module in modules:
     if module is None:
       continue
     for _, node in nnx.iter_graph(module):
       if isinstance(node, Block):
-        matrices.update(decode_matrices(node))
+        block_matrices = decode_matrices(node)
+        matrices.update(block_matrices)
+        block_keys.update(block_matrices)
       elif isinstance(node, MTPModule):
         matrices[id(node.proj)] = node.proj.matrix()
       elif isinstance(node, Transformer) and node.dtype == jnp.float32:
@@ -273,14 +280,23 @@ def decode_matrices_of(*modules) -> dict:
           if not node.config.medusa_shared_head:
             matrices.update({id(head): head.lm_head[...].astype(jnp.float32)
                              for head in node.medusa})
-  return matrices
+  return matrices, block_keys
+
+
+def _packed_matrices(*modules) -> dict:
+  """The matrices of `decode_matrices_of` a decode loop packs: those `rows_matmul.matmul` sends to
+  the kernel, and every fp32 block matrix when `kernels.block_decode` runs the blocks."""
+  matrices, block_keys = _decode_matrices(*modules)
+  whole_blocks = block_decode.enabled()
+  return {key: w for key, w in matrices.items()
+          if rows_matmul.usable(w) or (whole_blocks and key in block_keys
+                                       and w.dtype == jnp.float32)}
 
 
 def decode_packs(*modules) -> dict:
   """The weights of `decode_matrices_of` that the kernel takes, packed for `rows_matmul.packed`:
   what a decode loop packs once before it starts ({} for non-fp32 modules or without the kernel)."""
-  return {key: rows_matmul.pack(w) for key, w in decode_matrices_of(*modules).items()
-          if rows_matmul.usable(w)}
+  return {key: rows_matmul.pack(w) for key, w in _packed_matrices(*modules).items()}
 
 
 def decode_packs_from(packs: tuple, *modules) -> dict:
@@ -289,7 +305,7 @@ def decode_packs_from(packs: tuple, *modules) -> dict:
   `nnx.merge` inside the jitted function makes new layers. `()` (nothing packed) gives `{}`."""
   if not packs:
     return {}
-  keys = [key for key, w in decode_matrices_of(*modules).items() if rows_matmul.usable(w)]
+  keys = list(_packed_matrices(*modules))
   if len(keys) != len(packs):
     raise ValueError(f'packs: {len(packs)} packed weights for {len(keys)} decode matmuls: they '
                      f'were packed from other modules')

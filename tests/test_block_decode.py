@@ -1,0 +1,151 @@
+"""The fused block-decode CPU kernel (jax_spec/kernels/block_decode.cc) against a float64 block."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_spec import models
+from jax_spec.kernels import block_decode
+from jax_spec.models import layers
+
+
+def _block(seed=0, **overrides):
+  cfg = models.get_config('tiny', **overrides)
+  return cfg, layers.Block(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+
+
+def _randomize(block, seed):
+  """Non-trivial norm scales and biases (the defaults are ones and zeros)."""
+  rng = np.random.default_rng(seed)
+  for path, leaf in nnx.iter_graph(block):
+    if isinstance(leaf, nnx.Param) and path[-1] in ('scale', 'bias'):
+      leaf.value = jnp.asarray(rng.uniform(0.5, 1.5, leaf.value.shape) if path[-1] == 'scale'
+                               else rng.standard_normal(leaf.value.shape) * 0.3, jnp.float32)
+
+
+def _inputs(cfg, batch, num_new, slots, lengths, seed):
+  rng = np.random.default_rng(seed)
+  kv = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  x = jnp.asarray(rng.standard_normal((batch, num_new, cfg.d_model)), jnp.float32)
+  cache = layers.LayerCache(jnp.asarray(rng.standard_normal(kv), jnp.float32),
+                            jnp.asarray(rng.standard_normal(kv), jnp.float32))
+  lengths = jnp.asarray(lengths, jnp.int32)
+  rope = layers.rotary(lengths[:, None] + jnp.arange(num_new), cfg.head_dim, cfg.rope_theta)
+  return x, cache, lengths, rope
+
+
+def _reference(block, cfg, x, rope, cache, lengths, mask):
+  """The block in float64 numpy: (x, k cache, v cache)."""
+  f64 = lambda a: np.asarray(a, np.float64)
+  eps = cfg.norm_eps
+  rms = lambda a, s: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + eps) * f64(s)
+  dense = lambda d, a, axes=1: (np.tensordot(a, f64(d.kernel[...]), axes=axes)
+                                + (0 if d.bias is None else f64(d.bias[...])))
+  cos, sin = f64(rope.cos), f64(rope.sin)          # [B, T, 1, E]
+  def rot(a):
+    a1, a2 = np.split(a, 2, -1)
+    return a * cos + np.concatenate([a2, a1], -1) * sin
+  attn, mlp = block.attn, block.mlp
+  x = f64(x)
+  h = rms(x, block.attn_norm.scale[...])
+  q, k, v = dense(attn.q, h), dense(attn.k, h), dense(attn.v, h)
+  if attn.q_norm is not None:
+    q, k = rms(q, attn.q_norm.scale[...]), rms(k, attn.k_norm.scale[...])
+  q, k = rot(q), rot(k)
+  kc, vc = f64(cache.k).copy(), f64(cache.v).copy()
+  batch, num_new, _ = x.shape
+  slots, group = kc.shape[1], cfg.num_heads // cfg.num_kv_heads
+  o = np.zeros(q.shape)
+  for b in range(batch):
+    n = int(lengths[b])
+    for t in range(num_new):
+      if n + t < slots:
+        kc[b, n + t], vc[b, n + t] = k[b, t], v[b, t]
+    for t in range(num_new):
+      seen = [j for j in range(min(n, slots))] + [n + u for u in range(num_new)
+                                                   if mask[b, t, u] and n + u < slots]
+      if not seen:
+        continue
+      for hd in range(cfg.num_heads):
+        s = kc[b, seen, hd // group] @ q[b, t, hd] / np.sqrt(cfg.head_dim)
+        p = np.exp(s - s.max())
+        o[b, t, hd] = p @ vc[b, seen, hd // group] / p.sum()
+  x = x + dense(attn.out, o, axes=2)
+  g, u = dense(mlp.gate, rms(x, block.mlp_norm.scale[...])), dense(mlp.up, rms(x, block.mlp_norm.scale[...]))
+  return x + dense(mlp.down, g / (1 + np.exp(-g)) * u), kc, vc
+
+
+def _decode(block):
+  return jax.jit(lambda x, rope, cache, lengths, mask: block.decode(x, rope, cache, lengths, mask))
+
+
+def test_kernel_is_used_on_cpu_and_not_when_switched_off(monkeypatch):
+  assert block_decode.enabled()    # a silent fallback would leave every test below vacuous
+  cfg, block = _block()
+  x, cache, lengths, rope = _inputs(cfg, 1, 2, 8, [3], 0)
+  mask = jnp.ones((1, 2, 2), bool)
+  lowered = lambda: _decode(block).lower(x, rope, cache, lengths, mask).as_text()
+  assert 'jax_spec_block_decode' in lowered()
+  monkeypatch.setenv('JAX_SPEC_BLOCK_DECODE', '0')
+  assert 'jax_spec_block_decode' not in lowered()
+
+
+@pytest.mark.parametrize('overrides, batch, num_new, slots, lengths', [
+    ({}, 2, 5, 12, [3, 9]),                                          # a write past the cache end
+    ({'qkv_bias': True, 'out_bias': True, 'qk_norm': True}, 1, 3, 20, [17]),   # Qwen-style
+    ({'num_heads': 6, 'num_kv_heads': 3, 'd_model': 36, 'd_ff': 37}, 3, 1, 9, [0, 4, 8]),  # E = 6
+    ({'num_kv_heads': 4}, 2, 7, 16, [0, 5]),                          # MHA, a prefill-like chunk
+])
+def test_matches_a_float64_block(overrides, batch, num_new, slots, lengths):
+  cfg, block = _block(seed=len(overrides), **overrides)
+  _randomize(block, batch)
+  x, cache, lengths, rope = _inputs(cfg, batch, num_new, slots, lengths, num_new)
+  rng = np.random.default_rng(slots)
+  # A tree mask with holes (the diagonal kept), and in the last row a query that sees nothing.
+  mask = np.tril(rng.random((batch, num_new, num_new)) < 0.6) | np.eye(num_new, dtype=bool)
+  y, new = _decode(block)(x, rope, cache, lengths, jnp.asarray(mask))
+  want_y, want_k, want_v = _reference(block, cfg, x, rope, cache, np.asarray(lengths), mask)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(new.k, np.float64), want_k, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(new.v, np.float64), want_v, rtol=2e-5, atol=2e-5)
+  # ... and the XLA ops it replaces (the path of other platforms) agree with both.
+  y_ops, _ = jax.jit(lambda *a: block.decode_ops(*a))(x, rope, cache, lengths, jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(y_ops, np.float64), want_y, rtol=2e-5, atol=2e-5)
+
+
+def test_a_query_that_sees_nothing_gets_zero_attention():
+  cfg, block = _block()
+  x, cache, lengths, rope = _inputs(cfg, 1, 2, 8, [0], 1)
+  mask = jnp.asarray([[[True, False], [False, False]]])
+  y, _ = _decode(block)(x, rope, cache, lengths, mask)
+  want_y, _, _ = _reference(block, cfg, x, rope, cache, np.asarray(lengths), np.asarray(mask))
+  np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2e-5, atol=2e-5)
+
+
+def test_a_chain_verify_equals_one_token_steps_bitwise():
+  """T rows of a causal chain in one call give bitwise the outputs and cache entries of T
+  successive one-row calls: plain decoding and a verify step agree exactly."""
+  cfg, block = _block(seed=3)
+  _randomize(block, 3)
+  num_new, slots = 6, 24
+  x, cache, lengths, rope = _inputs(cfg, 2, num_new, slots, [4, 11], 5)
+  decode = _decode(block)
+  y_all, all_cache = decode(x, rope, cache, lengths, jnp.tril(jnp.ones((2, num_new, num_new), bool)))
+  step_cache, ys = cache, []
+  for t in range(num_new):
+    step_rope = layers.Rotary(rope.cos[:, t:t + 1], rope.sin[:, t:t + 1])
+    y_t, step_cache = decode(x[:, t:t + 1], step_rope, step_cache, lengths + t,
+                             jnp.ones((2, 1, 1), bool))
+    ys.append(y_t)
+  np.testing.assert_array_equal(np.asarray(y_all), np.asarray(jnp.concatenate(ys, axis=1)))
+  np.testing.assert_array_equal(np.asarray(all_cache.k), np.asarray(step_cache.k))
+  np.testing.assert_array_equal(np.asarray(all_cache.v), np.asarray(step_cache.v))
+
+
+def test_other_platforms_lower_the_xla_ops():
+  cfg, block = _block()
+  x, cache, lengths, rope = _inputs(cfg, 1, 2, 8, [3], 0)
+  exported = jax.export.export(_decode(block), platforms=['cuda'])(
+      x, rope, cache, lengths, jnp.ones((1, 2, 2), bool))
+  assert 'jax_spec_block_decode' not in exported.mlir_module()
