@@ -107,9 +107,9 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
   `prompt_len + max_new_tokens` (the padded prompt length) rounded up to a multiple of 16.
   `model`: a Transformer, or one `decoding.prepare`d once for many calls.
   """
+  prompts_BT, prompt_lengths_B = validate_prompts(prepared_lib.model_of(model), prompts_BT,
+                                                  prompt_lengths_B, max_new_tokens, eos_id, pad_id)
   prepared = prepared_lib.as_prepared(model)
-  prompts_BT, prompt_lengths_B = validate_prompts(prepared.model, prompts_BT, prompt_lengths_B,
-                                                  max_new_tokens, eos_id, pad_id)
   config = sampling.SamplingConfig(temperature, top_k, top_p)
   if rng is None:
     if not config.greedy:

@@ -70,6 +70,15 @@ def _pack(graphdef, state):
   return tuple(models.decode_packs(nnx.merge(graphdef, state)).values())
 
 
+def model_of(model) -> models.Transformer:
+  """The target model of `model` (a Transformer or a PreparedModel), checked; nothing prepared
+  (the decode functions check their arguments with it before they prepare anything)."""
+  if isinstance(model, PreparedModel):
+    return model.model
+  _check('model', model)
+  return model
+
+
 def as_prepared(model, draft_model=None) -> PreparedModel:
   """`model` if it is prepared (its draft model must then be `draft_model` or None), else
   `prepare(model, draft_model)`."""

@@ -147,10 +147,10 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
     any: then `draft_model` may be omitted).
   Returns the tokens, lengths and `SpeculativeStats` (see `summarize`).
   """
+  prompts_BT, prompt_lengths_B = validate_prompts(prepared_lib.model_of(model), prompts_BT,
+                                                  prompt_lengths_B, max_new_tokens, eos_id, pad_id)
   prepared = prepared_lib.as_prepared(model, draft_model)
   model, draft_model = prepared.model, prepared.draft_model
-  prompts_BT, prompt_lengths_B = validate_prompts(model, prompts_BT, prompt_lengths_B,
-                                                  max_new_tokens, eos_id, pad_id)
   drafter_cls = drafters_lib.registered().get(drafter) if isinstance(drafter, str) else None
   if drafter_cls is None:
     raise ValueError(f'drafter must be one of {sorted(drafters_lib.registered())}, got {drafter!r}')
