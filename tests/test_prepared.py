@@ -79,3 +79,25 @@ def test_bad_arguments():
     models.decode_packs_from((jnp.zeros((1, 1, 1)),) * 99, model)
   assert models.decode_packs_from((), model) == {}
   assert prepared_lib.as_prepared(prepared) is prepared
+
+
+def test_a_prepared_model_hashes_its_graph_once(monkeypatch):
+  """jit hashes its static arguments at every call; a prepared model's GraphDef (whose hash walks
+  the whole graph) is hashed when it is prepared, not at each decode call."""
+  model = _model(0)
+  prepared = decoding.prepare(model)
+  prompts = _prompts(model.config.vocab_size)
+  decode = lambda: (decoding.generate(prepared, *prompts, max_new_tokens=3),
+                    decoding.speculative_generate(prepared, *prompts, drafter='medusa',
+                                                  max_new_tokens=3))
+  first = decode()   # compiles
+  graph_type = type(prepared.trunk.graphdef)
+  calls = []
+  original = graph_type.__hash__
+  monkeypatch.setattr(graph_type, '__hash__', lambda self: calls.append(1) or original(self))
+  again = decode()
+  assert not calls
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(np.asarray(a.tokens_BN), np.asarray(b.tokens_BN))
+  assert prepared_lib.StaticGraph(prepared.trunk.graphdef) == prepared.trunk.static   # equal graphs
+  assert hash(prepared_lib.StaticGraph(prepared.trunk.graphdef)) == hash(prepared.trunk.static)

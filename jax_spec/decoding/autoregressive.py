@@ -119,7 +119,7 @@ def generate(model, prompts_BT, prompt_lengths_B, *, max_new_tokens: int, temper
                               f'a prompt of {prompts_BT.shape[1]} plus {max_new_tokens} new tokens')
   trunk = prepared.trunk
   with matmul_precision(prepared.model):
-    return _generate(trunk.graphdef, trunk.state, trunk.packs, prompts_BT, prompt_lengths_B, rng,
+    return _generate(trunk.static, trunk.state, trunk.packs, prompts_BT, prompt_lengths_B, rng,
                      eos_array(eos_id), max_new_tokens=max_new_tokens, sampling_config=config,
                      pad_id=pad_id, cache_len=cache_len)
 

@@ -200,8 +200,8 @@ def speculative_generate(model, prompts_BT, prompt_lengths_B, *, drafter: str = 
                        max_new_tokens=max_new_tokens, typical_eps=float(typical_eps),
                        typical_delta=float(typical_delta))
   with matmul_precision(model):  # the baseline's precision: see autoregressive.matmul_precision
-    return _speculative(trunk.graphdef, (trunk.state, trunk.packs),
-                        own_split.graphdef if own_split else None,
+    return _speculative(trunk.static, (trunk.state, trunk.packs),
+                        own_split.static if own_split else None,
                         (own_split.state, own_split.packs) if own_split else None,
                         prompts_BT, prompt_lengths_B, rng, eos_array(eos_id), settings=settings)
 
