@@ -8,6 +8,11 @@
    separate `tiny` draft model without heads (`--draft_minutes`, in `<workdir>/draft`) for
    classic draft-model speculation; rerunning the same command resumes both from their latest
    checkpoints.
+   Then (`--head_steps`, in `<workdir>/heads`) every draft head trains on for a few minutes on the
+   frozen trunk, learning the trunk's own distribution (`--head_phase_targets`) and, for the EAGLE
+   block, on its own predicted features (`--head_phase_eagle_steps`, EAGLE-3's training-time
+   test): on the quickstart's trunk this raised the EAGLE chain's tau from 5.8 to 6.4
+   (docs/benchmarks.md, "Quickstart", 2026-12-04). Steps 2-4 use that copy of the model.
 2. Evaluates validation bits per byte and each draft head's top-k accuracy (its chance to be
    accepted), and derives a candidate tree per drafter from those accuracies.
 3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; MTP
@@ -63,6 +68,14 @@ flags.DEFINE_integer('eagle_d_ff', 128, 'MLP width of the EAGLE blocks (0: the t
 flags.DEFINE_integer('eagle_depth', 6, 'Draft depth of the EAGLE chain and dynamic tree.')
 flags.DEFINE_enum('head_targets', 'data', ['data', 'trunk', 'mix'], 'What every draft head learns '
                   '(jax_spec.training.config.TrainConfig.head_targets).')
+flags.DEFINE_integer('head_steps', 200, 'Steps of a second phase that trains every draft head on '
+                     'the frozen trunk, with trunk targets and EAGLE\'s training-time test, in '
+                     '<workdir>/heads (0: none; the heads of the joint run are benchmarked).')
+flags.DEFINE_float('head_minutes', 4.0, 'Wall-clock budget of the head phase in minutes.')
+flags.DEFINE_enum('head_phase_targets', 'trunk', ['data', 'trunk', 'mix'],
+                  'What the heads learn in the head phase.')
+flags.DEFINE_integer('head_phase_eagle_steps', 3, 'EAGLE steps unrolled on its own features in the '
+                     'head phase (the training-time test).')
 flags.DEFINE_float('sampled_temperature', 0.7, 'Temperature of the rejection-sampling rows.')
 flags.DEFINE_list('sampled_drafters', ['eagle_chain', 'model_chain'], 'Drafters benchmarked again '
                   'with exact rejection sampling at --sampled_temperature (empty: none).')
@@ -102,9 +115,10 @@ DRAFTER_ROWS = {
 
 
 def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num_draft=None,
-              temperature=0.0):
+              temperature=0.0, output_dir=None):
   """One side-by-side run of the speculative benchmark (greedy at temperature 0, exact rejection
-  sampling above); its row of the summary table."""
+  sampling above) of the model in `workdir`, its plots under `output_dir` (default `workdir`);
+  its row of the summary table."""
   sampled = temperature > 0
   opts = benchmark_lib.BenchmarkOptions(
       workdir=workdir, draft=drafter, draft_workdir=draft_workdir,
@@ -112,7 +126,7 @@ def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num
       tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
       max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
       precision=f.decode_precision,
-      output=os.path.join(workdir, 'speculative',
+      output=os.path.join(output_dir or workdir, 'speculative',
                           f'{drafter}_{tree_name}' + (f'_T{temperature:g}' if sampled else '')))
   r = benchmark_lib.run_benchmark(opts)
   label = f'{drafter} ({tree_name}' + (f', T={temperature:g})' if sampled else ')')
@@ -171,7 +185,23 @@ def train_models(f, workdir: str, draft_workdir: str):
         warmup_steps=f.draft_steps // 10 + 1, mtp_depth=0, medusa_heads=0, eagle_layers=0,
         model={}, head_targets='data', minutes=f.draft_minutes,
         eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
-  return summary, draft_summary
+  head_summary = None
+  if f.head_steps and (f.mtp_depth or f.medusa_heads or f.eagle_layers):
+    logging.info('1c/4 training the heads on the frozen trunk (%s targets, %d EAGLE steps) for up '
+                 'to %.1f min in %s', f.head_phase_targets, f.head_phase_eagle_steps,
+                 f.head_minutes, heads_workdir(workdir))
+    head_summary = loop.train(dataclasses.replace(
+        cfg, workdir=heads_workdir(workdir), steps=f.head_steps,
+        warmup_steps=f.head_steps // 10 + 1, freeze_trunk=True, init_from=workdir,
+        head_targets=f.head_phase_targets, eagle_steps=f.head_phase_eagle_steps,
+        minutes=f.head_minutes, eval_every=f.head_steps,
+        checkpoint_every=max(f.head_steps // 2, 1)))
+  return summary, draft_summary, head_summary
+
+
+def heads_workdir(workdir: str) -> str:
+  """Where the head phase trains (a copy of the run with the heads trained on)."""
+  return os.path.join(workdir, 'heads')
 
 
 def run(f) -> dict:
@@ -182,17 +212,23 @@ def run(f) -> dict:
   if set(f.sampled_drafters) - set(DRAFTER_ROWS):
     raise ValueError(f'--sampled_drafters must be a subset of {sorted(DRAFTER_ROWS)} (rows not in '
                      f'--drafters are skipped), got {f.sampled_drafters}')
+  if f.head_steps < 0:
+    raise ValueError(f'--head_steps must be >= 0, got {f.head_steps}')
   if any(d.startswith('eagle') for d in f.drafters) and not f.eagle_layers:
     raise ValueError('--drafters eagle_* need --eagle_layers >= 1')
   draft_workdir = os.path.abspath(f.draft_workdir or os.path.join(workdir, 'draft'))
   if f.benchmark_only:
     summary = last_metrics(workdir)
     draft_summary = last_metrics(draft_workdir) if 'model_chain' in f.drafters else None
+    head_summary = (last_metrics(heads_workdir(workdir))
+                    if f.head_steps and os.path.isdir(heads_workdir(workdir)) else None)
   else:
-    summary, draft_summary = train_models(f, workdir, draft_workdir)
+    summary, draft_summary, head_summary = train_models(f, workdir, draft_workdir)
+  # The model decoded: the head phase's copy where there is one (its trunk is the joint run's).
+  model_workdir = heads_workdir(workdir) if head_summary else workdir
 
   logging.info('2/4 evaluating the draft heads')
-  model, tokenizer, model_config = restore.load_model_from_workdir(workdir)
+  model, tokenizer, model_config = restore.load_model_from_workdir(model_workdir)
   data = load_data(tokenizer=tokenizer.kind, workdir=workdir)
   heads, tree_specs = {}, []
   for drafter, present in (('mtp', model_config.mtp_depth), ('medusa', model_config.medusa_heads)):
@@ -218,10 +254,10 @@ def run(f) -> dict:
       extra = dict(draft_workdir=draft_workdir, num_draft=f.draft_gamma)
     elif drafter == 'eagle':
       extra = dict(num_draft=f.eagle_depth)
-    rows.append(benchmark(f, workdir, drafter, name, spec, **extra))
+    rows.append(benchmark(f, model_workdir, drafter, name, spec, output_dir=workdir, **extra))
     if f'{drafter}_{name}' in f.sampled_drafters:
-      rows.append(benchmark(f, workdir, drafter, name, spec, temperature=f.sampled_temperature,
-                            **extra))
+      rows.append(benchmark(f, model_workdir, drafter, name, spec, output_dir=workdir,
+                            temperature=f.sampled_temperature, **extra))
   texts = completions(f, model, tokenizer, data, f.num_completions) if f.num_completions else []
 
   lossless = [r for r in rows if r['outputs_identical']]  # greedy: the claim is identical output
@@ -230,7 +266,8 @@ def run(f) -> dict:
   sampled_rows = [r for r in rows if r['temperature'] > 0]
   best_sampled = max(sampled_rows, key=lambda r: r['speedup']) if sampled_rows else None
   results = {'train': summary, 'val_bits_per_byte': summary.get('val_bits_per_byte'),
-             'draft_train': draft_summary, 'heads': heads, 'drafters': rows, 'best': best,
+             'draft_train': draft_summary, 'head_train': head_summary,
+             'model_workdir': model_workdir, 'heads': heads, 'drafters': rows, 'best': best,
              'best_sampled': best_sampled,
              'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,

@@ -11,7 +11,7 @@ def test_quickstart_end_to_end(tmp_path):
          '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=1',
          '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--sampled_drafters=model_chain',
          '--sampled_temperature=0.7', '--eagle_layers=1', '--tree_nodes=4',
-         '--draft_steps=4', '--draft_gamma=3',
+         '--draft_steps=4', '--draft_gamma=3', '--head_steps=2',
          '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
@@ -36,6 +36,10 @@ def test_quickstart_end_to_end(tmp_path):
     assert row['tokens_per_s'] > 0 and row['baseline_tokens_per_s'] > 0
     assert abs(row['speedup'] - row['tokens_per_s'] / row['baseline_tokens_per_s']) < 1e-9
   assert results['draft_train']['step'] == 4
+  # The head phase trained on the frozen trunk in <workdir>/heads, and that copy was benchmarked.
+  assert results['head_train']['step'] == 2
+  assert results['model_workdir'] == str(workdir / 'heads')
+  assert (workdir / 'heads' / 'checkpoints').is_dir()
   assert (workdir / 'draft' / 'checkpoints').is_dir()
   assert results['val_bits_per_byte'] > 0
   assert set(results['heads']) == {'mtp', 'medusa'}
@@ -56,6 +60,7 @@ def test_quickstart_end_to_end(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   rerun = json.loads((workdir / 'results.json').read_text())
   assert rerun['train']['step'] == 6 and rerun['train']['stopped'] == 'benchmark_only'
+  assert rerun['model_workdir'] == str(workdir / 'heads')
   assert rerun['val_bits_per_byte'] == results['val_bits_per_byte']
   assert [r['drafter'] for r in rerun['drafters']] == ['medusa (chain)']
   assert rerun['drafters'][0]['outputs_identical'] is True
