@@ -14,8 +14,8 @@
 #
 #   bash experiments/device_suite.sh OUTPUT_DIR           # everything: ~10 minutes on one H200
 #   (stage times measured there: tests 77 s, slow sweep 16, attention 22 + 33, tuning 42 + 47 + 32,
-#   verify 33 + 24, quickstart 120-160, precision runs 4 x ~23; with a 10-minute limit per call,
-#   split the stages over two calls with SUITE_STAGES)
+#   verify 33 + 24, quickstart 120-160 (+ up to 30 s of head phase since), precision runs 4 x ~23;
+#   with a 10-minute limit per call, split the stages over two calls with SUITE_STAGES)
 #   SUITE_SMOKE=1 bash experiments/device_suite.sh /tmp/s # tiny sizes: checks the script on a CPU
 #
 # SUITE_STAGES=a,b runs only the named stages (tests, tests_slow_sweep, attention_fwd,
@@ -40,7 +40,7 @@ if [[ -n "${SUITE_SMOKE:-}" ]]; then
   AB_VERIFY=(--config=tiny --tokens=1,4 --steps=2 --repeats=2 --cache_len=64 --prefix_len=16)
   QUICK=(--minutes=0.1 --steps=4 --draft_minutes=0.05 --draft_steps=4 --draft_config=tiny
          --config=tiny --num_prompts=1 --prompt_len=8 --max_new_tokens=8 --batch_size=2 --seq_len=32
-         --drafters=medusa_chain,model_chain --draft_gamma=3)
+         --drafters=medusa_chain,model_chain --draft_gamma=3 --head_steps=4 --head_minutes=0.05)
   TUNE=(--seq_lens=64 --batch_tokens=128 --block_qs=16,32 --block_ks=16 --num_warps=4
         --num_stages=2 --repeats=2) TUNE_LIMIT=60
   SPEC=(--num_prompts=1 --prompt_len=8 --max_new_tokens=8 --stop_at_eos=false) SPEC_TREES=(4 8)
@@ -53,8 +53,8 @@ else
   ATTN=(--seq_lens=1024,4096,16384 --batch_tokens=16384 --num_heads=16 --head_dim=128 --repeats=10
         --max_memory_gb=40)
   VERIFY=() BASE_VERIFY=(--config=base) AB_VERIFY=(--config=small --tokens=1,2,4,8,16,32,64)
-  QUICK=(--minutes=1 --steps=2000 --draft_minutes=0.3 --draft_steps=1500 --num_prompts=4
-         --drafters=mtp_chain,medusa_chain,medusa_tree,model_chain)
+  QUICK=(--minutes=1 --steps=2000 --draft_minutes=0.3 --draft_steps=1500 --head_minutes=0.5
+         --num_prompts=4 --drafters=mtp_chain,medusa_chain,medusa_tree,model_chain)
   TUNE=(--seq_lens=4096 --batch_tokens=16384 --repeats=10) TUNE_LIMIT=80
   SPEC=(--num_prompts=4 --max_new_tokens=128 --stop_at_eos=false) SPEC_TREES=(14 60)
   WORKERS=8
