@@ -99,6 +99,8 @@ flags.DEFINE_integer('tree_nodes', 12, 'Non-root nodes of each derived candidate
 flags.DEFINE_integer('num_prompts', 8, 'Held-out prompts for the decoding benchmark.')
 flags.DEFINE_integer('prompt_len', 64, 'Prompt length in tokens.')
 flags.DEFINE_integer('max_new_tokens', 160, 'Tokens generated per prompt.')
+flags.DEFINE_integer('timing_rounds', 3, 'Times each prompt is decoded by both samplers; the '
+                     'fastest counts (jax_spec.evaluation.speculative_benchmark).')
 flags.DEFINE_integer('num_completions', 3, 'Sampled completions to print.')
 flags.DEFINE_integer('seed', 0, 'Seed for training and sampling.')
 FLAGS = flags.FLAGS
@@ -125,6 +127,7 @@ def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num
       acceptance='rejection' if sampled else 'greedy', temperature=temperature,
       tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
       max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
+      timing_rounds=f.timing_rounds,
       precision=f.decode_precision,
       output=os.path.join(output_dir or workdir, 'speculative',
                           f'{drafter}_{tree_name}' + (f'_T{temperature:g}' if sampled else '')))
@@ -272,6 +275,7 @@ def run(f) -> dict:
              'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
                            'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
+                           'timing_rounds': f.timing_rounds,
                            'device': str(jax.devices()[0].device_kind)}}
   with open(os.path.join(workdir, 'results.json'), 'w') as fh:
     json.dump(results, fh, indent=2)

@@ -11,7 +11,7 @@ def test_quickstart_end_to_end(tmp_path):
          '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=1',
          '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--sampled_drafters=model_chain',
          '--sampled_temperature=0.7', '--eagle_layers=1', '--tree_nodes=4',
-         '--draft_steps=4', '--draft_gamma=3', '--head_steps=2',
+         '--draft_steps=4', '--draft_gamma=3', '--head_steps=2', '--timing_rounds=2',
          '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
@@ -42,6 +42,7 @@ def test_quickstart_end_to_end(tmp_path):
   assert (workdir / 'heads' / 'checkpoints').is_dir()
   assert (workdir / 'draft' / 'checkpoints').is_dir()
   assert results['val_bits_per_byte'] > 0
+  assert results['benchmark']['timing_rounds'] == 2
   assert set(results['heads']) == {'mtp', 'medusa'}
   assert len(results['completions']) == 1
   for png in ('training_curves.png', 'speedups.png'):

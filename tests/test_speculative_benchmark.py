@@ -23,6 +23,8 @@ def test_options_and_load_run_reject_missing_runs(tmp_path):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), profile_steps='3:1')
   with pytest.raises(ValueError, match='multiple of batch_size'):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), num_prompts=3, batch_size=2)
+  with pytest.raises(ValueError, match='timing_rounds must be an int >= 1'):
+    benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), timing_rounds=0)
 
 
 @pytest.mark.slow
