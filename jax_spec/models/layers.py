@@ -320,13 +320,14 @@ class Block(nnx.Module):
     attn, mlp = self.attn, self.mlp
     qkv, gate_up = (attn.q, attn.k, attn.v), (mlp.gate, mlp.up)
     _, num_heads, head_dim = attn.q.kernel.shape
-    batch, num_new, d_model = x_BTD.shape
+    batch, num_new, _ = x_BTD.shape
     bias = lambda d: (jnp.zeros((math.prod(d.kernel.shape[1:]),), jnp.float32) if d.bias is None
                       else d.bias[...].reshape(-1))
     norm_scale = lambda norm: (jnp.ones((head_dim,), jnp.float32) if norm is None
                                else norm.scale[...])
     table = lambda t: jnp.broadcast_to(t, (batch, num_new, 1, head_dim)).reshape(
         batch, num_new, head_dim)
+    # One eps for every norm of the block: they all take config.norm_eps.
     y_BTD, k_BSKE, v_BSKE = block_decode.block_decode(
         x_BTD, self.attn_norm.scale[...], rows_matmul.tiles(fused_matrix(qkv), fused_key(qkv)),
         jnp.concatenate([bias(d) for d in qkv]), norm_scale(attn.q_norm), norm_scale(attn.k_norm),
@@ -336,5 +337,4 @@ class Block(nnx.Module):
         self.mlp_norm.scale[...], rows_matmul.tiles(fused_matrix(gate_up), fused_key(gate_up)),
         rows_matmul.tiles(mlp.down.matrix(), id(mlp.down)), eps=self.attn_norm.eps,
         sm_scale=head_dim ** -0.5, num_heads=num_heads, qk_norm=attn.q_norm is not None)
-    del d_model
     return y_BTD, LayerCache(k_BSKE, v_BSKE)
