@@ -5,9 +5,10 @@
 //   write k, v at cache slots [len, len + T); o = softmax(q K^T * scale) V over the visible slots
 //   x += o W_out (+ b);  x += (silu(g) * u) W_down, [g, u] = RMSNorm(x) W_gate_up
 //
-// Why: XLA:CPU runs such a block as ~25 small ops whose per-op cost, not their arithmetic, is most
-// of a decode step (docs/benchmarks.md, "Verify cost model"); here they are one custom call whose
-// matmuls are rows_matmul.h's and whose attention reads the cache in place.
+// Why: XLA:CPU runs such a block as ~25 small ops, and its cache attention reads every slot of the
+// cache; here they are one custom call whose matmuls are rows_matmul.h's and whose attention reads
+// only the slots a query can see (docs/benchmarks.md, "One block per kernel call": 1.13-1.35x on
+// the decode loops).
 //
 // Query t of row b sees the slots j < len_b and len_b + t' iff mask[b, t, t'] (slots past the
 // cache end do not exist), in increasing slot order; its softmax is exact two-pass (max, then
@@ -24,48 +25,59 @@ namespace {
 
 using jax_spec::kCols;
 
+// The SIMD operations this file needs beyond rows_matmul.h's, per instruction set.
 #if defined(__AVX512F__)
-inline __m512 ExpVec(__m512 x) {
-  // Cephes expf: exp(x) = 2^n exp(r), r = x - n ln 2, exp(r) from a degree-6 polynomial.
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  for (float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f,
-                  5.0000001201E-1f})
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
-  p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+inline jax_spec::Vec Set1(float a) { return _mm512_set1_ps(a); }
+inline jax_spec::Vec Mul(jax_spec::Vec a, jax_spec::Vec b) { return _mm512_mul_ps(a, b); }
+inline jax_spec::Vec Add(jax_spec::Vec a, jax_spec::Vec b) { return _mm512_add_ps(a, b); }
+inline jax_spec::Vec Sub(jax_spec::Vec a, jax_spec::Vec b) { return _mm512_sub_ps(a, b); }
+inline jax_spec::Vec Clamp(jax_spec::Vec x, float lo, float hi) {
+  return _mm512_min_ps(_mm512_max_ps(x, Set1(lo)), Set1(hi));
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 ExpVec(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  for (float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f,
-                  5.0000001201E-1f})
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
-  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+inline jax_spec::Vec RoundNearest(jax_spec::Vec x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-#endif
-
-#if defined(__AVX512F__)
-inline float HorizontalSum(__m512 v) { return _mm512_reduce_add_ps(v); }
+// 2^n for integral n (as floats) in the normal range: n + 127 in the exponent bits.
+inline jax_spec::Vec Pow2(jax_spec::Vec n) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline float HorizontalSum(jax_spec::Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline float HorizontalSum(__m256 v) {
+inline jax_spec::Vec Set1(float a) { return _mm256_set1_ps(a); }
+inline jax_spec::Vec Mul(jax_spec::Vec a, jax_spec::Vec b) { return _mm256_mul_ps(a, b); }
+inline jax_spec::Vec Add(jax_spec::Vec a, jax_spec::Vec b) { return _mm256_add_ps(a, b); }
+inline jax_spec::Vec Sub(jax_spec::Vec a, jax_spec::Vec b) { return _mm256_sub_ps(a, b); }
+inline jax_spec::Vec Clamp(jax_spec::Vec x, float lo, float hi) {
+  return _mm256_min_ps(_mm256_max_ps(x, Set1(lo)), Set1(hi));
+}
+inline jax_spec::Vec RoundNearest(jax_spec::Vec x) {
+  return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline jax_spec::Vec Pow2(jax_spec::Vec n) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline float HorizontalSum(jax_spec::Vec v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#endif
+
+#if defined(JAX_SPEC_SIMD)
+// Cephes expf: exp(x) = 2^n exp(r), r = x - n ln 2 (in two parts), exp(r) a degree-6 polynomial.
+inline jax_spec::Vec ExpVec(jax_spec::Vec x) {
+  x = Clamp(x, -87.0f, 88.0f);
+  const jax_spec::Vec n = RoundNearest(Mul(x, Set1(1.44269504088896341f)));
+  jax_spec::Vec r = Sub(x, Mul(n, Set1(0.693359375f)));
+  r = Sub(r, Mul(n, Set1(-2.12194440e-4f)));
+  jax_spec::Vec p = Set1(1.9875691500E-4f);
+  for (float c : {1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f,
+                  5.0000001201E-1f})
+    p = Add(Mul(p, r), Set1(c));
+  p = Add(Add(Mul(p, Mul(r, r)), r), Set1(1.0f));
+  return Mul(p, Pow2(n));
 }
 #endif
 
@@ -84,7 +96,8 @@ float Dot(const float* a, const float* b, int64_t n) {
 #if defined(JAX_SPEC_SIMD)
   if (n >= kCols) {
     jax_spec::Vec acc = jax_spec::Zero();
-    for (; i + kCols <= n; i += kCols) acc = jax_spec::Fma(jax_spec::Load(a + i), jax_spec::Load(b + i), acc);
+    for (; i + kCols <= n; i += kCols)
+      acc = jax_spec::Fma(jax_spec::Load(a + i), jax_spec::Load(b + i), acc);
     sum = HorizontalSum(acc);
   }
 #endif
@@ -152,7 +165,8 @@ void AttendOne(const Dims& n, int64_t b, int64_t t, int64_t h, const float* q, c
     for (int64_t i = 0; i < count; ++i) {
       const jax_spec::Vec p = jax_spec::Broadcast(&scores[i]);
       const float* v = v_cache + base + visible[i] * stride + j0;
-      for (int64_t a = 0; a < vecs; ++a) acc[a] = jax_spec::Fma(p, jax_spec::Load(v + a * kCols), acc[a]);
+      for (int64_t a = 0; a < vecs; ++a)
+        acc[a] = jax_spec::Fma(p, jax_spec::Load(v + a * kCols), acc[a]);
     }
     for (int64_t a = 0; a < vecs; ++a) jax_spec::Store(o + j0 + a * kCols, acc[a]);
     if (vecs < kMaxAcc) {

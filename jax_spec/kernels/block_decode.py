@@ -1,13 +1,13 @@
 """One transformer block's decode step as one fp32 CPU kernel (`block_decode.cc`, XLA FFI).
 
 `models.layers.Block.decode` runs about 25 XLA ops per block: RMSNorm, fused q/k/v, RoPE, cache
-write, the cache attention, the output projection, RMSNorm, fused gate/up, SwiGLU, down. On
-XLA:CPU a decode step is bound by the per-op cost of such small ops, not by their arithmetic
-(docs/benchmarks.md, "Verify cost model"); the kernel runs them in one call, with
-`rows_matmul`'s matmuls (the packed weights of `models.decode_packs`) and an exact two-pass
-softmax over the visible cache slots. A row's output does not depend on how many rows share the
-call, so plain decoding and a verify step give bitwise the same numbers for the same token and
-context. The K/V caches are updated in place (input/output aliases).
+write, the cache attention (which reads every slot of the cache), the output projection,
+RMSNorm, fused gate/up, SwiGLU, down. The kernel runs them in one call, with `rows_matmul`'s
+matmuls (the packed weights of `models.decode_packs`) and an exact two-pass softmax over the
+cache slots a query can see only (docs/benchmarks.md, "One block per kernel call"). A row's
+output does not depend on how many rows share the call, so plain decoding and a verify step give
+bitwise the same numbers for the same token and context. The K/V caches are updated in place
+(input/output aliases).
 
 It is built into `rows_matmul`'s library; `JAX_SPEC_BLOCK_DECODE=0` turns it off (back to the XLA
 ops), as `JAX_SPEC_ROWS_MATMUL=0` turns off both. On other platforms (and when exporting for

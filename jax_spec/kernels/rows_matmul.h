@@ -128,7 +128,8 @@ inline void ParallelFor(ffi::ThreadPool pool, int64_t chunks, int64_t threads,
   auto shared = std::make_shared<Shared>();
   shared->chunks = chunks;
   shared->run_chunk = std::move(fn);
-  for (int64_t i = 1; i < std::min(threads, chunks); ++i) pool.Schedule([shared] { shared->Work(); });
+  for (int64_t i = 1; i < std::min(threads, chunks); ++i)
+    pool.Schedule([shared] { shared->Work(); });
   shared->Work();
   // Spin while the other chunk is short; then yield, so that a pool thread the OS preempted (more
   // busy threads than cores: several processes, or test workers) gets the core back.
