@@ -317,8 +317,10 @@ class Block(nnx.Module):
             and attn.q.kernel.shape[2] <= block_decode.MAX_HEAD_DIM and block_decode.enabled())
 
   def _decode_kernel(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
-    attn, mlp = self.attn, self.mlp
-    qkv, gate_up = (attn.q, attn.k, attn.v), (mlp.gate, mlp.up)
+    attn = self.attn
+    # The packed q|k|v, output, gate|up and down matrices, under the keys the decode loops pack.
+    qkv_tiles, out_tiles, gate_up_tiles, down_tiles = (
+        rows_matmul.tiles(w, key) for key, w in decode_matrices(self).items())
     _, num_heads, head_dim = attn.q.kernel.shape
     batch, num_new, _ = x_BTD.shape
     bias = lambda d: (jnp.zeros((math.prod(d.kernel.shape[1:]),), jnp.float32) if d.bias is None
@@ -329,12 +331,10 @@ class Block(nnx.Module):
         batch, num_new, head_dim)
     # One eps for every norm of the block: they all take config.norm_eps.
     y_BTD, k_BSKE, v_BSKE = block_decode.block_decode(
-        x_BTD, self.attn_norm.scale[...], rows_matmul.tiles(fused_matrix(qkv), fused_key(qkv)),
-        jnp.concatenate([bias(d) for d in qkv]), norm_scale(attn.q_norm), norm_scale(attn.k_norm),
-        table(rope.cos), table(rope.sin), cache.k, cache.v, lengths_B,
-        jnp.broadcast_to(tree_mask_BTT, (batch, num_new, num_new)),
-        rows_matmul.tiles(attn.out.matrix(2), id(attn.out)), bias(attn.out),
-        self.mlp_norm.scale[...], rows_matmul.tiles(fused_matrix(gate_up), fused_key(gate_up)),
-        rows_matmul.tiles(mlp.down.matrix(), id(mlp.down)), eps=self.attn_norm.eps,
+        x_BTD, self.attn_norm.scale[...], qkv_tiles,
+        jnp.concatenate([bias(d) for d in (attn.q, attn.k, attn.v)]), norm_scale(attn.q_norm),
+        norm_scale(attn.k_norm), table(rope.cos), table(rope.sin), cache.k, cache.v, lengths_B,
+        jnp.broadcast_to(tree_mask_BTT, (batch, num_new, num_new)), out_tiles, bias(attn.out),
+        self.mlp_norm.scale[...], gate_up_tiles, down_tiles, eps=self.attn_norm.eps,
         sm_scale=head_dim ** -0.5, num_heads=num_heads, qk_norm=attn.q_norm is not None)
     return y_BTD, LayerCache(k_BSKE, v_BSKE)
