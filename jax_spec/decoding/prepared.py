@@ -53,11 +53,11 @@ class Split:
   graphdef: Any               # nnx.GraphDef
   state: Any                  # nnx.State: traced argument
   packs: tuple                # `models.decode_packs` values, in order; () where nothing is packed
-  static: StaticGraph = None  # `graphdef`, the loop's static argument
 
-  def __post_init__(self):
-    if self.static is None:
-      object.__setattr__(self, 'static', StaticGraph(self.graphdef))
+  @functools.cached_property
+  def static(self) -> StaticGraph:
+    """`graphdef` as the loops' static argument (hashed at its first use only)."""
+    return StaticGraph(self.graphdef)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,8 +117,8 @@ def as_prepared(model, draft_model=None) -> PreparedModel:
 
 
 def merge(graphdef, state, packs):
-  """Inside a jitted decode function (graphdef: a GraphDef or its `StaticGraph`): (the module, its `rows_matmul.packed` dict), packed here
-  when nothing was packed before (`packs == ()`)."""
+  """Inside a jitted decode function (graphdef: a GraphDef or its `StaticGraph`): (the module,
+  its `rows_matmul.packed` dict), packed here when nothing was packed before (`packs == ()`)."""
   if isinstance(graphdef, StaticGraph):
     graphdef = graphdef.graphdef
   module = nnx.merge(graphdef, state)
