@@ -215,8 +215,15 @@ def run(f) -> dict:
   if set(f.sampled_drafters) - set(DRAFTER_ROWS):
     raise ValueError(f'--sampled_drafters must be a subset of {sorted(DRAFTER_ROWS)} (rows not in '
                      f'--drafters are skipped), got {f.sampled_drafters}')
+  # Checked before anything trains: the head phase and the benchmark come minutes later.
   if f.head_steps < 0:
     raise ValueError(f'--head_steps must be >= 0, got {f.head_steps}')
+  if f.head_steps and not f.head_minutes > 0:
+    raise ValueError(f'--head_minutes must be > 0, got {f.head_minutes}')
+  if f.head_phase_eagle_steps < 1:
+    raise ValueError(f'--head_phase_eagle_steps must be >= 1, got {f.head_phase_eagle_steps}')
+  if f.timing_rounds < 1:
+    raise ValueError(f'--timing_rounds must be >= 1, got {f.timing_rounds}')
   if any(d.startswith('eagle') for d in f.drafters) and not f.eagle_layers:
     raise ValueError('--drafters eagle_* need --eagle_layers >= 1')
   draft_workdir = os.path.abspath(f.draft_workdir or os.path.join(workdir, 'draft'))

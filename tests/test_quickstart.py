@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_quickstart_end_to_end(tmp_path):
   workdir = tmp_path / 'qs'
@@ -74,3 +76,13 @@ def test_quickstart_rejects_unknown_drafter(tmp_path):
                         cwd=os.path.dirname(os.path.dirname(__file__)))
   assert proc.returncode != 0
   assert '--drafters' in proc.stderr
+
+
+@pytest.mark.parametrize('flag', ['--timing_rounds=0', '--head_minutes=0', '--head_steps=-1'])
+def test_quickstart_rejects_bad_phase_and_timing_flags_before_training(tmp_path, flag):
+  proc = subprocess.run([sys.executable, '-m', 'experiments.quickstart', f'--workdir={tmp_path}',
+                         flag], capture_output=True, text=True, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode != 0
+  assert flag.split('=')[0] in proc.stderr
+  assert not (tmp_path / 'checkpoints').exists()   # nothing trained
