@@ -2,9 +2,10 @@
 
 Speedup = tau / (cost of a speculative step in plain steps). `run_cost_model(CostOptions(...))`
 builds random-weight models of a preset (timing does not depend on the weights' values), compiles
-every part as a jitted `fori_loop` of `steps` iterations over a warm KV cache (so a call's time per
-iteration excludes dispatch), then times all parts interleaved, round by round, so they see the
-same machine load. Parts:
+every part as a jitted `fori_loop` over a warm KV cache whose trip count is an argument, then
+times all parts interleaved, round by round, so they see the same machine load; each part at
+`steps` and `2 steps` iterations, differenced (`verify_ab.per_iteration`), so what a call does
+once (packing the weights, zeroing the cache, a prefill) cancels. Parts:
 
 - `plain`: the one-token decode step (`models.extend` of one token, then `advance`); r(1) = 1.
 - `verify_chain_T` / `verify_tree_T`: one trunk `extend` of T nodes with a chain (causal) or a
@@ -117,8 +118,9 @@ class CostOptions:
       raise ValueError(f'verify_tokens / tree_tokens must be non-empty / in [1, {limit}], got '
                        f'{self.verify_tokens}, {self.tree_tokens}')
     widest = max(self.verify_tokens + self.tree_tokens + (self.depth + 2,))
-    if self.prefix_len + self.steps + widest > self.cache_len:
-      raise ValueError(f'prefix_len + steps + {widest} (the widest verify) must fit in cache_len '
+    if self.prefix_len + 2 * self.steps + widest > self.cache_len:
+      raise ValueError(f'prefix_len + 2 steps + {widest} (the widest verify; parts run steps and '
+                       f'2 steps iterations) must fit in cache_len '
                        f'{self.cache_len}')
     short, long = self.new_tokens
     if not 1 < short < long:
@@ -154,7 +156,7 @@ def propose_loop(model, own, drafter: drafters_lib.Drafter, opts) -> Callable[[]
   tree = drafter.tree
 
   @jax.jit
-  def run(state, own_state):
+  def run(state, own_state, num_steps):
     m = nnx.merge(graphdef, state)
     ctx = drafters_lib.Context(m, nnx.merge(own_graphdef, own_state) if own is not None else None)
     prompts_BT, lengths_B, prefill, cache, root_B = _verified_step(m, tree, opts)
@@ -176,19 +178,19 @@ def propose_loop(model, own, drafter: drafters_lib.Drafter, opts) -> Callable[[]
       return dstate, candidates.tokens_BT[:, -1]
 
     with rows_matmul.packed(models.decode_packs(m, ctx.module)):
-      return jax.lax.fori_loop(0, opts.steps, body, (dstate, root_B))[1]
+      return jax.lax.fori_loop(0, num_steps, body, (dstate, root_B))[1]
 
-  return lambda: run(state, own_state)
+  return lambda num_steps=opts.steps: run(state, own_state, jnp.int32(num_steps))
 
 
 def accept_loop(model, tree: trees_lib.Tree, opts) -> Callable[[], jax.Array]:
   """`steps` x (greedy acceptance + commit + emission) on one fixed verify's logits."""
   graphdef, state = nnx.split(model)
   depth = tree.max_depth
-  max_new = opts.steps * (depth + 1)
+  max_new = 2 * opts.steps * (depth + 1)   # room for the longer of the two timed counts
 
   @jax.jit
-  def run(state):
+  def run(state, num_steps):
     m = nnx.merge(graphdef, state)
     _, _, _, cache, root_B = _verified_step(m, tree, opts)
     tokens_BT = (root_B[:, None] + jnp.arange(tree.num_nodes)) % m.config.vocab_size
@@ -212,9 +214,9 @@ def accept_loop(model, tree: trees_lib.Tree, opts) -> Callable[[], jax.Array]:
 
     buffer_BN = jnp.zeros((1, max_new + depth + 1), jnp.int32)
     carry = (cache_ext, buffer_BN, jnp.zeros((1,), jnp.int32), jnp.float32(0))
-    return jax.lax.fori_loop(0, opts.steps, body, carry)[1]
+    return jax.lax.fori_loop(0, num_steps, body, carry)[1]
 
-  return lambda: run(state)
+  return lambda num_steps=opts.steps: run(state, jnp.int32(num_steps))
 
 
 # --- whole loops ----------------------------------------------------------------------------------
@@ -285,14 +287,19 @@ def _median_ms(times):
   return 1e3 * statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, desc: str) -> dict:
-  """Compiles (first call) then times every fn once per round, `repeats` rounds; seconds lists."""
+def time_interleaved(fns: dict[str, Callable[..., Any]], repeats: int, desc: str,
+                     steps: int | None = None) -> dict:
+  """Compiles (first call) then times every fn once per round, `repeats` rounds; seconds lists:
+  per call, or with `steps` per iteration of `fn(num_steps)` (`verify_ab.per_iteration`)."""
   for name, fn in tqdm(fns.items(), desc=f'compile {desc}', leave=False):
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
   with runtime.count_compiles() as compiles:
     for _ in tqdm(range(repeats), desc=f'time {desc}', leave=False):
       for name, fn in fns.items():
+        if steps is not None:
+          times[name].append(verify_ab.per_iteration(fn, steps))
+          continue
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times[name].append(time.perf_counter() - t0)
@@ -346,14 +353,17 @@ def run_cost_model(opts: CostOptions, workdir: str | None = None) -> dict[str, A
       loops[f'{spec.name}@{n}'] = speculative_call(model, own_model, spec, opts, n)
 
   with matmul_precision(model):
-    part_times = time_interleaved(parts, opts.repeats, 'parts')
+    part_times = time_interleaved(parts, opts.repeats, 'parts', steps=opts.steps)
     loop_times = time_interleaved(loops, opts.repeats, 'loops')
     # Blocked: an output still computing would land in the profile's trace.
     loop_outputs = jax.block_until_ready({name: fn() for name, fn in loops.items()})
     profile = profile_loops(loops[f'plain@{opts.new_tokens[1]}'],
                             loops[f'{FULL}@{opts.new_tokens[1]}']) if opts.profile and loops else None
 
-  per_step = {name: _median_ms(t) / opts.steps for name, t in part_times.items()}
+  per_step = {name: _median_ms(t) for name, t in part_times.items()}
+  for name, ms in per_step.items():
+    if ms <= 0:
+      log.warning('part %s: %.4f ms per iteration, below the timer noise; raise steps', name, ms)
   plain = per_step['plain']
   # r(T) from each timed round: the median of per-round ratios (robust to load drifting).
   round_ratio = {name: statistics.median(a / b for a, b in zip(t, part_times['plain']))

@@ -9,9 +9,14 @@ times (each round: per T the fastest of `calls` calls, the least disturbed by th
 shared machine). Reported per variant and T: median ms per step, r(T) as the median of per-round ratios, and
 the plain step's speedup over the first variant (median of per-round ratios).
 
+Each verify loop is timed at `steps` and `2 steps` iterations and differenced (`per_iteration`):
+a call's fixed work (packing the weights, zeroing the cache) cancels; undifferenced, it had
+made r(16) read 3.9 for a true 8.1 on the 2-core VM (docs/benchmarks.md, "Fixed costs in the
+part timings").
+
 `loops` adds whole decoding loops to each round (`loop_fn`: plain `generate` and
 `speculative_generate` chains of the named drafters on a model with Medusa and EAGLE heads,
-`decoding.prepare`d where the checkout has it),
+`decoding.prepare`d where the checkout has it), each at two `max_new_tokens` and differenced,
 reported per decoded step and in plain steps: a change (or an XLA flag) that speeds up the verify
 forward alone can still slow the whole loop, whose drafting and bookkeeping are many small ops.
 
@@ -47,9 +52,12 @@ class Variant:
 
 
 def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
-  """`steps` trunk verify forwards of T nodes (depths [T], ancestor mask [T, T]) after a
-  `prefix_len`-token cache; each commits one token. -> a no-argument timed function.
+  """Trunk verify forwards of T nodes (depths [T], ancestor mask [T, T]) after a
+  `prefix_len`-token cache; each commits one token. -> a timed function of the number of
+  iterations (default `steps`; a traced trip count, so one compile serves every count).
 
+  A call also packs the weights and zeroes the cache, milliseconds that would swamp a few
+  iterations of a one-token step: time two counts and difference them (`per_iteration`).
   The imports are local so that a worker can run this against an older checkout's jax_spec.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -62,7 +70,7 @@ def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
   mask_BTT = jnp.asarray(mask_TT, bool)[None]
 
   @jax.jit
-  def run(state):
+  def run(state, num_steps):
     m = nnx.merge(graphdef, state)
     cache = models.init_cache(m, 1, cache_len).replace(lengths=jnp.array([prefix_len], jnp.int32))
 
@@ -74,9 +82,27 @@ def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
       return cache, jnp.argmax(outs.logits_BTV[:, -1], -1).astype(jnp.int32)
 
     with _packed(m):
-      return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
+      return jax.lax.fori_loop(0, num_steps, body, (cache, jnp.zeros((1,), jnp.int32)))[1]
 
-  return lambda: run(state)
+  return lambda num_steps=steps: run(state, jnp.int32(num_steps))
+
+
+def per_iteration(fn, steps: int, calls: int = 1, clock=None):
+  """Seconds per iteration of `fn(num_steps)`: the fastest of `calls` calls at `steps` and at
+  `2 steps` iterations, differenced, so what a call pays once (packing, cache init, dispatch)
+  cancels. `fn` must already be compiled. Below the timer's noise (a few tiny iterations) the
+  difference can come out <= 0. `clock`: seconds now (default `time.perf_counter`)."""
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  clock = clock or time.perf_counter
+  best = {}
+  for n in (steps, 2 * steps):
+    best[n] = float('inf')
+    for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
+      t0 = clock()
+      jax.block_until_ready(fn(n))
+      best[n] = min(best[n], clock() - t0)
+  return (best[2 * steps] - best[steps]) / steps
 
 
 def _packed(*modules):
@@ -121,10 +147,14 @@ def loop_fn(config: str, precision: str, drafter: str, depth: int = 6, prompt_le
   return (lambda: run().tokens_BN), int(run().stats.loop_steps)
 
 
+LOOP_NEW_TOKENS = (32, 96)   # whole loops: two calls' max_new_tokens, differenced
+
+
 def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefix_len: int,
            steps: int, calls: int, loops: list[str] = ()) -> None:
-  """Compiles, prints 'ready', then for every input line one JSON line: per T, seconds per step
-  of the fastest of `calls` calls."""
+  """Compiles, prints 'ready', then for every input line one JSON line: per T and loop, seconds
+  per step (`per_iteration` of the verify loops; whole loops at two `max_new_tokens`, the
+  fastest of `calls` calls each, differenced per loop step, so the prefill cancels)."""
   # Imports here: the worker must import the jax_spec of its own checkout (PYTHONPATH).
   import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -134,23 +164,29 @@ def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefi
   model = models.Transformer(models.PRESETS[config], policy=precision_lib.get_policy(precision),
                              rngs=nnx.Rngs(params=0))
   # Chains: depths 0..T-1, causal mask.
-  fns = {str(t): (verify_loop(model, list(range(t)), [[j <= i for j in range(t)]
-                                                      for i in range(t)],
-                              cache_len, prefix_len, steps), steps) for t in tokens}
-  for name in loops:
-    fns[f'loop {name}'] = loop_fn(config, precision, name)
-  for fn, _ in fns.values():
+  verify = {str(t): verify_loop(model, list(range(t)), [[j <= i for j in range(t)]
+                                                        for i in range(t)],
+                                cache_len, prefix_len, steps) for t in tokens}
+  loop_calls = {name: [loop_fn(config, precision, name, max_new_tokens=n)
+                       for n in LOOP_NEW_TOKENS] for name in loops}
+  for fn in verify.values():
     jax.block_until_ready(fn())
+  for (short, _), (long, _) in loop_calls.values():
+    jax.block_until_ready((short(), long()))
   print('ready', flush=True)
+
+  def fastest(fn):
+    best = float('inf')
+    for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      best = min(best, time.perf_counter() - t0)
+    return best
+
   for _ in sys.stdin:
-    out = {}
-    for part, (fn, num_steps) in fns.items():
-      best = float('inf')
-      for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-      out[part] = best / num_steps
+    out = {part: per_iteration(fn, steps, calls) for part, fn in verify.items()}
+    for name, ((short, short_steps), (long, long_steps)) in loop_calls.items():
+      out[f'loop {name}'] = (fastest(long) - fastest(short)) / max(long_steps - short_steps, 1)
     print(json.dumps(out), flush=True)
 
 
@@ -165,6 +201,10 @@ def compare(variants: list[Variant], *, config: str = 'small', precision: str = 
     raise ValueError(f"loops must be 'plain' or drafters of {LOOP_DRAFTERS}, got {sorted(unknown)}")
   loops = list(dict.fromkeys(['plain', *loops])) if loops else []
   tokens = sorted(set(tokens) | {1})
+  if prefix_len + 2 * steps + max(tokens) > cache_len:
+    raise ValueError(f'prefix_len + 2 steps + max(tokens) must fit in cache_len {cache_len} (the '
+                     f'verify loops are timed at steps and 2 steps), got {prefix_len}, {steps}, '
+                     f'{max(tokens)}')
   args = json.dumps(dict(config=config, precision=precision, tokens=tokens, cache_len=cache_len,
                          prefix_len=prefix_len, steps=steps, calls=calls, loops=loops))
   procs = {}
