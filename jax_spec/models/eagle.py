@@ -203,7 +203,7 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   feature_BD = jnp.where((num_B > 0)[:, None], feature_BD, cache.feature_BD)
   new_cache = FeatureCache(layers=layers, lengths=n_B + num_B,
                            feature_BD=feature_BD.astype(cache.feature_BD.dtype))
-  return model.logits(new_cache.feature_BD), new_cache
+  return model.decode_logits(new_cache.feature_BD), new_cache
 
 
 def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,

@@ -303,7 +303,7 @@ def mtp_draft(model: Transformer, cache: MTPCache, hidden_BAD, tokens_BA, num_ne
       # With nothing new (num_new == 0) module 1's position n' - 1 is before its window; its
       # output there is the stored last exact one.
       h_last_BD = jnp.where((n_new_B > n_B)[:, None], h_last_BD, cache.prev_hidden[0])
-    logits_BV = model.logits(model.final_norm(h_last_BD))
+    logits_BV = model.decode_logits(model.final_norm(h_last_BD))
     draft_B = select_fn(logits_BV, k).astype(jnp.int32)
     tok = tok.at[rows_B, n_new_B + k].set(draft_B, mode='drop')
     drafts.append(draft_B)

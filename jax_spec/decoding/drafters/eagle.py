@@ -73,11 +73,13 @@ class _FeatureDrafter(base.Drafter):
       return self.propose_dynamic(ctx, state, root_B)
     tree = self.tree
     if tree.is_chain:
-      draft, _ = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
-                                         depth=tree.max_depth, kind=self.kind,
-                                         select_fn=self.select_fn(key))
+      draft, cache = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
+                                             depth=tree.max_depth, kind=self.kind,
+                                             select_fn=self.select_fn(key))
       q_BJV = self.probs(draft.logits_BJV) if self.sample_drafts else None
-      return base.chain_candidates(root_B, draft.tokens_BJ, q_BJV), state
+      # The drafts' scratch slots (past `lengths`) are overwritten by the next update; keeping
+      # the written cache lets XLA update it in place instead of copying it first.
+      return base.chain_candidates(root_B, draft.tokens_BJ, q_BJV), state._replace(cache=cache)
     tokens_BT, _ = eagle_lib.feature_tree_draft(ctx.trunk, state.cache, state.logits_BV, tree,
                                                    kind=self.kind)
     return base.Candidates(tokens_BT.at[:, 0].set(root_B)), state
