@@ -42,7 +42,7 @@ inline jax_spec::Vec Pow2(jax_spec::Vec n) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
-inline float HorizontalSum(jax_spec::Vec v) { return _mm512_reduce_add_ps(v); }
+inline jax_spec::Vec Max(jax_spec::Vec a, jax_spec::Vec b) { return _mm512_max_ps(a, b); }
 #elif defined(__AVX2__) && defined(__FMA__)
 inline jax_spec::Vec Set1(float a) { return _mm256_set1_ps(a); }
 inline jax_spec::Vec Mul(jax_spec::Vec a, jax_spec::Vec b) { return _mm256_mul_ps(a, b); }
@@ -58,11 +58,7 @@ inline jax_spec::Vec Pow2(jax_spec::Vec n) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
-inline float HorizontalSum(jax_spec::Vec v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
+inline jax_spec::Vec Max(jax_spec::Vec a, jax_spec::Vec b) { return _mm256_max_ps(a, b); }
 #endif
 
 #if defined(JAX_SPEC_SIMD)
@@ -88,21 +84,6 @@ void Exp(const float* x, float* y, int64_t n) {
   for (; i + kCols <= n; i += kCols) jax_spec::Store(y + i, ExpVec(jax_spec::Load(x + i)));
 #endif
   for (; i < n; ++i) y[i] = std::exp(x[i]);
-}
-
-float Dot(const float* a, const float* b, int64_t n) {
-  float sum = 0.0f;
-  int64_t i = 0;
-#if defined(JAX_SPEC_SIMD)
-  if (n >= kCols) {
-    jax_spec::Vec acc = jax_spec::Zero();
-    for (; i + kCols <= n; i += kCols)
-      acc = jax_spec::Fma(jax_spec::Load(a + i), jax_spec::Load(b + i), acc);
-    sum = HorizontalSum(acc);
-  }
-#endif
-  for (; i < n; ++i) sum = std::fma(a[i], b[i], sum);
-  return sum;
 }
 
 // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * scale, rows of width d (in place allowed).
@@ -131,55 +112,167 @@ struct Dims {
   int64_t batch, rows_per_batch, d_model, slots, heads, kv_heads, head_dim, d_ff;
 };
 
-// Attention of query (b, t, h) into o [head_dim]; `scores` has room for slots + kCols floats.
-void AttendOne(const Dims& n, int64_t b, int64_t t, int64_t h, const float* q, const float* k_cache,
-               const float* v_cache, int64_t length, const bool* mask, float scale, float* o,
-               std::vector<int64_t>& visible, std::vector<float>& scores) {
-  const int64_t e = n.head_dim, g = h / (n.heads / n.kv_heads), T = n.rows_per_batch;
-  visible.clear();
-  for (int64_t j = 0; j < std::min(length, n.slots); ++j) visible.push_back(j);
-  for (int64_t u = 0; u < T; ++u)
-    if (mask[(b * T + t) * T + u] && length + u < n.slots && length + u >= 0)
-      visible.push_back(length + u);
-  std::fill(o, o + e, 0.0f);
-  const int64_t count = static_cast<int64_t>(visible.size());
-  if (count == 0) return;
-  const int64_t stride = n.kv_heads * e, base = b * n.slots * stride + g * e;
-  float max_score = -INFINITY;
-  for (int64_t i = 0; i < count; ++i) {
-    scores[i] = Dot(q, k_cache + base + visible[i] * stride, e) * scale;
-    max_score = std::max(max_score, scores[i]);
-  }
-  for (int64_t i = 0; i < count; ++i) scores[i] -= max_score;
-  Exp(scores.data(), scores.data(), count);
-  float total = 0.0f;
-  for (int64_t i = 0; i < count; ++i) total += scores[i];
-  int64_t j0 = 0;
+// Attention of one kv head's queries, kCols at a time: lane l of query vector `v` is query
+// (t, h) = (l / per_group, g * per_group + l % per_group) of batch row b, l = v * kCols + lane.
+// Lanes are queries, so every step below is lane-wise and runs over the keys in slot order:
+// the prefix slots j < len, then the T new slots len + u, which lane (t, .) sees iff
+// mask[b, t, u] (and the slot exists). A masked key adds exact zeros, so a query's numbers do
+// not depend on how many queries share the call. Scores are e-ordered FMA chains, four keys at
+// a time (independent accumulators hide the FMA latency); the softmax is exact two-pass.
+struct AttendScratch {
+  std::vector<float> q_t, scores, visible;
+};
+
 #if defined(JAX_SPEC_SIMD)
-  // o = sum_i p_i v_i, kMaxAcc vectors of head_dim at a time in registers, keys in slot order.
-  constexpr int64_t kMaxAcc = 8;
-  for (; j0 + kCols <= e; j0 += kMaxAcc * kCols) {
-    const int64_t vecs = std::min<int64_t>(kMaxAcc, (e - j0) / kCols);
-    jax_spec::Vec acc[kMaxAcc];
-    for (int64_t a = 0; a < vecs; ++a) acc[a] = jax_spec::Zero();
-    for (int64_t i = 0; i < count; ++i) {
-      const jax_spec::Vec p = jax_spec::Broadcast(&scores[i]);
-      const float* v = v_cache + base + visible[i] * stride + j0;
-      for (int64_t a = 0; a < vecs; ++a)
-        acc[a] = jax_spec::Fma(p, jax_spec::Load(v + a * kCols), acc[a]);
-    }
-    for (int64_t a = 0; a < vecs; ++a) jax_spec::Store(o + j0 + a * kCols, acc[a]);
-    if (vecs < kMaxAcc) {
-      j0 += vecs * kCols;
-      break;
-    }
-  }
+using Lanes = jax_spec::Vec;
+using jax_spec::Broadcast;
+using jax_spec::Fma;
+using jax_spec::Load;
+using jax_spec::Store;
+using jax_spec::Zero;
+inline Lanes Exp(Lanes x) { return ExpVec(x); }
+#else
+// The scalar build's stand-in for a register of kCols lanes (the same lane-wise steps).
+struct Lanes {
+  float x[kCols];
+};
+inline Lanes Map2(Lanes a, Lanes b, float (*f)(float, float)) {
+  for (int64_t i = 0; i < kCols; ++i) a.x[i] = f(a.x[i], b.x[i]);
+  return a;
+}
+inline Lanes Zero() { return Lanes{}; }
+inline Lanes Set1(float a) {
+  Lanes v;
+  std::fill(v.x, v.x + kCols, a);
+  return v;
+}
+inline Lanes Broadcast(const float* p) { return Set1(*p); }
+inline Lanes Load(const float* p) {
+  Lanes v;
+  std::copy(p, p + kCols, v.x);
+  return v;
+}
+inline void Store(float* p, Lanes v) { std::copy(v.x, v.x + kCols, p); }
+inline Lanes Fma(Lanes a, Lanes b, Lanes c) {
+  for (int64_t i = 0; i < kCols; ++i) c.x[i] = std::fma(a.x[i], b.x[i], c.x[i]);
+  return c;
+}
+inline Lanes Mul(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x * y; }); }
+inline Lanes Add(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x + y; }); }
+inline Lanes Sub(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x - y; }); }
+inline Lanes Max(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return std::max(x, y); }); }
+inline Lanes Exp(Lanes a) {
+  for (float& x : a.x) x = std::exp(x);
+  return a;
+}
 #endif
-  for (int64_t i = 0; i < count; ++i) {
-    const float* v = v_cache + base + visible[i] * stride;
-    for (int64_t j = j0; j < e; ++j) o[j] = std::fma(scores[i], v[j], o[j]);
+
+void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qkv,
+                 int64_t qkv_width, const float* k_cache, const float* v_cache, int64_t length,
+                 const bool* mask, float scale, float* o, int64_t o_width, AttendScratch& s) {
+  const int64_t e = n.head_dim, T = n.rows_per_batch, per_group = n.heads / n.kv_heads;
+  const int64_t lanes = std::min<int64_t>(kCols, T * per_group - v * kCols);
+  const int64_t prefix = std::clamp<int64_t>(length, 0, n.slots), keys = prefix + T;
+  const int64_t stride = n.kv_heads * e, base = b * n.slots * stride + g * e;
+  // q transposed: q_t[i * kCols + l] = q[lane l][i]; unused lanes 0.
+  s.q_t.assign(e * kCols, 0.0f);
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t q = v * kCols + l, t = q / per_group, h = g * per_group + q % per_group;
+    const float* q_row = qkv + (b * T + t) * qkv_width + h * e;
+    for (int64_t i = 0; i < e; ++i) s.q_t[i * kCols + l] = q_row[i];
   }
-  for (int64_t j = 0; j < e; ++j) o[j] /= total;
+  // 1 where lane l sees new slot len + u, else 0 (unused lanes: 0).
+  s.visible.assign(T * kCols, 0.0f);
+  for (int64_t u = 0; u < T; ++u) {
+    if (length + u < 0 || length + u >= n.slots) continue;
+    for (int64_t l = 0; l < lanes; ++l)
+      s.visible[u * kCols + l] = mask[(b * T + (v * kCols + l) / per_group) * T + u] ? 1.0f : 0.0f;
+  }
+  auto key = [&](int64_t j) { return prefix > j ? j : length + (j - prefix); };  // slot of key j
+  s.scores.resize(keys * kCols);
+  const float* q_t = s.q_t.data();
+  const Lanes scale_v = Set1(scale);
+  int64_t j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const float* k0 = k_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride;
+    const float* k1 = k_cache + base + std::clamp<int64_t>(key(j + 1), 0, n.slots - 1) * stride;
+    const float* k2 = k_cache + base + std::clamp<int64_t>(key(j + 2), 0, n.slots - 1) * stride;
+    const float* k3 = k_cache + base + std::clamp<int64_t>(key(j + 3), 0, n.slots - 1) * stride;
+    Lanes a0 = Zero(), a1 = Zero(), a2 = Zero(), a3 = Zero();
+    for (int64_t i = 0; i < e; ++i) {
+      const Lanes q = Load(q_t + i * kCols);
+      a0 = Fma(q, Broadcast(k0 + i), a0);
+      a1 = Fma(q, Broadcast(k1 + i), a1);
+      a2 = Fma(q, Broadcast(k2 + i), a2);
+      a3 = Fma(q, Broadcast(k3 + i), a3);
+    }
+    Store(&s.scores[j * kCols], Mul(a0, scale_v));
+    Store(&s.scores[(j + 1) * kCols], Mul(a1, scale_v));
+    Store(&s.scores[(j + 2) * kCols], Mul(a2, scale_v));
+    Store(&s.scores[(j + 3) * kCols], Mul(a3, scale_v));
+  }
+  for (; j < keys; ++j) {
+    const float* k = k_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride;
+    Lanes a = Zero();
+    for (int64_t i = 0; i < e; ++i) a = Fma(Load(q_t + i * kCols), Broadcast(k + i), a);
+    Store(&s.scores[j * kCols], Mul(a, scale_v));
+  }
+  // Masked new keys score -inf (so they do not move the max) and weigh exactly 0.
+  const Lanes neg_inf = Set1(-INFINITY), zero = Zero();
+  Lanes max_score = neg_inf;
+  for (j = 0; j < keys; ++j) {
+    Lanes sc = Load(&s.scores[j * kCols]);
+    if (j >= prefix) {
+      const Lanes vis = Load(&s.visible[(j - prefix) * kCols]);
+      // vis * sc + (1 - vis) * -inf without 0 * inf: -inf where vis == 0.
+      float tmp[kCols], vs[kCols];
+      Store(tmp, sc);
+      Store(vs, vis);
+      for (int64_t l = 0; l < kCols; ++l) tmp[l] = vs[l] != 0.0f ? tmp[l] : -INFINITY;
+      sc = Load(tmp);
+      Store(&s.scores[j * kCols], sc);
+    }
+    max_score = Max(max_score, sc);
+  }
+  {  // a lane that sees nothing: max 0, so that every exp below is of -inf - 0 (weight 0)
+    float m[kCols];
+    Store(m, max_score);
+    for (float& x : m) x = std::isinf(x) ? 0.0f : x;
+    max_score = Load(m);
+  }
+  Lanes total = zero;
+  for (j = 0; j < keys; ++j) {
+    Lanes p = Exp(Sub(Load(&s.scores[j * kCols]), max_score));
+    if (j >= prefix) p = Mul(p, Load(&s.visible[(j - prefix) * kCols]));
+    Store(&s.scores[j * kCols], p);
+    total = Add(total, p);
+  }
+  float total_l[kCols];
+  Store(total_l, total);
+  // o[lane][i] = sum_j p_j[lane] v_j[i] / total[lane], 16 of head_dim at a time in registers.
+  constexpr int64_t kChunk = 16;
+  for (int64_t i0 = 0; i0 < e; i0 += kChunk) {
+    const int64_t width = std::min(kChunk, e - i0);
+    Lanes acc[kChunk];
+    for (int64_t i = 0; i < kChunk; ++i) acc[i] = zero;
+    for (j = 0; j < keys; ++j) {
+      const Lanes p = Load(&s.scores[j * kCols]);
+      const float* val = v_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride + i0;
+      if (width == kChunk) {
+        for (int64_t i = 0; i < kChunk; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
+      } else {
+        for (int64_t i = 0; i < width; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
+      }
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      float out[kCols];
+      Store(out, acc[i]);
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t q = v * kCols + l, t = q / per_group, h = g * per_group + q % per_group;
+        o[(b * T + t) * o_width + h * e + i0 + i] = total_l[l] > 0.0f ? out[l] / total_l[l] : 0.0f;
+      }
+    }
+  }
 }
 
 // y[:, :] += x @ w for the first `width` columns of the padded product (bias added if given).
@@ -251,16 +344,16 @@ ffi::Error BlockDecodeImpl(
     }
   }
   const bool* m = mask.typed_data();
-  const int64_t queries = rows * n.heads, threads = jax_spec::KernelThreads(pool);
-  const int64_t chunks = std::min(threads, queries);
+  // Work items: (batch row, kv head, vector of kCols of its queries), split between the threads.
+  const int64_t vectors = (n.rows_per_batch * (n.heads / n.kv_heads) + kCols - 1) / kCols;
+  const int64_t items = n.batch * n.kv_heads * vectors, threads = jax_spec::KernelThreads(pool);
+  const int64_t chunks = std::min(threads, items);
   jax_spec::ParallelFor(pool, chunks, threads, [&](int64_t chunk) {
-    std::vector<int64_t> visible;
-    std::vector<float> scores(n.slots + n.rows_per_batch + kCols);
-    for (int64_t i = chunk * queries / chunks; i < (chunk + 1) * queries / chunks; ++i) {
-      const int64_t r = i / n.heads, hd = i % n.heads;
-      const int64_t b = r / n.rows_per_batch, t = r % n.rows_per_batch;
-      AttendOne(n, b, t, hd, qkv.data() + r * qkv_width + hd * e, kc, vc, len[b], m, sm_scale,
-                o.data() + r * q_width + hd * e, visible, scores);
+    AttendScratch scratch_c;
+    for (int64_t i = chunk * items / chunks; i < (chunk + 1) * items / chunks; ++i) {
+      const int64_t b = i / (n.kv_heads * vectors), g = (i / vectors) % n.kv_heads, v = i % vectors;
+      AttendLanes(n, b, g, v, qkv.data(), qkv_width, kc, vc, len[b], m, sm_scale, o.data(),
+                  q_width, scratch_c);
     }
   });
   AddMatmul(pool, o.data(), out_tiles, rows, out_bias.typed_data(), out, n.d_model, scratch);
