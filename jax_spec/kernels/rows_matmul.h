@@ -83,20 +83,28 @@ void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_str
 #endif
 }
 
-// At most this many weight tiles are read side by side: one AVX-512 row over 24 tiles (24
-// streams) ran 3x slower than over 12 (experiments.bench_matmul).
-constexpr int64_t kMaxStreams = 12;
+// At most this many weight tiles are read side by side. With AVX-512 on a Zen 4 core, weights
+// streamed from L3, one row over 12 tiles (12 streams) ran at 0.6x the speed of 3-6 tiles, two
+// rows at 0.5-0.7x, and 24 tiles at a third (experiments.bench_matmul; docs/benchmarks.md).
+constexpr int64_t kMaxStreams = 6;
 
-// Tiles [t_begin, t_end) of kR rows.
+template <int64_t kR, size_t... kI>
+constexpr auto BlocksTable(std::index_sequence<kI...>) {
+  return std::array<void (*)(const float*, const float*, float*, int64_t, int64_t),
+                    sizeof...(kI)>{Block<kR, kI + 1>...};
+}
+
+// Tiles [t_begin, t_end) of kR rows: blocks of kT tiles, then one block of the rest.
 template <int64_t kR>
 void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
            int64_t t_end) {
   constexpr int64_t kT = std::max<int64_t>(1, std::min<int64_t>(kMaxStreams, kAcc / kR));
+  static constexpr auto kBlocks = BlocksTable<kR>(std::make_index_sequence<kT>());  // [n - 1]
   const int64_t y_stride = tiles * kCols;
   int64_t t = t_begin;
   for (; t + kT <= t_end; t += kT)
     Block<kR, kT>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
-  for (; t < t_end; ++t) Block<kR, 1>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
+  if (t < t_end) kBlocks[t_end - t - 1](x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
 }
 
 using TilesFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
