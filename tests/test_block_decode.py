@@ -149,3 +149,38 @@ def test_other_platforms_lower_the_xla_ops():
   exported = jax.export.export(_decode(block), platforms=['cuda'])(
       x, rope, cache, lengths, jnp.ones((1, 2, 2), bool))
   assert 'jax_spec_block_decode' not in exported.mlir_module()
+
+
+@pytest.mark.parametrize('kind', ['eagle', 'mtp'])
+def test_feature_step_matches_a_float64_module_and_read(kind):
+  """`MTPModule.decode_read` (one `feature_decode` call on CPU: combine, block, final norm, LM
+  head) against float64: the module's block by `_reference`, the rest in numpy."""
+  cfg = models.get_config('tiny', eagle_layers=1, eagle_d_ff=24, mtp_depth=1)
+  model = models.Transformer(cfg, rngs=nnx.Rngs(4))
+  _randomize(model, 4)
+  module = model.eagle if kind == 'eagle' else model.mtp[0]
+  mcfg = cfg.eagle_config if kind == 'eagle' else cfg
+  batch, num_new, slots = 2, 3, 10
+  x, cache, lengths, rope = _inputs(mcfg, batch, num_new, slots, [2, 6], 7)
+  rng = np.random.default_rng(8)
+  e = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  mask = jnp.asarray(np.tril(np.ones((batch, num_new, num_new), bool)))
+  run = jax.jit(lambda *a: module.decode_read(model, *a))
+  assert 'jax_spec_feature_decode' in run.lower(x, e, rope, (cache,), lengths, mask).as_text()
+  exported = jax.export.export(run, platforms=['cuda'])(x, e, rope, (cache,), lengths, mask)
+  assert 'jax_spec_feature_decode' not in exported.mlir_module()   # other platforms: the ops
+  feature, logits, (new,) = run(x, e, rope, (cache,), lengths, mask)
+
+  f64 = lambda a: np.asarray(a, np.float64)
+  rms = lambda a, s: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + cfg.norm_eps) * f64(s)
+  combined = np.concatenate([rms(f64(x), module.hidden_norm.scale[...]),
+                             rms(f64(e), module.embed_norm.scale[...])], -1)
+  combined = combined @ f64(module.proj.kernel[...])
+  y, want_k, want_v = _reference(module.block, mcfg, combined, rope, cache, np.asarray(lengths),
+                                 np.asarray(mask))
+  want_feature = rms(y, model.final_norm.scale[...])
+  np.testing.assert_allclose(f64(feature), want_feature, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(f64(logits), want_feature @ f64(model.shared_head_DV()),
+                             rtol=2e-5, atol=5e-5)
+  np.testing.assert_allclose(f64(new.k), want_k, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(f64(new.v), want_v, rtol=2e-5, atol=2e-5)

@@ -160,7 +160,9 @@ inline Lanes Fma(Lanes a, Lanes b, Lanes c) {
 inline Lanes Mul(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x * y; }); }
 inline Lanes Add(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x + y; }); }
 inline Lanes Sub(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return x - y; }); }
-inline Lanes Max(Lanes a, Lanes b) { return Map2(a, b, [](float x, float y) { return std::max(x, y); }); }
+inline Lanes Max(Lanes a, Lanes b) {
+  return Map2(a, b, [](float x, float y) { return std::max(x, y); });
+}
 inline Lanes Exp(Lanes a) {
   for (float& x : a.x) x = std::exp(x);
   return a;
@@ -286,17 +288,25 @@ void AddMatmul(ffi::ThreadPool pool, const float* x, ffi::Buffer<ffi::F32>& tile
       y[r * width + i] += scratch[r * num_tiles * kCols + i] + (bias ? bias[i] : 0.0f);
 }
 
-ffi::Error BlockDecodeImpl(
-    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> attn_scale,
-    ffi::Buffer<ffi::F32> qkv_tiles, ffi::Buffer<ffi::F32> qkv_bias, ffi::Buffer<ffi::F32> q_scale,
-    ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-    ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in, ffi::Buffer<ffi::S32> lengths,
-    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out_tiles, ffi::Buffer<ffi::F32> out_bias,
-    ffi::Buffer<ffi::F32> mlp_scale, ffi::Buffer<ffi::F32> gate_up_tiles,
-    ffi::Buffer<ffi::F32> down_tiles, float eps, float sm_scale, int64_t num_heads,
-    int64_t qk_norm, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> k_cache,
-    ffi::ResultBuffer<ffi::F32> v_cache) {
-  const auto xd = x.dimensions(), kd = k_cache->dimensions();
+// The block's arguments after x (the binding's order), shared by both handlers.
+#define JAX_SPEC_BLOCK_PARAMS                                                                    \
+  ffi::Buffer<ffi::F32> attn_scale, ffi::Buffer<ffi::F32> qkv_tiles,                             \
+      ffi::Buffer<ffi::F32> qkv_bias, ffi::Buffer<ffi::F32> q_scale,                             \
+      ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,       \
+      ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in, ffi::Buffer<ffi::S32> lengths,     \
+      ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out_tiles,                              \
+      ffi::Buffer<ffi::F32> out_bias, ffi::Buffer<ffi::F32> mlp_scale,                           \
+      ffi::Buffer<ffi::F32> gate_up_tiles, ffi::Buffer<ffi::F32> down_tiles
+#define JAX_SPEC_BLOCK_ARGS                                                                      \
+  attn_scale, qkv_tiles, qkv_bias, q_scale, k_scale, cos, sin, k_in, v_in, lengths, mask,        \
+      out_tiles, out_bias, mlp_scale, gate_up_tiles, down_tiles
+
+// The block on x [B, T, D] (`out`, updated in place), the caches written in place.
+ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> xd,
+                    JAX_SPEC_BLOCK_PARAMS, float eps, float sm_scale, int64_t num_heads,
+                    int64_t qk_norm, ffi::ResultBuffer<ffi::F32>& k_cache,
+                    ffi::ResultBuffer<ffi::F32>& v_cache) {
+  const auto kd = k_cache->dimensions();
   if (xd.size() != 3 || kd.size() != 4 || kd[0] != xd[0] || num_heads % kd[2] != 0 ||
       kd[3] > 512 || kd[3] % 2 != 0) {
     return ffi::Error::InvalidArgument(
@@ -316,8 +326,6 @@ ffi::Error BlockDecodeImpl(
   }
   std::vector<float> h(rows * n.d_model), qkv(rows * qkv_width, 0.0f), o(rows * q_width);
   std::vector<float> scratch;
-  float* out = y->typed_data();
-  std::memcpy(out, x.typed_data(), sizeof(float) * rows * n.d_model);
 
   // Attention: norm, q/k/v, RoPE, cache write.
   RmsNorm(out, attn_scale.typed_data(), h.data(), rows, n.d_model, eps);
@@ -375,6 +383,55 @@ ffi::Error BlockDecodeImpl(
   return ffi::Error::Success();
 }
 
+ffi::Error BlockDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, JAX_SPEC_BLOCK_PARAMS,
+                           float eps, float sm_scale, int64_t num_heads, int64_t qk_norm,
+                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> k_cache,
+                           ffi::ResultBuffer<ffi::F32> v_cache) {
+  std::memcpy(y->typed_data(), x.typed_data(), sizeof(float) * x.element_count());
+  return RunBlock(pool, y->typed_data(), x.dimensions(), JAX_SPEC_BLOCK_ARGS, eps, sm_scale,
+                  num_heads, qk_norm, k_cache, v_cache);
+}
+
+// A feature drafter's step (`models.eagle`: an MTP / EAGLE module of one block, then the read):
+//   x = [RMSNorm(h); RMSNorm(e)] W_proj (+ b);  x = Block(x);  f = RMSNorm(x);  logits = f W_head
+ffi::Error FeatureDecodeImpl(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::F32> embedded,
+    ffi::Buffer<ffi::F32> hidden_scale, ffi::Buffer<ffi::F32> embed_scale,
+    ffi::Buffer<ffi::F32> proj_tiles, ffi::Buffer<ffi::F32> proj_bias, JAX_SPEC_BLOCK_PARAMS,
+    ffi::Buffer<ffi::F32> final_scale, ffi::Buffer<ffi::F32> head_tiles, float eps,
+    float sm_scale, int64_t num_heads, int64_t qk_norm, ffi::ResultBuffer<ffi::F32> feature,
+    ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> k_cache,
+    ffi::ResultBuffer<ffi::F32> v_cache) {
+  const auto xd = hidden.dimensions();
+  const int64_t d = xd[xd.size() - 1], rows = hidden.element_count() / d;
+  const int64_t vocab = logits->dimensions()[logits->dimensions().size() - 1];
+  if (embedded.element_count() != rows * d || proj_tiles.dimensions()[1] != 2 * d ||
+      proj_tiles.dimensions()[0] * kCols < d || head_tiles.dimensions()[1] != d ||
+      head_tiles.dimensions()[0] * kCols < vocab) {
+    return ffi::Error::InvalidArgument(
+        "feature_decode: expected hidden and embedded [B, T, D], proj [2D, D] and head [D, V] "
+        "packed");
+  }
+  std::vector<float> both(rows * 2 * d), scratch;
+  for (int64_t r = 0; r < rows; ++r) {
+    RmsNorm(hidden.typed_data() + r * d, hidden_scale.typed_data(), both.data() + r * 2 * d, 1, d,
+            eps);
+    RmsNorm(embedded.typed_data() + r * d, embed_scale.typed_data(), both.data() + r * 2 * d + d,
+            1, d, eps);
+  }
+  float* x = feature->typed_data();
+  std::fill(x, x + rows * d, 0.0f);
+  AddMatmul(pool, both.data(), proj_tiles, rows, proj_bias.typed_data(), x, d, scratch);
+  const ffi::Error error = RunBlock(pool, x, xd, JAX_SPEC_BLOCK_ARGS, eps, sm_scale, num_heads,
+                                    qk_norm, k_cache, v_cache);
+  if (error.failure()) return error;
+  RmsNorm(x, final_scale.typed_data(), x, rows, d, eps);
+  float* y = logits->typed_data();
+  std::fill(y, y + rows * vocab, 0.0f);
+  AddMatmul(pool, x, head_tiles, rows, nullptr, y, vocab, scratch);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecBlockDecode, BlockDecodeImpl,
@@ -402,5 +459,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecBlockDecode, BlockDecodeImpl,
                                   .Attr<int64_t>("num_heads")
                                   .Attr<int64_t>("qk_norm")
                                   .Ret<ffi::Buffer<ffi::F32>>()    // y [B, T, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // k cache
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v cache
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecFeatureDecode, FeatureDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // hidden [B, T, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // embedded tokens [B, T, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // hidden_norm scale [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // embed_norm scale [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj packed [2D, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj bias [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // the block's, as above
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // v cache (aliased)
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // final_norm scale [D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // LM head packed [D, V]
+                                  .Attr<float>("eps")
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<int64_t>("qk_norm")
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // feature [B, T, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // logits [B, T, V]
                                   .Ret<ffi::Buffer<ffi::F32>>()    // k cache
                                   .Ret<ffi::Buffer<ffi::F32>>());  // v cache

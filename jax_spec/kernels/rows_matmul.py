@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 _TARGET = 'jax_spec_rows_matmul'
 BLOCK_TARGET = 'jax_spec_block_decode'   # block_decode.cc, built into the same library
+FEATURE_TARGET = 'jax_spec_feature_decode'   # block_decode.cc: a feature drafter's whole step
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_DIR, name) for name in ('rows_matmul.cc', 'block_decode.cc'))
 _HEADERS = (os.path.join(_DIR, 'rows_matmul.h'),)
@@ -100,6 +101,8 @@ def available() -> bool:
                                       platform='cpu')
           jax.ffi.register_ffi_target(BLOCK_TARGET, jax.ffi.pycapsule(lib.JaxSpecBlockDecode),
                                       platform='cpu')
+          jax.ffi.register_ffi_target(FEATURE_TARGET,
+                                      jax.ffi.pycapsule(lib.JaxSpecFeatureDecode), platform='cpu')
           lib.JaxSpecRowsMatmulTile.restype = ctypes.c_int64
           _state['tile'] = int(lib.JaxSpecRowsMatmulTile())
           _state['ok'] = True

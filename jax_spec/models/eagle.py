@@ -151,10 +151,12 @@ def init_feature_cache(model: Transformer, batch_size: int, max_len: int, *,
                       feature_BD=jnp.zeros((batch_size, model.config.d_model), model.dtype))
 
 
-def _decode(model, module, feature_BTD, tokens_BT, positions_BT, layers, lengths_B, mask_BTT):
-  """The module on T new entries written at slots [lengths, lengths + T) -> (x, layers)."""
-  return module.decode(feature_BTD, model.embed_tokens(tokens_BT), model.rotary(positions_BT),
-                       layers, lengths_B, mask_BTT)
+def _decode_read(model, module, feature_BTD, tokens_BT, positions_BT, layers, lengths_B,
+                 mask_BTT):
+  """The module on T new entries written at slots [lengths, lengths + T), then the read ->
+  (predicted features, fp32 logits, layers)."""
+  return module.decode_read(model, feature_BTD, model.embed_tokens(tokens_BT),
+                            model.rotary(positions_BT), layers, lengths_B, mask_BTT)
 
 
 def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_BA, num_new_B,
@@ -186,24 +188,26 @@ def feature_update(model: Transformer, cache: FeatureCache, hidden_BAD, tokens_B
   next_BA = jnp.where(a_A[None] == num_B[:, None] - 1, next_token_B[:, None].astype(jnp.int32),
                       next_BA)
   positions_BA = n_B[:, None] + a_A.astype(jnp.int32)
-  layers, outs = cache.layers, []
+  layers, features, logits = cache.layers, [], []
   # The decode kernel takes <= 128 queries: longer windows (a prefill) go in causal chunks.
   for start in range(0, width, MAX_NEW_TOKENS_PER_CALL):
     stop = min(start + MAX_NEW_TOKENS_PER_CALL, width)
     mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((stop - start,) * 2, bool)),
                                 (batch, stop - start, stop - start))
-    x_BCD, layers = _decode(model, module, hidden_BAD[:, start:stop].astype(model.dtype),
-                            next_BA[:, start:stop], positions_BA[:, start:stop], layers,
-                            n_B + start, mask_BCC)
-    outs.append(x_BCD)
-  x_BAD = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-  last_BD = jnp.take_along_axis(x_BAD, jnp.clip(num_B - 1, 0, width - 1)[:, None, None],
-                                axis=1)[:, 0]
-  feature_BD, _ = _read(model, last_BD)
-  feature_BD = jnp.where((num_B > 0)[:, None], feature_BD, cache.feature_BD)
-  new_cache = FeatureCache(layers=layers, lengths=n_B + num_B,
-                           feature_BD=feature_BD.astype(cache.feature_BD.dtype))
-  return model.decode_logits(new_cache.feature_BD), new_cache
+    feature_BCD, logits_BCV, layers = _decode_read(
+        model, module, hidden_BAD[:, start:stop].astype(model.dtype), next_BA[:, start:stop],
+        positions_BA[:, start:stop], layers, n_B + start, mask_BCC)
+    features.append(feature_BCD)
+    logits.append(logits_BCV)
+  last_B11 = jnp.clip(num_B - 1, 0, width - 1)[:, None, None]
+  last = lambda chunks: jnp.take_along_axis(jnp.concatenate(chunks, axis=1), last_B11,
+                                            axis=1)[:, 0]
+  has_new_B1 = (num_B > 0)[:, None]
+  feature_BD = jnp.where(has_new_B1, last(features), cache.feature_BD).astype(
+      cache.feature_BD.dtype)
+  # A row with nothing new keeps its feature, and the distribution read from it.
+  logits_BV = jnp.where(has_new_B1, last(logits), model.decode_logits(cache.feature_BD))
+  return logits_BV, FeatureCache(layers=layers, lengths=n_B + num_B, feature_BD=feature_BD)
 
 
 def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: int,
@@ -226,9 +230,9 @@ def feature_chain(model: Transformer, cache: FeatureCache, logits_BV, *, depth: 
   one_B11 = jnp.ones((batch, 1, 1), bool)
   for d in range(2, depth + 1):
     slot_B = cache.lengths + (d - 2)
-    x_B1D, layers = _decode(model, module, feature_BD[:, None], token_B[:, None],
-                            slot_B[:, None], layers, slot_B, one_B11)
-    feature_B1D, logits_B1V = _read(model, x_B1D)
+    feature_B1D, logits_B1V, layers = _decode_read(model, module, feature_BD[:, None],
+                                                   token_B[:, None], slot_B[:, None], layers,
+                                                   slot_B, one_B11)
     feature_BD, logits_BV = feature_B1D[:, 0], logits_B1V[:, 0]
     token_B = select_fn(logits_BV, d).astype(jnp.int32)
     tokens.append(token_B)
@@ -258,9 +262,10 @@ def feature_tree_step(model: Transformer, cache: FeatureCache, parent_features_B
   """
   module = drafter_module(model, kind)
   positions_BN = cache.lengths[:, None] + depths_BN.astype(jnp.int32) - 1
-  x_BND, _ = _decode(model, module, parent_features_BND.astype(model.dtype), tokens_BN,
-                     positions_BN, cache.layers, cache.lengths, mask_BNN)
-  return _read(model, x_BND)
+  features_BND, logits_BNV, _ = _decode_read(
+      model, module, parent_features_BND.astype(model.dtype), tokens_BN, positions_BN,
+      cache.layers, cache.lengths, mask_BNN)
+  return features_BND, logits_BNV
 
 
 def feature_tree_draft(model: Transformer, cache: FeatureCache, root_logits_BV, tree, *,

@@ -316,7 +316,8 @@ class Block(nnx.Module):
             and attn.q.kernel.shape[2] % 2 == 0
             and attn.q.kernel.shape[2] <= block_decode.MAX_HEAD_DIM and block_decode.enabled())
 
-  def _decode_kernel(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
+  def kernel_operands(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
+    """(`block_decode.block_operands`, the call's attributes) of this block's kernel call."""
     attn = self.attn
     # The packed q|k|v, output, gate|up and down matrices, under the keys the decode loops pack.
     qkv_tiles, out_tiles, gate_up_tiles, down_tiles = (
@@ -329,12 +330,17 @@ class Block(nnx.Module):
                                else norm.scale[...])
     table = lambda t: jnp.broadcast_to(t, (batch, num_new, 1, head_dim)).reshape(
         batch, num_new, head_dim)
-    # One eps for every norm of the block: they all take config.norm_eps.
-    y_BTD, k_BSKE, v_BSKE = block_decode.block_decode(
-        x_BTD, self.attn_norm.scale[...], qkv_tiles,
+    operands = block_decode.block_operands(
+        self.attn_norm.scale[...], qkv_tiles,
         jnp.concatenate([bias(d) for d in (attn.q, attn.k, attn.v)]), norm_scale(attn.q_norm),
         norm_scale(attn.k_norm), table(rope.cos), table(rope.sin), cache.k, cache.v, lengths_B,
         jnp.broadcast_to(tree_mask_BTT, (batch, num_new, num_new)), out_tiles, bias(attn.out),
-        self.mlp_norm.scale[...], gate_up_tiles, down_tiles, eps=self.attn_norm.eps,
-        sm_scale=head_dim ** -0.5, num_heads=num_heads, qk_norm=attn.q_norm is not None)
+        self.mlp_norm.scale[...], gate_up_tiles, down_tiles)
+    # One eps for every norm of the block: they all take config.norm_eps.
+    return operands, dict(eps=self.attn_norm.eps, sm_scale=head_dim ** -0.5, num_heads=num_heads,
+                          qk_norm=attn.q_norm is not None)
+
+  def _decode_kernel(self, x_BTD, rope: Rotary, cache: LayerCache, lengths_B, tree_mask_BTT):
+    operands, attrs = self.kernel_operands(x_BTD, rope, cache, lengths_B, tree_mask_BTT)
+    y_BTD, k_BSKE, v_BSKE = block_decode.block_decode(x_BTD, operands, **attrs)
     return y_BTD, LayerCache(k_BSKE, v_BSKE)

@@ -58,6 +58,39 @@ class MTPModule(nnx.Module):
       new_caches.append(cache)
     return x_BTD, tuple(new_caches)
 
+  def decode_read(self, model: 'Transformer', h_BTD, e_BTD, rope: Rotary,
+                  caches: tuple[LayerCache, ...], lengths_B, tree_mask_BTT):
+    """`decode`, then a feature drafter's read (`models.eagle`): -> (model.final_norm(x), fp32
+    logits through the shared head, caches). A one-block fp32 module on CPU runs all of it as
+    one kernel call (`kernels.block_decode.feature_decode`), instead of ~17 ops per depth;
+    elsewhere (and on other platforms) the ops of `decode` and `model.decode_logits`."""
+    def ops(h_BTD, e_BTD, rope, caches, lengths_B, tree_mask_BTT):
+      x_BTD, caches = self.decode(h_BTD, e_BTD, rope, caches, lengths_B, tree_mask_BTT)
+      feature_BTD = model.final_norm(x_BTD)
+      return feature_BTD, model.decode_logits(feature_BTD), caches
+
+    def kernel(h_BTD, e_BTD, rope, caches, lengths_B, tree_mask_BTT):
+      block, f32 = self.blocks[0], jnp.float32
+      operands, attrs = block.kernel_operands(h_BTD, rope, caches[0], lengths_B, tree_mask_BTT)
+      proj_bias = (jnp.zeros((model.config.d_model,), f32) if self.proj.bias is None
+                   else self.proj.bias[...])
+      feature_BTD, logits_BTV, k_BSKE, v_BSKE = block_decode.feature_decode(
+          h_BTD, e_BTD, self.hidden_norm.scale[...], self.embed_norm.scale[...],
+          rows_matmul.tiles(self.proj.matrix(), id(self.proj)), proj_bias, operands,
+          model.final_norm.scale[...],
+          rows_matmul.tiles(model.shared_head_DV().astype(f32), id(model)),
+          vocab=model.config.vocab_size, **attrs)
+      return feature_BTD, logits_BTV, (LayerCache(k_BSKE, v_BSKE),)
+
+    norms = (self.hidden_norm, self.embed_norm, model.final_norm, self.blocks[0].attn_norm)
+    fused = (len(self.blocks) == 1 and model.dtype == jnp.float32
+             and e_BTD.dtype == jnp.float32 and self.blocks[0].kernel_applies(h_BTD, caches[0])
+             and len({norm.eps for norm in norms}) == 1)   # the kernel takes one eps
+    if not fused:
+      return ops(h_BTD, e_BTD, rope, caches, lengths_B, tree_mask_BTT)
+    return jax.lax.platform_dependent(h_BTD, e_BTD, rope, caches, lengths_B, tree_mask_BTT,
+                                      cpu=kernel, default=ops)
+
 
 class EagleModule(MTPModule):
   """EAGLE-style feature drafter: the MTP combine, then `config.eagle_layers` blocks.
