@@ -312,3 +312,32 @@ def test_decode_medusa_logits_match_the_heads(monkeypatch, shared_head, num_laye
       2 if shared_head else 1 + cfg.medusa_heads)
   np.testing.assert_allclose(decode(graphdef, state, hidden_BTD), model.medusa_logits(hidden_BTD),
                              atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_prefill_by_extend_chunks_matches_the_trunk_forward(monkeypatch):
+  """On CPU an fp32 prefill runs as causal `extend` chunks of <= 128 tokens (the decode kernel);
+  its logits, hidden states, Medusa logits and cache entries match the trunk's full forward (the
+  path with the kernel switched off), across a chunk boundary and with ragged prompts."""
+  cfg = M.get_config('tiny', medusa_heads=2, max_seq_len=256)
+  model = M.Transformer(cfg, rngs=nnx.Rngs(3))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 140)), jnp.int32)
+  lengths = jnp.asarray([140, 97], jnp.int32)
+
+  def run():
+    fn = jax.jit(lambda t, n: M.prefill(model, t, n, M.init_cache(model, 2, 160)))
+    return fn.lower(tokens, lengths).as_text(), fn(tokens, lengths)
+
+  text, (outs, cache) = run()
+  assert text.count('jax_spec_block_decode') == 2 * cfg.num_layers    # two chunks per layer
+  monkeypatch.setenv('JAX_SPEC_BLOCK_DECODE', '0')
+  text_ref, (want, want_cache) = run()
+  assert 'jax_spec_block_decode' not in text_ref
+  np.testing.assert_array_equal(cache.lengths, want_cache.lengths)
+  for b, n in enumerate(np.asarray(lengths)):   # past a prompt's end only padding differs
+    np.testing.assert_allclose(outs.logits_BTV[b, :n], want.logits_BTV[b, :n], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outs.hidden_BTD[b, :n], want.hidden_BTD[b, :n], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outs.medusa_logits_JBTV[:, b, :n], want.medusa_logits_JBTV[:, b, :n],
+                               atol=1e-4, rtol=1e-4)
+    for layer, want_layer in zip(cache.layers, want_cache.layers):
+      np.testing.assert_allclose(layer.k[b, :n], want_layer.k[b, :n], atol=1e-4, rtol=1e-4)
+      np.testing.assert_allclose(layer.v[b, :n], want_layer.v[b, :n], atol=1e-4, rtol=1e-4)

@@ -111,7 +111,9 @@ def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
 
   Resets every row: `lengths = prompt_lengths`. The trunk is the model's own (`Transformer.trunk`,
   as in the full forward: causal `dot_product_attention`); padding only affects outputs past each
-  prompt's end.
+  prompt's end. On CPU, an fp32 model whose blocks take the decode kernel runs the prompt as
+  causal `extend` chunks of <= `MAX_NEW_TOKENS_PER_CALL` instead (`_prefill_by_extend`: the
+  kernels' few-row matmuls beat XLA:CPU's GEMMs at prompt sizes; docs/benchmarks.md).
   Returns (DecodeOutputs at every position, cache).
   """
   _check_model(model)
@@ -123,14 +125,44 @@ def prefill(model: Transformer, tokens_BT, prompt_lengths_B, cache: KVCache):
                      f'the cache batch {cache.batch_size} disagree')
   if seq_len > cache.max_len:
     raise ValueError(f'tokens_BT length {seq_len} exceeds the cache max_len {cache.max_len}')
-  positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-  hidden_BTD, ks, vs = model.trunk(tokens_BT, model.rotary(positions_BT))
-  put = lambda cache_BSKE, new_BTKE: jax.lax.dynamic_update_slice(
-      cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), (0, 0, 0, 0))
-  layers = tuple(LayerCache(put(layer.k, k_BTKE), put(layer.v, v_BTKE))
-                 for layer, k_BTKE, v_BTKE in zip(cache.layers, ks, vs, strict=True))
   lengths = jnp.clip(prompt_lengths_B.astype(jnp.int32), 0, seq_len)
-  return _outputs(model, hidden_BTD), KVCache(layers, lengths)
+
+  def by_trunk(tokens_BT, layers):
+    positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    hidden_BTD, ks, vs = model.trunk(tokens_BT, model.rotary(positions_BT))
+    put = lambda cache_BSKE, new_BTKE: jax.lax.dynamic_update_slice(
+        cache_BSKE, new_BTKE.astype(cache_BSKE.dtype), (0, 0, 0, 0))
+    return _outputs(model, hidden_BTD), tuple(
+        LayerCache(put(layer.k, k_BTKE), put(layer.v, v_BTKE))
+        for layer, k_BTKE, v_BTKE in zip(layers, ks, vs, strict=True))
+
+  x_probe = jax.ShapeDtypeStruct((batch, 1, model.config.d_model), model.dtype)
+  if not all(block.kernel_applies(x_probe, layer)
+             for block, layer in zip(model.layers, cache.layers, strict=True)):
+    outputs, layers = by_trunk(tokens_BT, cache.layers)
+  else:
+    outputs, layers = jax.lax.platform_dependent(
+        tokens_BT, cache.layers, cpu=lambda t, l: _prefill_by_extend(model, t, l),
+        default=by_trunk)
+  return outputs, KVCache(layers, lengths)
+
+
+def _prefill_by_extend(model, tokens_BT, layers):
+  """`prefill`'s trunk forward as causal `extend` chunks from slot 0 -> (outputs, layers)."""
+  batch, seq_len = tokens_BT.shape
+  cache = KVCache(layers, jnp.zeros((batch,), jnp.int32))
+  outs = []
+  for start in range(0, seq_len, MAX_NEW_TOKENS_PER_CALL):
+    width = min(MAX_NEW_TOKENS_PER_CALL, seq_len - start)
+    depths_BC = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    mask_BCC = jnp.broadcast_to(jnp.tril(jnp.ones((width, width), bool)), (batch, width, width))
+    out, cache = extend(model, tokens_BT[:, start:start + width], depths_BC, mask_BCC, cache)
+    outs.append(out)
+    cache = advance(cache, jnp.full((batch,), width, jnp.int32))
+  if len(outs) == 1:
+    return outs[0], cache.layers
+  join = lambda *xs: None if xs[0] is None else jnp.concatenate(xs, axis=xs[0].ndim - 2)
+  return jax.tree.map(join, *outs, is_leaf=lambda x: x is None), cache.layers
 
 
 def extend(model: Transformer, tokens_BT, depths_BT, tree_mask_BTT, cache: KVCache):
