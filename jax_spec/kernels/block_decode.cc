@@ -17,6 +17,7 @@
 // decoding (1 row) and a verify step (T rows) give bitwise the same numbers for the same token and
 // context.
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "rows_matmul.h"
@@ -120,7 +121,7 @@ struct Dims {
 // not depend on how many queries share the call. Scores are e-ordered FMA chains, four keys at
 // a time (independent accumulators hide the FMA latency); the softmax is exact two-pass.
 struct AttendScratch {
-  std::vector<float> q_t, scores, visible;
+  std::vector<float> q_t, scores, visible, masked;
 };
 
 #if defined(JAX_SPEC_SIMD)
@@ -183,23 +184,31 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
     const float* q_row = qkv + (b * T + t) * qkv_width + h * e;
     for (int64_t i = 0; i < e; ++i) s.q_t[i * kCols + l] = q_row[i];
   }
-  // 1 where lane l sees new slot len + u, else 0 (unused lanes: 0).
+  // Where lane l sees new slot len + u: visible 1 and masked 0, else 0 and -inf (unused lanes:
+  // unseen).
   s.visible.assign(T * kCols, 0.0f);
+  s.masked.assign(T * kCols, -INFINITY);
   for (int64_t u = 0; u < T; ++u) {
     if (length + u < 0 || length + u >= n.slots) continue;
-    for (int64_t l = 0; l < lanes; ++l)
-      s.visible[u * kCols + l] = mask[(b * T + (v * kCols + l) / per_group) * T + u] ? 1.0f : 0.0f;
+    for (int64_t l = 0; l < lanes; ++l) {
+      if (!mask[(b * T + (v * kCols + l) / per_group) * T + u]) continue;
+      s.visible[u * kCols + l] = 1.0f;
+      s.masked[u * kCols + l] = 0.0f;
+    }
   }
-  auto key = [&](int64_t j) { return prefix > j ? j : length + (j - prefix); };  // slot of key j
+  // Row of key j (prefix slots, then the new ones) in a cache; a slot past the end is never
+  // seen, and reads the last one.
+  auto row = [&](const float* cache, int64_t j) {
+    const int64_t slot = prefix > j ? j : length + (j - prefix);
+    return cache + base + std::clamp<int64_t>(slot, 0, n.slots - 1) * stride;
+  };
   s.scores.resize(keys * kCols);
   const float* q_t = s.q_t.data();
   const Lanes scale_v = Set1(scale);
   int64_t j = 0;
   for (; j + 4 <= keys; j += 4) {
-    const float* k0 = k_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride;
-    const float* k1 = k_cache + base + std::clamp<int64_t>(key(j + 1), 0, n.slots - 1) * stride;
-    const float* k2 = k_cache + base + std::clamp<int64_t>(key(j + 2), 0, n.slots - 1) * stride;
-    const float* k3 = k_cache + base + std::clamp<int64_t>(key(j + 3), 0, n.slots - 1) * stride;
+    const float *k0 = row(k_cache, j), *k1 = row(k_cache, j + 1), *k2 = row(k_cache, j + 2),
+                *k3 = row(k_cache, j + 3);
     Lanes a0 = Zero(), a1 = Zero(), a2 = Zero(), a3 = Zero();
     for (int64_t i = 0; i < e; ++i) {
       const Lanes q = Load(q_t + i * kCols);
@@ -214,7 +223,7 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
     Store(&s.scores[(j + 3) * kCols], Mul(a3, scale_v));
   }
   for (; j < keys; ++j) {
-    const float* k = k_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride;
+    const float* k = row(k_cache, j);
     Lanes a = Zero();
     for (int64_t i = 0; i < e; ++i) a = Fma(Load(q_t + i * kCols), Broadcast(k + i), a);
     Store(&s.scores[j * kCols], Mul(a, scale_v));
@@ -224,14 +233,8 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
   Lanes max_score = neg_inf;
   for (j = 0; j < keys; ++j) {
     Lanes sc = Load(&s.scores[j * kCols]);
-    if (j >= prefix) {
-      const Lanes vis = Load(&s.visible[(j - prefix) * kCols]);
-      // vis * sc + (1 - vis) * -inf without 0 * inf: -inf where vis == 0.
-      float tmp[kCols], vs[kCols];
-      Store(tmp, sc);
-      Store(vs, vis);
-      for (int64_t l = 0; l < kCols; ++l) tmp[l] = vs[l] != 0.0f ? tmp[l] : -INFINITY;
-      sc = Load(tmp);
+    if (j >= prefix) {   // + 0 (exact) where seen, + -inf where not
+      sc = Add(sc, Load(&s.masked[(j - prefix) * kCols]));
       Store(&s.scores[j * kCols], sc);
     }
     max_score = Max(max_score, sc);
@@ -259,8 +262,8 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
     for (int64_t i = 0; i < kChunk; ++i) acc[i] = zero;
     for (j = 0; j < keys; ++j) {
       const Lanes p = Load(&s.scores[j * kCols]);
-      const float* val = v_cache + base + std::clamp<int64_t>(key(j), 0, n.slots - 1) * stride + i0;
-      if (width == kChunk) {
+      const float* val = row(v_cache, j) + i0;
+      if (width == kChunk) {   // a constant trip count keeps acc in registers
         for (int64_t i = 0; i < kChunk; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
       } else {
         for (int64_t i = 0; i < width; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
@@ -434,66 +437,59 @@ ffi::Error FeatureDecodeImpl(
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecBlockDecode, BlockDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [B, T, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // attn_norm scale [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // q|k|v packed
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // q|k|v bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // q_norm scale [E]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // k_norm scale [E]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // cos [B, T, E]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // sin [B, T, E]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // k cache (aliased)
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // v cache (aliased)
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // lengths [B]
-                                  .Arg<ffi::Buffer<ffi::PRED>>()   // mask [B, T, T]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // out packed
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // out bias [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // mlp_norm scale [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // gate|up packed
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // down packed
-                                  .Attr<float>("eps")
-                                  .Attr<float>("sm_scale")
-                                  .Attr<int64_t>("num_heads")
-                                  .Attr<int64_t>("qk_norm")
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // y [B, T, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // k cache
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // v cache
+// The block's operands after x in the binding (JAX_SPEC_BLOCK_PARAMS' order).
+template <typename Binding>
+auto BindBlock(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::F32>>()              // attn_norm scale [D]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // q|k|v packed
+      .template Arg<ffi::Buffer<ffi::F32>>()              // q|k|v bias
+      .template Arg<ffi::Buffer<ffi::F32>>()              // q_norm scale [E]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // k_norm scale [E]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // cos [B, T, E]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // sin [B, T, E]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // k cache (aliased)
+      .template Arg<ffi::Buffer<ffi::F32>>()              // v cache (aliased)
+      .template Arg<ffi::Buffer<ffi::S32>>()              // lengths [B]
+      .template Arg<ffi::Buffer<ffi::PRED>>()             // mask [B, T, T]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // out packed
+      .template Arg<ffi::Buffer<ffi::F32>>()              // out bias [D]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // mlp_norm scale [D]
+      .template Arg<ffi::Buffer<ffi::F32>>()              // gate|up packed
+      .template Arg<ffi::Buffer<ffi::F32>>();             // down packed
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecFeatureDecode, FeatureDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // hidden [B, T, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // embedded tokens [B, T, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // hidden_norm scale [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // embed_norm scale [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj packed [2D, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj bias [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // the block's, as above
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // k cache (aliased)
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // v cache (aliased)
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // final_norm scale [D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // LM head packed [D, V]
-                                  .Attr<float>("eps")
-                                  .Attr<float>("sm_scale")
-                                  .Attr<int64_t>("num_heads")
-                                  .Attr<int64_t>("qk_norm")
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // feature [B, T, D]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // logits [B, T, V]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // k cache
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // v cache
+// The attributes both handlers take after their operands.
+template <typename Binding>
+auto BindAttrs(Binding binding) {
+  return std::move(binding).template Attr<float>("eps")
+      .template Attr<float>("sm_scale")
+      .template Attr<int64_t>("num_heads")
+      .template Attr<int64_t>("qk_norm");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxSpecBlockDecode, BlockDecodeImpl,
+    BindAttrs(BindBlock(ffi::Ffi::Bind()
+                                     .Ctx<ffi::ThreadPool>()
+                                     .Arg<ffi::Buffer<ffi::F32>>()))  // x [B, T, D]
+        .Ret<ffi::Buffer<ffi::F32>>()                                 // y [B, T, D]
+        .Ret<ffi::Buffer<ffi::F32>>()                                 // k cache
+        .Ret<ffi::Buffer<ffi::F32>>());                               // v cache
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxSpecFeatureDecode, FeatureDecodeImpl,
+    BindAttrs(BindBlock(ffi::Ffi::Bind()
+                                     .Ctx<ffi::ThreadPool>()
+                                     .Arg<ffi::Buffer<ffi::F32>>()     // hidden [B, T, D]
+                                     .Arg<ffi::Buffer<ffi::F32>>()     // embedded tokens [B, T, D]
+                                     .Arg<ffi::Buffer<ffi::F32>>()     // hidden_norm scale [D]
+                                     .Arg<ffi::Buffer<ffi::F32>>()     // embed_norm scale [D]
+                                     .Arg<ffi::Buffer<ffi::F32>>()     // proj packed [2D, D]
+                                     .Arg<ffi::Buffer<ffi::F32>>())    // proj bias [D]
+                           .Arg<ffi::Buffer<ffi::F32>>()               // final_norm scale [D]
+                           .Arg<ffi::Buffer<ffi::F32>>())              // LM head packed [D, V]
+        .Ret<ffi::Buffer<ffi::F32>>()                                  // feature [B, T, D]
+        .Ret<ffi::Buffer<ffi::F32>>()                                  // logits [B, T, V]
+        .Ret<ffi::Buffer<ffi::F32>>()                                  // k cache
+        .Ret<ffi::Buffer<ffi::F32>>());                                // v cache
