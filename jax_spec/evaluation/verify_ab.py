@@ -11,8 +11,8 @@ the plain step's speedup over the first variant (median of per-round ratios).
 
 Each verify loop is timed at `steps` and `2 steps` iterations and differenced (`per_iteration`):
 a call's fixed work (packing the weights, zeroing the cache) cancels; undifferenced, it had
-made r(16) read 3.9 for a true 8.1 on the 2-core VM (docs/benchmarks.md, "Fixed costs in the
-part timings").
+made r(16) read 3.9 for a true 8.1 on the 2-core VM (docs/benchmarks.md, "Part timings
+without fixed costs").
 
 `loops` adds whole decoding loops to each round (`loop_fn`: plain `generate` and
 `speculative_generate` chains of the named drafters on a model with Medusa and EAGLE heads,
@@ -87,22 +87,27 @@ def verify_loop(model, depths_T, mask_TT, cache_len, prefix_len, steps):
   return lambda num_steps=steps: run(state, jnp.int32(num_steps))
 
 
-def per_iteration(fn, steps: int, calls: int = 1, clock=None):
-  """Seconds per iteration of `fn(num_steps)`: the fastest of `calls` calls at `steps` and at
-  `2 steps` iterations, differenced, so what a call pays once (packing, cache init, dispatch)
-  cancels. `fn` must already be compiled. Below the timer's noise (a few tiny iterations) the
-  difference can come out <= 0. `clock`: seconds now (default `time.perf_counter`)."""
+def fastest(fn, calls: int = 1, clock=None) -> float:
+  """Seconds of the fastest of `calls` calls of `fn()`: the least disturbed on a shared machine.
+  `clock`: seconds now (default `time.perf_counter`)."""
   import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   clock = clock or time.perf_counter
-  best = {}
-  for n in (steps, 2 * steps):
-    best[n] = float('inf')
-    for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
-      t0 = clock()
-      jax.block_until_ready(fn(n))
-      best[n] = min(best[n], clock() - t0)
-  return (best[2 * steps] - best[steps]) / steps
+  best = float('inf')
+  for _ in range(calls):
+    t0 = clock()
+    jax.block_until_ready(fn())
+    best = min(best, clock() - t0)
+  return best
+
+
+def per_iteration(fn, steps: int, calls: int = 1, clock=None):
+  """Seconds per iteration of `fn(num_steps)`: the `fastest` of `calls` calls at `steps` and at
+  `2 steps` iterations, differenced, so what a call pays once (packing, cache init, dispatch)
+  cancels. `fn` must already be compiled. Below the timer's noise (a few tiny iterations) the
+  difference can come out <= 0."""
+  short = fastest(lambda: fn(steps), calls, clock)
+  return (fastest(lambda: fn(2 * steps), calls, clock) - short) / steps
 
 
 def _packed(*modules):
@@ -156,7 +161,6 @@ def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefi
   per step (`per_iteration` of the verify loops; whole loops at two `max_new_tokens`, the
   fastest of `calls` calls each, differenced per loop step, so the prefill cancels)."""
   # Imports here: the worker must import the jax_spec of its own checkout (PYTHONPATH).
-  import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax_spec import models  # pylint: disable=g-import-not-at-top
@@ -175,18 +179,11 @@ def worker(config: str, precision: str, tokens: list[int], cache_len: int, prefi
     jax.block_until_ready((short(), long()))
   print('ready', flush=True)
 
-  def fastest(fn):
-    best = float('inf')
-    for _ in range(calls):   # the least disturbed of a few calls: the machine is shared
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      best = min(best, time.perf_counter() - t0)
-    return best
-
   for _ in sys.stdin:
     out = {part: per_iteration(fn, steps, calls) for part, fn in verify.items()}
     for name, ((short, short_steps), (long, long_steps)) in loop_calls.items():
-      out[f'loop {name}'] = (fastest(long) - fastest(short)) / max(long_steps - short_steps, 1)
+      out[f'loop {name}'] = ((fastest(long, calls) - fastest(short, calls))
+                             / max(long_steps - short_steps, 1))
     print(json.dumps(out), flush=True)
 
 
