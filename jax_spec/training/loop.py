@@ -117,15 +117,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), max_to_keep=cfg.keep_checkpoints,
       save_interval_steps=cfg.checkpoint_every, async_save=cfg.async_checkpoint)
-  if checkpointer.all_steps() and os.path.exists(config_path):
-    with open(config_path) as f:
-      workdir_lib.check_resume_config(config_path, json.load(f), run_info)
-  if is_main:
-    workdir_lib.write_json(config_path, run_info)
+  try:
+    if checkpointer.all_steps() and os.path.exists(config_path):
+      with open(config_path) as f:
+        workdir_lib.check_resume_config(config_path, json.load(f), run_info)
+    if is_main:
+      workdir_lib.write_json(config_path, run_info)
 
-  mesh = sharding.make_mesh(data=cfg.mesh_data, fsdp=cfg.mesh_fsdp, tensor=cfg.mesh_tensor)
-  setup = create_train_state(cfg, model_config, mesh=mesh)
-  start_step, state = _restore_or_start(cfg, setup, checkpointer)
+    mesh = sharding.make_mesh(data=cfg.mesh_data, fsdp=cfg.mesh_fsdp, tensor=cfg.mesh_tensor)
+    setup = create_train_state(cfg, model_config, mesh=mesh)
+    start_step, state = _restore_or_start(cfg, setup, checkpointer)
+  except BaseException:
+    # A refused resume is a usage error: close orbax's threads first, so that the exit is the
+    # one error line and not also a background thread's traceback.
+    checkpointer.close()
+    raise
   if is_main:
     workdir_lib.truncate_metrics(workdir, start_step)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
