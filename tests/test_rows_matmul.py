@@ -80,3 +80,21 @@ def test_other_platforms_lower_the_plain_dot():
       jax.ShapeDtypeStruct((4, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32))
   text = exported.mlir_module()
   assert 'jax_spec_rows_matmul' not in text and 'dot_general' in text
+
+
+@pytest.mark.parametrize('rows, d_in, d_out', [(1, 256, 259), (7, 37, 9), (13, 64, 40)])
+def test_bf16_tiles_give_bitwise_the_numbers_of_their_fp32_copy(rows, d_in, d_out):
+  """bf16 tiles are widened exactly: the product equals, bit for bit, that of the fp32 tiles of
+  the bf16-rounded weight, and differs from the unrounded weight's (so bf16 is really read)."""
+  rng = np.random.default_rng(rows + d_out)
+  x = jnp.asarray(rng.standard_normal((rows, d_in)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d_in, d_out)), jnp.float32)
+  rounded = w.astype(jnp.bfloat16).astype(jnp.float32)
+  run = jax.jit(lambda x, t: rows_matmul._kernel(x, t, d_out))
+  bf16_tiles = rows_matmul.pack(w, jnp.bfloat16)
+  assert bf16_tiles.dtype == jnp.bfloat16
+  got = np.asarray(run(x, bf16_tiles))
+  np.testing.assert_array_equal(got, np.asarray(run(x, rows_matmul.pack(rounded))))
+  assert not np.array_equal(got, np.asarray(run(x, rows_matmul.pack(w))))
+  with pytest.raises(ValueError, match='dtype must be float32 or bfloat16'):
+    rows_matmul.pack(w, jnp.float16)

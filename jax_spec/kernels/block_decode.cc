@@ -281,11 +281,11 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
 }
 
 // y[:, :] += x @ w for the first `width` columns of the padded product (bias added if given).
-void AddMatmul(ffi::ThreadPool pool, const float* x, ffi::Buffer<ffi::F32>& tiles, int64_t rows,
+void AddMatmul(ffi::ThreadPool pool, const float* x, const ffi::AnyBuffer& tiles, int64_t rows,
                const float* bias, float* y, int64_t width, std::vector<float>& scratch) {
-  const int64_t num_tiles = tiles.dimensions()[0], d_in = tiles.dimensions()[1];
+  const int64_t num_tiles = tiles.dimensions()[0];
   scratch.resize(rows * num_tiles * kCols);
-  jax_spec::ParallelMatmul(pool, x, tiles.typed_data(), scratch.data(), rows, d_in, num_tiles);
+  jax_spec::Matmul(pool, x, tiles, scratch.data(), rows);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < width; ++i)
       y[r * width + i] += scratch[r * num_tiles * kCols + i] + (bias ? bias[i] : 0.0f);
@@ -293,13 +293,13 @@ void AddMatmul(ffi::ThreadPool pool, const float* x, ffi::Buffer<ffi::F32>& tile
 
 // The block's arguments after x (the binding's order), shared by both handlers.
 #define JAX_SPEC_BLOCK_PARAMS                                                                    \
-  ffi::Buffer<ffi::F32> attn_scale, ffi::Buffer<ffi::F32> qkv_tiles,                             \
+  ffi::Buffer<ffi::F32> attn_scale, ffi::AnyBuffer qkv_tiles,                                     \
       ffi::Buffer<ffi::F32> qkv_bias, ffi::Buffer<ffi::F32> q_scale,                             \
       ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,       \
       ffi::Buffer<ffi::F32> k_in, ffi::Buffer<ffi::F32> v_in, ffi::Buffer<ffi::S32> lengths,     \
-      ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out_tiles,                              \
+      ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer out_tiles,                                      \
       ffi::Buffer<ffi::F32> out_bias, ffi::Buffer<ffi::F32> mlp_scale,                           \
-      ffi::Buffer<ffi::F32> gate_up_tiles, ffi::Buffer<ffi::F32> down_tiles
+      ffi::AnyBuffer gate_up_tiles, ffi::AnyBuffer down_tiles
 #define JAX_SPEC_BLOCK_ARGS                                                                      \
   attn_scale, qkv_tiles, qkv_bias, q_scale, k_scale, cos, sin, k_in, v_in, lengths, mask,        \
       out_tiles, out_bias, mlp_scale, gate_up_tiles, down_tiles
@@ -320,12 +320,16 @@ ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> x
   const int64_t rows = n.batch * n.rows_per_batch, e = n.head_dim;
   const int64_t q_width = n.heads * e, kv_width = n.kv_heads * e;
   const int64_t qkv_width = q_width + 2 * kv_width;
-  if (qkv_tiles.dimensions()[1] != n.d_model || out_tiles.dimensions()[1] != q_width ||
+  using jax_spec::IsTiles;
+  if (!IsTiles(qkv_tiles) || !IsTiles(out_tiles) || !IsTiles(gate_up_tiles) ||
+      !IsTiles(down_tiles) || qkv_tiles.dimensions()[1] != n.d_model ||
+      out_tiles.dimensions()[1] != q_width ||
       qkv_tiles.dimensions()[0] * kCols < qkv_width ||
       out_tiles.dimensions()[0] * kCols < n.d_model ||
       gate_up_tiles.dimensions()[0] * kCols < 2 * n.d_ff ||
       down_tiles.dimensions()[0] * kCols < n.d_model) {
-    return ffi::Error::InvalidArgument("block_decode: packed weights do not match x and the cache");
+    return ffi::Error::InvalidArgument(
+        "block_decode: packed weights (fp32 or bf16 tiles) do not match x and the cache");
   }
   std::vector<float> h(rows * n.d_model), qkv(rows * qkv_width, 0.0f), o(rows * q_width);
   std::vector<float> scratch;
@@ -373,8 +377,7 @@ ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> x
   RmsNorm(out, mlp_scale.typed_data(), h.data(), rows, n.d_model, eps);
   const int64_t gu_stride = gate_up_tiles.dimensions()[0] * kCols;
   std::vector<float> gate_up(rows * gu_stride), act(rows * n.d_ff), neg(n.d_ff);
-  jax_spec::ParallelMatmul(pool, h.data(), gate_up_tiles.typed_data(), gate_up.data(), rows,
-                           n.d_model, gate_up_tiles.dimensions()[0]);
+  jax_spec::Matmul(pool, h.data(), gate_up_tiles, gate_up.data(), rows);
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gate_up.data() + r * gu_stride;
     const float* u = g + n.d_ff;
@@ -400,20 +403,22 @@ ffi::Error BlockDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, JAX_SP
 ffi::Error FeatureDecodeImpl(
     ffi::ThreadPool pool, ffi::Buffer<ffi::F32> hidden, ffi::Buffer<ffi::F32> embedded,
     ffi::Buffer<ffi::F32> hidden_scale, ffi::Buffer<ffi::F32> embed_scale,
-    ffi::Buffer<ffi::F32> proj_tiles, ffi::Buffer<ffi::F32> proj_bias, JAX_SPEC_BLOCK_PARAMS,
-    ffi::Buffer<ffi::F32> final_scale, ffi::Buffer<ffi::F32> head_tiles, float eps,
+    ffi::AnyBuffer proj_tiles, ffi::Buffer<ffi::F32> proj_bias, JAX_SPEC_BLOCK_PARAMS,
+    ffi::Buffer<ffi::F32> final_scale, ffi::AnyBuffer head_tiles, float eps,
     float sm_scale, int64_t num_heads, int64_t qk_norm, ffi::ResultBuffer<ffi::F32> feature,
     ffi::ResultBuffer<ffi::F32> logits, ffi::ResultBuffer<ffi::F32> k_cache,
     ffi::ResultBuffer<ffi::F32> v_cache) {
   const auto xd = hidden.dimensions();
   const int64_t d = xd[xd.size() - 1], rows = hidden.element_count() / d;
   const int64_t vocab = logits->dimensions()[logits->dimensions().size() - 1];
-  if (embedded.element_count() != rows * d || proj_tiles.dimensions()[1] != 2 * d ||
+  if (!jax_spec::IsTiles(proj_tiles) || !jax_spec::IsTiles(head_tiles) ||
+      embedded.element_count() != rows * d ||
+      proj_tiles.dimensions()[1] != 2 * d ||
       proj_tiles.dimensions()[0] * kCols < d || head_tiles.dimensions()[1] != d ||
       head_tiles.dimensions()[0] * kCols < vocab) {
     return ffi::Error::InvalidArgument(
         "feature_decode: expected hidden and embedded [B, T, D], proj [2D, D] and head [D, V] "
-        "packed");
+        "packed (fp32 or bf16 tiles)");
   }
   std::vector<float> both(rows * 2 * d), scratch;
   for (int64_t r = 0; r < rows; ++r) {
@@ -442,7 +447,7 @@ template <typename Binding>
 auto BindBlock(Binding binding) {
   return std::move(binding)
       .template Arg<ffi::Buffer<ffi::F32>>()              // attn_norm scale [D]
-      .template Arg<ffi::Buffer<ffi::F32>>()              // q|k|v packed
+      .template Arg<ffi::AnyBuffer>()                     // q|k|v packed (fp32 or bf16)
       .template Arg<ffi::Buffer<ffi::F32>>()              // q|k|v bias
       .template Arg<ffi::Buffer<ffi::F32>>()              // q_norm scale [E]
       .template Arg<ffi::Buffer<ffi::F32>>()              // k_norm scale [E]
@@ -452,11 +457,11 @@ auto BindBlock(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()              // v cache (aliased)
       .template Arg<ffi::Buffer<ffi::S32>>()              // lengths [B]
       .template Arg<ffi::Buffer<ffi::PRED>>()             // mask [B, T, T]
-      .template Arg<ffi::Buffer<ffi::F32>>()              // out packed
+      .template Arg<ffi::AnyBuffer>()                     // out packed
       .template Arg<ffi::Buffer<ffi::F32>>()              // out bias [D]
       .template Arg<ffi::Buffer<ffi::F32>>()              // mlp_norm scale [D]
-      .template Arg<ffi::Buffer<ffi::F32>>()              // gate|up packed
-      .template Arg<ffi::Buffer<ffi::F32>>();             // down packed
+      .template Arg<ffi::AnyBuffer>()                     // gate|up packed
+      .template Arg<ffi::AnyBuffer>();                    // down packed
 }
 
 // The attributes both handlers take after their operands.
@@ -485,10 +490,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
                                      .Arg<ffi::Buffer<ffi::F32>>()     // embedded tokens [B, T, D]
                                      .Arg<ffi::Buffer<ffi::F32>>()     // hidden_norm scale [D]
                                      .Arg<ffi::Buffer<ffi::F32>>()     // embed_norm scale [D]
-                                     .Arg<ffi::Buffer<ffi::F32>>()     // proj packed [2D, D]
+                                     .Arg<ffi::AnyBuffer>()            // proj packed [2D, D]
                                      .Arg<ffi::Buffer<ffi::F32>>())    // proj bias [D]
                            .Arg<ffi::Buffer<ffi::F32>>()               // final_norm scale [D]
-                           .Arg<ffi::Buffer<ffi::F32>>())              // LM head packed [D, V]
+                           .Arg<ffi::AnyBuffer>())                     // LM head packed [D, V]
         .Ret<ffi::Buffer<ffi::F32>>()                                  // feature [B, T, D]
         .Ret<ffi::Buffer<ffi::F32>>()                                  // logits [B, T, V]
         .Ret<ffi::Buffer<ffi::F32>>()                                  // k cache

@@ -1,4 +1,5 @@
-// y[R, F] = x[R, D] @ w[D, F] for few rows R, in fp32: the decode / verify step's matmuls on CPU.
+// y[R, F] = x[R, D] @ w[D, F] for few rows R, in fp32 (w fp32 or bf16, widened exactly): the
+// decode / verify step's matmuls on CPU.
 //
 // Why: XLA:CPU sends every matmul of more than one row to a GEMM that packs the weight into
 // panels at each call, so on a 2-core CPU a 4..16-row matmul costs 2-4 one-row ones although it
@@ -14,23 +15,20 @@ namespace {
 
 using jax_spec::kCols;
 
-// x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles) -> y [R, F].
-ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> w_tiles, ffi::ResultBuffer<ffi::F32> y) {
+// x [R, D], w_tiles [F / kCols, D, kCols] (the weight [D, F] packed into column tiles, fp32 or
+// bf16) -> y [R, F].
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w_tiles,
+                          ffi::ResultBuffer<ffi::F32> y) {
   const auto x_dims = x.dimensions();
   const auto w_dims = w_tiles.dimensions();
   const auto y_dims = y->dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 3 || w_dims[2] != kCols || x_dims[1] != w_dims[1] ||
+  if (!jax_spec::IsTiles(w_tiles) || x_dims.size() != 2 || x_dims[1] != w_dims[1] ||
       y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
     return ffi::Error::InvalidArgument(
-        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] (W = JaxSpecRowsMatmulTile()) "
-        "and y [R, F]");
+        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] fp32 or bf16 (W = "
+        "JaxSpecRowsMatmulTile()) and y [R, F]");
   }
-  const int64_t rows = x_dims[0], d_in = x_dims[1], tiles = w_dims[0];
-  const float* x_data = x.typed_data();
-  const float* w_data = w_tiles.typed_data();
-  float* y_data = y->typed_data();
-  jax_spec::ParallelMatmul(pool, x_data, w_data, y_data, rows, d_in, tiles);
+  jax_spec::Matmul(pool, x.typed_data(), w_tiles, y->typed_data(), x_dims[0]);
   return ffi::Error::Success();
 }
 
@@ -42,6 +40,6 @@ extern "C" int64_t JaxSpecRowsMatmulTile() { return kCols; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::AnyBuffer>()          // w tiles
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,5 +1,8 @@
 // The few-row fp32 matmul core shared by the FFI handlers (rows_matmul.cc, block_decode.cc):
 // y[R, F] = x[R, D] @ w[D, F] from the weight packed into column tiles (see rows_matmul.cc).
+// The weight is fp32 (`float`) or bfloat16 (`uint16_t`, its bits): a bf16 weight is widened to
+// fp32 exactly in registers, so it gives bitwise the result of its fp32 copy and streams half the
+// bytes (a feature drafter's depth reads its weights for one row: docs/benchmarks.md).
 #pragma once
 #include <algorithm>
 #include <array>
@@ -9,6 +12,7 @@
 #include <thread>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -32,6 +36,10 @@ inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec Broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec Load(const uint16_t* p) {   // bf16 bits -> the fp32 of the same value
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 #define JAX_SPEC_SIMD 1
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kCols = 8;
@@ -42,6 +50,10 @@ inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec Load(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 #define JAX_SPEC_SIMD 1
 #else
 constexpr int64_t kCols = 8;
@@ -51,11 +63,20 @@ constexpr int64_t kAcc = 12;
 // tile each) ran 1.3x slower than two passes of 8 (three tiles each; experiments.bench_matmul).
 constexpr int64_t kRows = 12;
 
+// A weight element as fp32: itself, or a bf16's bits in the high half of a float's.
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(uint16_t w) {
+  uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // kR rows x kT column tiles: y[r, (t0 + t) * kCols + j] = sum_d x[r, d] * w[t0 + t, d, j], d in
 // order, one fused multiply-add per term. kR * kT <= kAcc independent accumulators hide the FMA
 // latency when there are few rows.
-template <int64_t kR, int64_t kT>
-void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_stride) {
+template <typename W, int64_t kR, int64_t kT>
+void Block(const float* x, const W* w, float* y, int64_t d_in, int64_t y_stride) {
 #if defined(JAX_SPEC_SIMD)
   Vec acc[kR][kT];
   for (int64_t r = 0; r < kR; ++r)
@@ -76,7 +97,8 @@ void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_str
     for (int64_t r = 0; r < kR; ++r)
       for (int64_t t = 0; t < kT; ++t)
         for (int64_t j = 0; j < kCols; ++j)
-          acc[r][t][j] = std::fma(x[r * d_in + d], w[(t * d_in + d) * kCols + j], acc[r][t][j]);
+          acc[r][t][j] = std::fma(x[r * d_in + d], ToFloat(w[(t * d_in + d) * kCols + j]),
+                                  acc[r][t][j]);
   for (int64_t r = 0; r < kR; ++r)
     for (int64_t t = 0; t < kT; ++t)
       for (int64_t j = 0; j < kCols; ++j) y[r * y_stride + t * kCols + j] = acc[r][t][j];
@@ -88,31 +110,33 @@ void Block(const float* x, const float* w, float* y, int64_t d_in, int64_t y_str
 // rows at 0.5-0.7x, and 24 tiles at a third (experiments.bench_matmul; docs/benchmarks.md).
 constexpr int64_t kMaxStreams = 6;
 
-template <int64_t kR, size_t... kI>
+template <typename W, int64_t kR, size_t... kI>
 constexpr auto BlocksTable(std::index_sequence<kI...>) {
-  return std::array<void (*)(const float*, const float*, float*, int64_t, int64_t),
-                    sizeof...(kI)>{Block<kR, kI + 1>...};
+  return std::array<void (*)(const float*, const W*, float*, int64_t, int64_t),
+                    sizeof...(kI)>{Block<W, kR, kI + 1>...};
 }
 
 // Tiles [t_begin, t_end) of kR rows: blocks of kT tiles, then one block of the rest.
-template <int64_t kR>
-void Tiles(const float* x, const float* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
+template <typename W, int64_t kR>
+void Tiles(const float* x, const W* w, float* y, int64_t d_in, int64_t tiles, int64_t t_begin,
            int64_t t_end) {
   constexpr int64_t kT = std::max<int64_t>(1, std::min<int64_t>(kMaxStreams, kAcc / kR));
-  static constexpr auto kBlocks = BlocksTable<kR>(std::make_index_sequence<kT>());  // [n - 1]
+  static constexpr auto kBlocks = BlocksTable<W, kR>(std::make_index_sequence<kT>());  // [n - 1]
   const int64_t y_stride = tiles * kCols;
   int64_t t = t_begin;
   for (; t + kT <= t_end; t += kT)
-    Block<kR, kT>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
+    Block<W, kR, kT>(x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
   if (t < t_end) kBlocks[t_end - t - 1](x, w + t * d_in * kCols, y + t * kCols, d_in, y_stride);
 }
 
-using TilesFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-template <size_t... kI>
-constexpr std::array<TilesFn, sizeof...(kI)> TilesTable(std::index_sequence<kI...>) {
-  return {Tiles<kI + 1>...};
+template <typename W>
+using TilesFn = void (*)(const float*, const W*, float*, int64_t, int64_t, int64_t, int64_t);
+template <typename W, size_t... kI>
+constexpr std::array<TilesFn<W>, sizeof...(kI)> TilesTable(std::index_sequence<kI...>) {
+  return {Tiles<W, kI + 1>...};
 }
-constexpr auto kTilesFns = TilesTable(std::make_index_sequence<kRows>());  // [kR - 1]: kR rows
+template <typename W>   // [kR - 1]: kR rows
+constexpr auto kTilesFns = TilesTable<W>(std::make_index_sequence<kRows>());
 
 // Work shared between the caller and pool threads: chunks of tiles are claimed from a counter,
 // and the caller runs every chunk nobody has claimed, so it only ever waits for chunks already
@@ -153,8 +177,9 @@ inline int64_t KernelThreads(ffi::ThreadPool pool) {
 
 // x [rows, d_in] (row-major), w_data [tiles, d_in, kCols] -> y [rows, tiles * kCols], on up to
 // two threads of the pool.
-inline void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const float* w_data,
-                           float* y_data, int64_t rows, int64_t d_in, int64_t tiles) {
+template <typename W>
+void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const W* w_data, float* y_data,
+                    int64_t rows, int64_t d_in, int64_t tiles) {
   // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
   const int64_t groups = (rows + kRows - 1) / kRows;
   // Column chunks split the weight between threads (a chunk reads its own tiles only).
@@ -165,9 +190,29 @@ inline void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const floa
     const int64_t g = c / splits, s = c % splits;
     const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
     const int64_t t0 = s * tiles / splits, t1 = (s + 1) * tiles / splits;
-    kTilesFns[r1 - r0 - 1](x_data + r0 * d_in, w_data, y_data + r0 * tiles * kCols, d_in, tiles,
-                           t0, t1);
+    kTilesFns<W>[r1 - r0 - 1](x_data + r0 * d_in, w_data, y_data + r0 * tiles * kCols, d_in,
+                              tiles, t0, t1);
   });
+}
+
+// A packed weight's tiles [N, D, kCols] in fp32 or bf16 (the two types the handlers accept).
+inline bool IsTiles(const ffi::AnyBuffer& tiles) {
+  const auto type = tiles.element_type();
+  return tiles.dimensions().size() == 3 && tiles.dimensions()[2] == kCols &&
+         (type == ffi::DataType::F32 || type == ffi::DataType::BF16);
+}
+
+// y [rows, N * kCols] = x [rows, D] @ tiles (IsTiles), on up to two threads of the pool.
+inline void Matmul(ffi::ThreadPool pool, const float* x, const ffi::AnyBuffer& tiles, float* y,
+                   int64_t rows) {
+  const int64_t num_tiles = tiles.dimensions()[0], d_in = tiles.dimensions()[1];
+  if (tiles.element_type() == ffi::DataType::BF16) {
+    ParallelMatmul(pool, x, static_cast<const uint16_t*>(tiles.untyped_data()), y, rows, d_in,
+                   num_tiles);
+  } else {
+    ParallelMatmul(pool, x, static_cast<const float*>(tiles.untyped_data()), y, rows, d_in,
+                   num_tiles);
+  }
 }
 
 }  // namespace jax_spec

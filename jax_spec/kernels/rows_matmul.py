@@ -118,13 +118,20 @@ def tile_width() -> int:
   return int(_state['tile'])
 
 
-def pack(w_DF):
+PACK_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def pack(w_DF, dtype=jnp.float32):
   """`[D, F]` -> `[ceil(F / W), D, W]` column tiles (zero padded), W = `tile_width()`: the
-  kernel's weight layout."""
+  kernel's weight layout. dtype: the tiles' type, fp32 or bf16. The kernel widens bf16 tiles to
+  fp32 exactly, so they give bitwise the numbers of the fp32 tiles of the same (bf16-rounded)
+  weight, from half the bytes."""
+  if not any(jnp.dtype(dtype) == d for d in PACK_DTYPES):
+    raise ValueError(f'pack: dtype must be float32 or bfloat16, got {dtype!r}')
   tile = tile_width()
   d_in, d_out = w_DF.shape
   padded = -(-d_out // tile) * tile
-  w_DF = jnp.pad(w_DF, ((0, 0), (0, padded - d_out)))
+  w_DF = jnp.pad(w_DF.astype(dtype), ((0, 0), (0, padded - d_out)))
   return w_DF.reshape(d_in, padded // tile, tile).transpose(1, 0, 2)
 
 
