@@ -59,6 +59,9 @@ flags.DEFINE_string('precision', 'bf16', 'Training precision: fp32 | bf16 | fp16
 flags.DEFINE_enum('decode_precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
                   'Precision of both samplers in the benchmark (fp32: see '
                   'jax_spec/evaluation/speculative_benchmark.py).')
+flags.DEFINE_enum('drafter_dtype', 'fp32', list(benchmark_lib.DRAFTER_DTYPES),
+                  "Storage of the drafters' matrices in the benchmark (bf16: rounded, half the "
+                  'bytes per draft depth on CPU, still lossless; decoding.prepare).')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('eagle_layers', 1, 'Blocks of the EAGLE feature drafter (0 = none).')
@@ -128,7 +131,7 @@ def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num
       tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
       max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
       timing_rounds=f.timing_rounds,
-      precision=f.decode_precision,
+      precision=f.decode_precision, drafter_dtype=f.drafter_dtype,
       output=os.path.join(output_dir or workdir, 'speculative',
                           f'{drafter}_{tree_name}' + (f'_T{temperature:g}' if sampled else '')))
   r = benchmark_lib.run_benchmark(opts)

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_spec import decoding
 from jax_spec import models
 from jax_spec.kernels import block_decode
+from jax_spec.kernels import rows_matmul
 from jax_spec.models import layers
 
 
@@ -184,3 +186,32 @@ def test_feature_step_matches_a_float64_module_and_read(kind):
                              rtol=2e-5, atol=5e-5)
   np.testing.assert_allclose(f64(new.k), want_k, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(f64(new.v), want_v, rtol=2e-5, atol=2e-5)
+
+
+def test_feature_step_with_bf16_tiles_is_bitwise_its_fp32_copy():
+  """A drafter prepared with `drafter_dtype=bfloat16` runs its kernel step on bf16 tiles; the
+  numbers are bitwise those of fp32 tiles of the same rounded weights (packed on the fly), and
+  not those of the unrounded module (so the rounding is in effect)."""
+  cfg = models.get_config('tiny', eagle_layers=1, eagle_d_ff=24, mtp_depth=0)
+  model = models.Transformer(cfg, rngs=nnx.Rngs(5))
+  _randomize(model, 5)
+  prepared = decoding.prepare(model, drafter_dtype=jnp.bfloat16)
+  rounded = nnx.merge(prepared.trunk.graphdef, prepared.trunk.state)
+  batch, num_new, slots = 2, 3, 10
+  x, cache, lengths, rope = _inputs(cfg.eagle_config, batch, num_new, slots, [2, 6], 9)
+  e = jnp.asarray(np.random.default_rng(10).standard_normal(x.shape), jnp.float32)
+  mask = jnp.asarray(np.tril(np.ones((batch, num_new, num_new), bool)))
+
+  def step(m, packs):
+    def fn(*a):
+      with rows_matmul.packed(packs):
+        return m.eagle.decode_read(m, *a)
+    return jax.jit(fn)(x, e, rope, (cache,), lengths, mask)
+
+  packs = models.decode_packs(rounded)
+  assert {t.dtype for t in packs.values()} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+  with_bf16 = jax.tree.leaves(step(rounded, packs))
+  for got, want in zip(with_bf16, jax.tree.leaves(step(rounded, {})), strict=True):
+    np.testing.assert_array_equal(got, want)
+  unrounded = jax.tree.leaves(step(model, {}))
+  assert not np.array_equal(with_bf16[1], unrounded[1])   # the logits

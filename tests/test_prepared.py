@@ -63,6 +63,41 @@ def test_prepared_model_decodes_like_the_model_and_packs_nothing_per_call(monkey
     np.testing.assert_array_equal(tokens, direct['plain'], err_msg=name)   # lossless
 
 
+def test_bf16_drafter_weights_round_the_drafters_matrices_only_and_stay_lossless(monkeypatch):
+  """`drafter_dtype=bfloat16`: the target's EAGLE and MTP matrices and every draft-model matrix
+  are stored rounded to bf16 (and packed as bf16 tiles), everything else is bitwise the model's;
+  every drafter's greedy output is still plain decoding's."""
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+  model = _model(0, vocab_size=97)
+  draft = _model(1, vocab_size=97, mtp_depth=0, medusa_heads=0)
+  prepared = decoding.prepare(model, draft, drafter_dtype=jnp.bfloat16)
+  rounded = 0
+  for split, original, top in ((prepared.trunk, model, prepared_lib.DRAFTER_MODULES),
+                               (prepared.draft, draft, None)):
+    want = dict(nnx.to_flat_state(nnx.state(original)))
+    for path, leaf in nnx.to_flat_state(split.state):
+      value, before = leaf.get_value(), want[path].get_value()
+      if (top is None or path[0] in top) and before.ndim >= 2:
+        assert value.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(value, before.astype(jnp.bfloat16), err_msg=str(path))
+        rounded += 1
+      else:
+        assert value.dtype == before.dtype, path
+        np.testing.assert_array_equal(value, before, err_msg=str(path))
+  assert rounded > 10
+  if rows_matmul.available():
+    dtypes = [t.dtype for t in prepared.trunk.packs]
+    # Per EAGLE / MTP module: its block's four matrices and its combine.
+    assert dtypes.count(jnp.bfloat16) == 5 * (1 + model.config.mtp_depth)
+    assert jnp.float32 in dtypes
+    assert all(t.dtype == jnp.bfloat16 for t in prepared.draft.packs)
+  outs = _decode_all(prepared, draft, _prompts(97))
+  for name, tokens in outs.items():
+    np.testing.assert_array_equal(tokens, outs['plain'], err_msg=name)
+  with pytest.raises(ValueError, match='drafter_dtype must be None or bfloat16'):
+    decoding.prepare(model, drafter_dtype=jnp.float16)
+
+
 def test_bad_arguments():
   model = _model(0)
   with pytest.raises(ValueError, match='model must be'):

@@ -25,6 +25,8 @@ def test_options_and_load_run_reject_missing_runs(tmp_path):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), num_prompts=3, batch_size=2)
   with pytest.raises(ValueError, match='timing_rounds must be an int >= 1'):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), timing_rounds=0)
+  with pytest.raises(ValueError, match="drafter_dtype must be one of \\('fp32', 'bf16'\\)"):
+    benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), drafter_dtype='fp16')
 
 
 @pytest.mark.slow

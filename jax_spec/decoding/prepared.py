@@ -13,6 +13,13 @@ model instead:
 
 A prepared model is a snapshot: it decodes with the weights `model` had at `prepare` time
 (prepare again after training further).
+
+`prepare(..., drafter_dtype=jnp.bfloat16)` stores the drafter's matrices (the target's EAGLE and
+MTP modules, and a draft model's) rounded to bfloat16, and the CPU kernel streams them as bf16
+tiles: a feature drafter's depth multiplies one row by every weight of its module, so it is bound
+by the bytes it reads. Computation stays fp32 (the rounded values, widened exactly), and the
+trunk is untouched, so every sampler stays lossless: only the drafts (and with them tau) can
+change. docs/benchmarks.md, "bf16 drafter weights".
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jax_spec import models
@@ -75,17 +83,42 @@ def _check(name, module):
                      f'decoding.PreparedModel), got {type(module).__name__}')
 
 
-def prepare(model, draft_model=None) -> PreparedModel:
-  """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc)."""
+# The target's drafter modules (`Transformer` attributes) whose matrices `drafter_dtype` rounds.
+DRAFTER_MODULES = ('eagle', 'mtp')
+
+
+def prepare(model, draft_model=None, *, drafter_dtype=None) -> PreparedModel:
+  """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc).
+
+  drafter_dtype: None (the weights as they are) or bfloat16: the drafter's matrices (`model`'s
+  EAGLE and MTP modules, all of `draft_model`'s) stored rounded to bf16 (see module doc).
+  """
   _check('model', model)
   if draft_model is not None:
     _check('draft_model', draft_model)
-  return PreparedModel(model, draft_model, split(model),
-                       split(draft_model) if draft_model is not None else None)
+  if drafter_dtype is not None and jnp.dtype(drafter_dtype) != jnp.bfloat16:
+    raise ValueError(f'drafter_dtype must be None or bfloat16, got {drafter_dtype!r}')
+  return PreparedModel(model, draft_model, split(model, drafter_dtype, DRAFTER_MODULES),
+                       split(draft_model, drafter_dtype) if draft_model is not None else None)
 
 
-def split(module) -> Split:
+def _round_matrices(state, dtype, modules=None):
+  """`state` with its floating matrices (ndim >= 2) cast to `dtype`: all, or those under the
+  top-level attributes `modules`. Vectors (norm scales, biases) keep their dtype."""
+  def cast(path, x):
+    top = getattr(path[0], 'key', None) if path else None
+    if ((modules is None or top in modules) and jnp.issubdtype(x.dtype, jnp.floating)
+        and x.ndim >= 2):
+      return x.astype(dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(cast, state)
+
+
+def split(module, matrix_dtype=None, modules=None) -> Split:
+  """`nnx.split(module)` and its packs; matrix_dtype: see `_round_matrices` (and `prepare`)."""
   graphdef, state = nnx.split(module)
+  if matrix_dtype is not None:
+    state = _round_matrices(state, matrix_dtype, modules)
   # Packs feed only the CPU kernel: on other backends the loops' dots read the weights directly.
   packs = _pack(graphdef, state) if jax.default_backend() == 'cpu' else ()
   return Split(graphdef, state, packs)

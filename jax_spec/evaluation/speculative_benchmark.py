@@ -37,6 +37,7 @@ from jax_spec.training import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 DECODE_PRECISIONS = ('fp32', 'bf16', 'fp16')
+DRAFTER_DTYPES = {'fp32': None, 'bf16': jnp.bfloat16}   # -> decoding.prepare(drafter_dtype=)
 
 
 def default_tree(draft: str) -> str:
@@ -89,6 +90,10 @@ class BenchmarkOptions:
   # rounded activations differ in the last bit, which flips greedy near-ties (docs/benchmarks.md).
   precision: str = _opt('fp32', 'Decoding precision of both samplers (fp32: see '
                         'jax_spec/evaluation/speculative_benchmark.py).', DECODE_PRECISIONS)
+  drafter_dtype: str = _opt('fp32', "The drafter's matrices (EAGLE / MTP modules, a draft "
+                            "model): 'fp32', or 'bf16' (rounded; the CPU kernel streams half the "
+                            "bytes; still lossless, see decoding.prepare).",
+                            tuple(DRAFTER_DTYPES))
   output: str | None = _opt(None, 'Output directory (default: <workdir>/speculative/<name>).')
   profile_steps: str | None = _opt(None, 'A:B: write a jax.profiler trace of the timed prompt '
                                    'batches A <= i < B into <output>/profile.')
@@ -104,6 +109,9 @@ class BenchmarkOptions:
       raise ValueError('draft=model needs draft_workdir (a trained, smaller run)')
     if self.precision not in DECODE_PRECISIONS:
       raise ValueError(f'precision must be one of {DECODE_PRECISIONS}, got {self.precision!r}')
+    if self.drafter_dtype not in DRAFTER_DTYPES:
+      raise ValueError(f'drafter_dtype must be one of {tuple(DRAFTER_DTYPES)}, got '
+                       f'{self.drafter_dtype!r}')
     for name in ('num_prompts', 'prompt_len', 'batch_size', 'max_new_tokens', 'tree_nodes',
                  'derive_topk', 'derive_batches', 'timing_rounds'):
       value = getattr(self, name)
@@ -235,7 +243,8 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
 
   # Both samplers decode one model prepared once (split, decode weights packed), as a server
   # would: the timed calls are prefill + decode loop, not per-call preparation.
-  prepared, prepare_s = _timed(lambda: decoding.prepare(model, draft_model))
+  prepared, prepare_s = _timed(lambda: decoding.prepare(
+      model, draft_model, drafter_dtype=DRAFTER_DTYPES[opts.drafter_dtype]))
 
   def baseline(batch, key):
     return decoding.generate(prepared, *batch, rng=key, **common)

@@ -294,8 +294,9 @@ def decode_matrices_of(*modules) -> dict:
 
 
 def _decode_matrices(*modules):
-  """(`decode_matrices_of`, the keys of the blocks' matrices)."""
-  matrices, block_keys = {}, set()
+  """(`decode_matrices_of`, the keys of the blocks' matrices, {key: the dtype its parameters are
+  stored in} for the blocks, the MTP combines and the LM heads)."""
+  matrices, block_keys, stored = {}, set(), {}
   for module in modules:
     if module is None:
       continue
@@ -304,24 +305,31 @@ def _decode_matrices(*modules):
         block_matrices = decode_matrices(node)
         matrices.update(block_matrices)
         block_keys.update(block_matrices)
+        stored.update(dict.fromkeys(block_matrices, node.attn.q.kernel.dtype))
       elif isinstance(node, MTPModule):
         matrices[id(node.proj)] = node.proj.matrix()
+        stored[id(node.proj)] = node.proj.kernel.dtype
       elif isinstance(node, Transformer) and node.dtype == jnp.float32:
         matrices[id(node)] = node.shared_head_DV().astype(jnp.float32)
+        stored[id(node)] = node.shared_head_DV().dtype
         if node.config.medusa_heads:
           matrices[('medusa', id(node))] = medusa_first_matrix(node)
           if not node.config.medusa_shared_head:
             matrices.update({id(head): head.lm_head[...].astype(jnp.float32)
                              for head in node.medusa})
-  return matrices, block_keys
+  return matrices, block_keys, stored
 
 
 def _packed_matrices(*modules) -> dict:
-  """The matrices of `decode_matrices_of` a decode loop packs: those `rows_matmul.matmul` sends to
-  the kernel, and every fp32 block matrix when `kernels.block_decode` runs the blocks."""
-  matrices, block_keys = _decode_matrices(*modules)
+  """{key: (matrix, tile dtype)} of the matrices of `decode_matrices_of` a decode loop packs:
+  those `rows_matmul.matmul` sends to the kernel, and every fp32 block matrix when
+  `kernels.block_decode` runs the blocks. A matrix whose parameters are stored in bf16 (a drafter
+  `decoding.prepare`d with `drafter_dtype`) is packed as bf16 tiles: the same values, half the
+  bytes."""
+  matrices, block_keys, stored = _decode_matrices(*modules)
   whole_blocks = block_decode.enabled()
-  return {key: w for key, w in matrices.items()
+  return {key: (w, jnp.bfloat16 if stored.get(key) == jnp.bfloat16 else jnp.float32)
+          for key, w in matrices.items()
           if rows_matmul.usable(w) or (whole_blocks and key in block_keys
                                        and w.dtype == jnp.float32)}
 
@@ -329,7 +337,7 @@ def _packed_matrices(*modules) -> dict:
 def decode_packs(*modules) -> dict:
   """The weights of `decode_matrices_of` that the kernel takes, packed for `rows_matmul.packed`:
   what a decode loop packs once before it starts ({} for non-fp32 modules or without the kernel)."""
-  return {key: rows_matmul.pack(w) for key, w in _packed_matrices(*modules).items()}
+  return {key: rows_matmul.pack(w, dtype) for key, (w, dtype) in _packed_matrices(*modules).items()}
 
 
 def decode_packs_from(packs: tuple, *modules) -> dict:
