@@ -64,7 +64,7 @@ def test_prepared_model_decodes_like_the_model_and_packs_nothing_per_call(monkey
 
 
 def test_bf16_drafter_weights_round_the_drafters_matrices_only_and_stay_lossless(monkeypatch):
-  """`drafter_dtype=bfloat16`: the target's EAGLE and MTP matrices and every draft-model matrix
+  """`drafter_dtype=bfloat16`: the target's EAGLE, MTP and Medusa matrices, every draft-model matrix
   are stored rounded to bf16 (and packed as bf16 tiles), everything else is bitwise the model's;
   every drafter's greedy output is still plain decoding's."""
   monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
@@ -87,8 +87,9 @@ def test_bf16_drafter_weights_round_the_drafters_matrices_only_and_stay_lossless
   assert rounded > 10
   if rows_matmul.available():
     dtypes = [t.dtype for t in prepared.trunk.packs]
-    # Per EAGLE / MTP module: its block's four matrices and its combine.
-    assert dtypes.count(jnp.bfloat16) == 5 * (1 + model.config.mtp_depth)
+    # Per EAGLE / MTP module: its block's four matrices and its combine; the Medusa heads' first
+    # blocks side by side.
+    assert dtypes.count(jnp.bfloat16) == 5 * (1 + model.config.mtp_depth) + 1
     assert jnp.float32 in dtypes
     assert all(t.dtype == jnp.bfloat16 for t in prepared.draft.packs)
   outs = _decode_all(prepared, draft, _prompts(97))

@@ -15,7 +15,7 @@ A prepared model is a snapshot: it decodes with the weights `model` had at `prep
 (prepare again after training further).
 
 `prepare(..., drafter_dtype=jnp.bfloat16)` stores the drafter's matrices (the target's EAGLE and
-MTP modules, and a draft model's) rounded to bfloat16, and the CPU kernel streams them as bf16
+MTP modules and Medusa heads, and a draft model's) rounded to bfloat16, and the CPU kernel streams them as bf16
 tiles: a feature drafter's depth multiplies one row by every weight of its module, so it is bound
 by the bytes it reads. Computation stays fp32 (the rounded values, widened exactly), and the
 trunk is untouched, so every sampler stays lossless: only the drafts (and with them tau) can
@@ -84,14 +84,14 @@ def _check(name, module):
 
 
 # The target's drafter modules (`Transformer` attributes) whose matrices `drafter_dtype` rounds.
-DRAFTER_MODULES = ('eagle', 'mtp')
+DRAFTER_MODULES = ('eagle', 'mtp', 'medusa')
 
 
 def prepare(model, draft_model=None, *, drafter_dtype=None) -> PreparedModel:
   """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc).
 
   drafter_dtype: None (the weights as they are) or bfloat16: the drafter's matrices (`model`'s
-  EAGLE and MTP modules, all of `draft_model`'s) stored rounded to bf16 (see module doc).
+  EAGLE and MTP modules and Medusa heads, all of `draft_model`'s) stored rounded to bf16 (see module doc).
   """
   _check('model', model)
   if draft_model is not None:

@@ -295,7 +295,7 @@ def decode_matrices_of(*modules) -> dict:
 
 def _decode_matrices(*modules):
   """(`decode_matrices_of`, the keys of the blocks' matrices, {key: the dtype its parameters are
-  stored in} for the blocks, the MTP combines and the LM heads)."""
+  stored in} for the blocks, the MTP combines, the LM heads and the Medusa heads)."""
   matrices, block_keys, stored = {}, set(), {}
   for module in modules:
     if module is None:
@@ -314,9 +314,11 @@ def _decode_matrices(*modules):
         stored[id(node)] = node.shared_head_DV().dtype
         if node.config.medusa_heads:
           matrices[('medusa', id(node))] = medusa_first_matrix(node)
+          stored[('medusa', id(node))] = node.medusa[0].res[0].kernel.dtype
           if not node.config.medusa_shared_head:
             matrices.update({id(head): head.lm_head[...].astype(jnp.float32)
                              for head in node.medusa})
+            stored.update({id(head): head.lm_head.dtype for head in node.medusa})
   return matrices, block_keys, stored
 
 
