@@ -1,0 +1,174 @@
+"""Both factors of a speculative speedup, per drafter: tokens per verify step and the step's cost.
+
+  python -m experiments.step_costs --workdir=runs/quickstart/heads \
+      --draft_workdir=runs/quickstart/draft --drafters=medusa,eagle:6,mtp,model:10 \
+      --drafter_dtypes=fp32,bf16
+
+On held-out prompts of the run's own data (batch 1), every (drafter, drafter dtype) and plain
+decoding are timed as whole calls at two lengths (`--new_tokens`, short and long), all of them
+interleaved in every round; the fastest of `--rounds` rounds of each counts (on a shared machine:
+the least disturbed), and the two lengths are differenced, so the prefill and the per-call costs
+cancel. Per drafter it reports the tokens emitted per verify step (tau, from the loop's own step
+count), the cost of a step in plain decoding steps, and their ratio: the decode loop's speedup
+without the prefill. `--drafter_dtypes` compares `decoding.prepare(..., drafter_dtype=)` storages
+side by side. Writes results.json and step_costs.png into --output_dir (default
+<workdir>/step_costs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_spec import cli
+from jax_spec import decoding
+from jax_spec import runtime
+from jax_spec.data import load_data
+from jax_spec.evaluation import speculative_benchmark as benchmark_lib
+
+flags.DEFINE_string('workdir', None, 'A trained run of experiments.train (the target model).')
+flags.DEFINE_string('draft_workdir', None, "A smaller trained run, for the 'model' drafter.")
+flags.DEFINE_list('drafters', ['medusa', 'eagle:6', 'mtp'], "'NAME[:NUM_DRAFT]' per drafter "
+                  '(greedy chains).')
+flags.DEFINE_list('drafter_dtypes', ['fp32', 'bf16'],
+                  f'Storages of the drafter matrices: {tuple(benchmark_lib.DRAFTER_DTYPES)}.')
+flags.DEFINE_list('new_tokens', ['32', '160'], 'The short and the long call, in new tokens.')
+flags.DEFINE_integer('rounds', 9, 'Timed rounds (the fastest of each call counts).')
+flags.DEFINE_integer('num_prompts', 4, 'Held-out prompts, each its own batch-1 call.')
+flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
+flags.DEFINE_string('output_dir', None, 'Output directory (default <workdir>/step_costs).')
+FLAGS = flags.FLAGS
+
+
+def parse_drafter(spec: str) -> tuple[str, int | None]:
+  name, _, depth = spec.partition(':')
+  if not name or (depth and not depth.isdigit()):
+    raise ValueError(f"--drafters entries must be 'NAME[:NUM_DRAFT]', got {spec!r}")
+  return name, int(depth) if depth else None
+
+
+def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160), rounds=9,
+            progress=None) -> dict:
+  """Times plain decoding and each drafter of `drafters` [(name, num_draft)] under each prepared
+  model of `prepared_by_dtype` {dtype name: PreparedModel} on `prompts` [(tokens [1, P],
+  lengths [1])], interleaved (see the module docstring). -> {'plain_us_per_token': ..., 'rows':
+  [{drafter, num_draft, drafter_dtype, tokens_per_step, us_per_step, plain_steps_per_step,
+  loop_speedup}]}."""
+  short, long = new_tokens
+  if not 0 < short < long:
+    raise ValueError(f'new_tokens must be (short, long) with 0 < short < long, got {new_tokens}')
+  plain_prepared = next(iter(prepared_by_dtype.values()))   # the trunk is the same in every one
+  configs = [('plain', None, None, plain_prepared)] + [
+      (name, depth, dtype, prepared) for name, depth in drafters
+      for dtype, prepared in prepared_by_dtype.items()]
+
+  def call(config, n):
+    name, depth, _, prepared = config
+    total_steps = 0
+    for tokens, lengths in prompts:
+      if name == 'plain':
+        jax.block_until_ready(decoding.generate(prepared, tokens, lengths, max_new_tokens=n))
+        total_steps += n
+      else:
+        out = decoding.speculative_generate(prepared, tokens, lengths, drafter=name,
+                                            num_draft=depth, max_new_tokens=n)
+        jax.block_until_ready(out)
+        total_steps += int(out.stats.loop_steps)
+    return total_steps
+
+  steps = {(i, n): call(c, n) for i, c in enumerate(configs) for n in new_tokens}   # warm-up
+  best = {}
+  for r in range(rounds):
+    for i, config in enumerate(configs):
+      for n in new_tokens:
+        t = time.perf_counter()
+        call(config, n)
+        best[i, n] = min(best.get((i, n), np.inf), time.perf_counter() - t)
+    if progress:
+      progress(r + 1, rounds)
+  tokens = (long - short) * len(prompts)
+  plain_us = (best[0, long] - best[0, short]) / tokens * 1e6
+  rows = []
+  for i, (name, depth, dtype, _) in enumerate(configs[1:], start=1):
+    loop_steps = steps[i, long] - steps[i, short]
+    us_per_step = (best[i, long] - best[i, short]) / loop_steps * 1e6
+    tokens_per_step = tokens / loop_steps
+    rows.append(dict(drafter=name, num_draft=depth, drafter_dtype=dtype,
+                     tokens_per_step=tokens_per_step, us_per_step=us_per_step,
+                     plain_steps_per_step=us_per_step / plain_us,
+                     loop_speedup=tokens_per_step * plain_us / us_per_step))
+  return {'plain_us_per_token': plain_us, 'rows': rows}
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = results['rows']
+  labels = [f"{r['drafter']}{':' + str(r['num_draft']) if r['num_draft'] else ''}\n"
+            f"{r['drafter_dtype']}" for r in rows]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for ax, key, title in zip(axes, ('tokens_per_step', 'plain_steps_per_step', 'loop_speedup'),
+                            ('tokens per verify step (tau)', 'step cost (plain steps)',
+                             'decode-loop speedup')):
+    ax.bar(range(len(rows)), [r[key] for r in rows], color='tab:blue')
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    if key == 'loop_speedup':
+      ax.axhline(1.0, color='gray', lw=0.8)
+  fig.suptitle(f"plain step {results['plain_us_per_token']:.0f} us", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise ValueError('--workdir is required (a trained run of experiments.train)')
+  unknown = [d for d in FLAGS.drafter_dtypes if d not in benchmark_lib.DRAFTER_DTYPES]
+  if unknown or not FLAGS.drafter_dtypes:
+    raise ValueError(f'--drafter_dtypes must be among {tuple(benchmark_lib.DRAFTER_DTYPES)}, '
+                     f'got {FLAGS.drafter_dtypes}')
+  if len(FLAGS.new_tokens) != 2 or not all(n.isdigit() for n in FLAGS.new_tokens):
+    raise ValueError(f'--new_tokens must be two integers (short, long), got {FLAGS.new_tokens}')
+  drafters = [parse_drafter(d) for d in FLAGS.drafters]
+  runtime.configure_xla_cpu()
+  model, tokenizer, _, info = benchmark_lib.load_run(FLAGS.workdir)
+  draft_model = None
+  if any(name == 'model' for name, _ in drafters):
+    draft_model, _, _, _ = benchmark_lib.load_run(FLAGS.draft_workdir, 'draft_workdir')
+  train = info['train']
+  data = load_data(tokenizer=tokenizer, workdir=FLAGS.workdir, data_path=train.get('data_path'),
+                   vocab_size=train.get('vocab_size'))
+  tokens = data.validation_prompts(FLAGS.num_prompts, FLAGS.prompt_len)
+  prompts = [(jnp.asarray(tokens[i:i + 1]), jnp.array([FLAGS.prompt_len], jnp.int32))
+             for i in range(tokens.shape[0])]
+  prepared = {d: decoding.prepare(model, draft_model,
+                                  drafter_dtype=benchmark_lib.DRAFTER_DTYPES[d])
+              for d in FLAGS.drafter_dtypes}
+  progress = lambda r, n: print(f'round {r}/{n}', flush=True)
+  results = measure(prepared, prompts, drafters, rounds=FLAGS.rounds, progress=progress,
+                    new_tokens=tuple(int(n) for n in FLAGS.new_tokens))
+  out = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'step_costs')
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'results.json'), 'w') as fh:
+    json.dump(results, fh, indent=2)
+  plot(results, os.path.join(out, 'step_costs.png'))
+  print(f"plain: {results['plain_us_per_token']:.1f} us per token")
+  print(f"{'drafter':12s} {'dtype':5s} {'tau':>6s} {'us/step':>8s} {'plain steps':>11s} "
+        f"{'loop speedup':>12s}")
+  for r in results['rows']:
+    name = r['drafter'] + (f":{r['num_draft']}" if r['num_draft'] else '')
+    print(f"{name:12s} {r['drafter_dtype']:5s} {r['tokens_per_step']:6.2f} "
+          f"{r['us_per_step']:8.1f} {r['plain_steps_per_step']:11.2f} {r['loop_speedup']:11.2f}x")
+  print(f'results.json and step_costs.png in {out}')
+
+
+if __name__ == '__main__':
+  cli.run(main, quiet=True)
