@@ -8,9 +8,9 @@ On held-out prompts of the run's own data (batch 1), every (drafter, drafter dty
 decoding are timed as whole calls at two lengths (`--new_tokens`, short and long), all of them
 interleaved in every round; the fastest of `--rounds` rounds of each counts (on a shared machine:
 the least disturbed), and the two lengths are differenced, so the prefill and the per-call costs
-cancel. Per drafter it reports the tokens emitted per verify step (tau, from the loop's own step
-count), the cost of a step in plain decoding steps, and their ratio: the decode loop's speedup
-without the prefill. `--drafter_dtypes` compares `decoding.prepare(..., drafter_dtype=)` storages
+cancel. Per drafter it reports the tokens emitted per verify step (tau of the long calls, from the
+loop's own counts), the cost of a step in plain decoding steps (differenced), and their ratio:
+the decode loop's speedup without the prefill. `--drafter_dtypes` compares `decoding.prepare(..., drafter_dtype=)` storages
 side by side. Writes results.json and step_costs.png into --output_dir (default
 <workdir>/step_costs).
 """
@@ -68,18 +68,20 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
       for dtype, prepared in prepared_by_dtype.items()]
 
   def call(config, n):
+    """-> (loop steps, verify steps, accepted drafts), summed over the prompts."""
     name, depth, _, prepared = config
-    total_steps = 0
+    totals = np.zeros(3, np.int64)
     for tokens, lengths in prompts:
       if name == 'plain':
         jax.block_until_ready(decoding.generate(prepared, tokens, lengths, max_new_tokens=n))
-        total_steps += n
+        totals[0] += n
       else:
         out = decoding.speculative_generate(prepared, tokens, lengths, drafter=name,
                                             num_draft=depth, max_new_tokens=n)
         jax.block_until_ready(out)
-        total_steps += int(out.stats.loop_steps)
-    return total_steps
+        stats = decoding.summarize(out.stats)
+        totals += (stats['loop_steps'], stats['verify_steps'], stats['accepted_tokens'])
+    return totals
 
   steps = {(i, n): call(c, n) for i, c in enumerate(configs) for n in new_tokens}   # warm-up
   best = {}
@@ -95,9 +97,12 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
   plain_us = (best[0, long] - best[0, short]) / tokens * 1e6
   rows = []
   for i, (name, depth, dtype, _) in enumerate(configs[1:], start=1):
-    loop_steps = steps[i, long] - steps[i, short]
+    loop_steps = steps[i, long][0] - steps[i, short][0]
     us_per_step = (best[i, long] - best[i, short]) / loop_steps * 1e6
-    tokens_per_step = tokens / loop_steps
+    # tau of the long calls as a whole (the benchmark's): a difference of step counts would
+    # weigh the continuations' later tokens only (in the quickstart's text, runs of spaces).
+    _, verify_steps, accepted = steps[i, long]
+    tokens_per_step = (accepted + verify_steps) / verify_steps
     rows.append(dict(drafter=name, num_draft=depth, drafter_dtype=dtype,
                      tokens_per_step=tokens_per_step, us_per_step=us_per_step,
                      plain_steps_per_step=us_per_step / plain_us,

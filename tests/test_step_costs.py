@@ -23,12 +23,14 @@ def test_measure_reports_the_loops_own_steps_and_both_storages(tmp_path):
   assert [(r['drafter'], r['drafter_dtype']) for r in rows] == [
       ('medusa', 'fp32'), ('medusa', 'bf16'), ('eagle', 'fp32'), ('eagle', 'bf16')]
   assert np.isfinite(results['plain_us_per_token'])   # (its value is timing: not a test's)
-  # tau is the loop's own count: (13 - 4) tokens per prompt over the extra verify steps.
+  # tau is the long calls' own: accepted drafts plus one per verify step, over verify steps.
   eagle = rows[2]
-  steps = [int(decoding.speculative_generate(prepared['fp32'], t, l, drafter='eagle',
-                                             num_draft=3, max_new_tokens=n).stats.loop_steps)
-           for n in (13, 4) for t, l in prompts]
-  assert eagle['tokens_per_step'] == pytest.approx(18 / (sum(steps[:2]) - sum(steps[2:])))
+  stats = [decoding.summarize(decoding.speculative_generate(
+      prepared['fp32'], t, l, drafter='eagle', num_draft=3, max_new_tokens=13).stats)
+      for t, l in prompts]
+  verify = sum(s['verify_steps'] for s in stats)
+  assert eagle['tokens_per_step'] == pytest.approx(
+      (sum(s['accepted_tokens'] for s in stats) + verify) / verify)
   for r in rows:
     assert 1.0 <= r['tokens_per_step'] <= 1 + (3 if r['drafter'] == 'eagle' else cfg.medusa_heads)
     assert r['loop_speedup'] == pytest.approx(r['tokens_per_step'] / r['plain_steps_per_step'])
