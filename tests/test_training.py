@@ -317,6 +317,19 @@ def test_sigterm_saves_and_stops(reference_run, corpus):
   assert os.path.exists(os.path.join(workdir, 'checkpoints', str(saved[-1]), 'commit_success.txt'))
 
 
+def test_resuming_a_finished_run_reports_its_final_metrics(reference_run):
+  """Rerunning a finished command trains nothing and reports the run's last logged loss and
+  validation (the quickstart prints them), not NaN."""
+  info = workdir_lib.read_run_info(reference_run['workdir'])
+  summary = loop.train(TrainConfig(**{**info['train'], 'progress': False}))
+  assert summary['start_step'] == summary['step'] == 16
+  records = read_metrics(reference_run['workdir'])
+  last_val = [r for r in records if 'val_bits_per_byte' in r][-1]
+  assert summary['val_bits_per_byte'] == last_val['val_bits_per_byte']
+  assert summary['loss'] == [r for r in records if 'loss' in r][-1]['loss']
+  assert len(read_metrics(reference_run['workdir'])) == len(records)   # nothing appended
+
+
 def test_resume_with_different_config_is_refused(reference_run, corpus):
   info = workdir_lib.read_run_info(reference_run['workdir'])
   cfg = TrainConfig(**{**info['train'], 'learning_rate': 1e-2, 'progress': False})

@@ -94,6 +94,16 @@ def _agree_on_stop(stop: str | None) -> str | None:
   return codes[int(multihost_utils.broadcast_one_to_all(np.int32(codes.index(stop))))]
 
 
+def _latest_logged(workdir: str) -> dict[str, Any]:
+  """The latest logged value of every metric in `workdir`'s metrics.jsonl ({} without one)."""
+  latest: dict[str, Any] = {}
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    for record in metrics_lib.read_metrics(path):
+      latest.update(record)
+  return latest
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
   """Trains (or resumes) the run in `cfg.workdir`; returns a summary dict.
 
@@ -151,7 +161,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   tokens_per_step = cfg.batch_size * cfg.seq_len
 
   summary: dict[str, Any] = {'start_step': start_step, 'stopped': 'done'}
-  last_record: dict[str, Any] = {}
+  # A resumed run starts from its latest logged values: one resumed with no step left to run
+  # (rerunning a finished command) reports its final loss and validation, not nothing.
+  last_record: dict[str, Any] = _latest_logged(workdir) if start_step else {}
   bar = None
   if cfg.progress and is_main:
     bar = tqdm(total=cfg.steps, initial=start_step, desc='train', unit='step', dynamic_ncols=True)
