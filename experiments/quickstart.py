@@ -12,7 +12,9 @@
    frozen trunk, learning the trunk's own distribution (`--head_phase_targets`) and, for the EAGLE
    block, on its own predicted features (`--head_phase_eagle_steps`, EAGLE-3's training-time
    test): on the quickstart's trunk this raised the EAGLE chain's tau from 5.8 to 6.4
-   (docs/benchmarks.md, "Quickstart", 2026-12-04). Steps 2-4 use that copy of the model.
+   (docs/benchmarks.md, "Quickstart", 2026-12-04). The head phase also adds a fourth Medusa head
+   (`--head_phase_medusa_heads`), trained on the frozen trunk only. Steps 2-4 use that copy of
+   the model.
 2. Evaluates validation bits per byte and each draft head's top-k accuracy (its chance to be
    accepted), and derives a candidate tree per drafter from those accuracies.
 3. Benchmarks plain jitted decoding against speculative decoding with each drafter (greedy; MTP
@@ -59,9 +61,10 @@ flags.DEFINE_string('precision', 'bf16', 'Training precision: fp32 | bf16 | fp16
 flags.DEFINE_enum('decode_precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
                   'Precision of both samplers in the benchmark (fp32: see '
                   'jax_spec/evaluation/speculative_benchmark.py).')
-flags.DEFINE_enum('drafter_dtype', 'fp32', list(benchmark_lib.DRAFTER_DTYPES),
+flags.DEFINE_enum('drafter_dtype', 'bf16', list(benchmark_lib.DRAFTER_DTYPES),
                   "Storage of the drafters' matrices in the benchmark (bf16: rounded, half the "
-                  'bytes per draft depth on CPU, still lossless; decoding.prepare).')
+                  'bytes per draft depth on CPU, same tau, still lossless; decoding.prepare; '
+                  'docs/benchmarks.md, "bf16 drafter weights").')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('eagle_layers', 1, 'Blocks of the EAGLE feature drafter (0 = none).')
@@ -77,10 +80,15 @@ flags.DEFINE_integer('head_steps', 200, 'Steps of a second phase that trains eve
 flags.DEFINE_float('head_minutes', 4.0, 'Wall-clock budget of the head phase in minutes.')
 flags.DEFINE_enum('head_phase_targets', 'trunk', ['data', 'trunk', 'mix'],
                   'What the heads learn in the head phase.')
+flags.DEFINE_integer('head_phase_medusa_heads', 4, 'Medusa heads of the head phase: more than '
+                     '--medusa_heads adds heads trained on the frozen trunk only (Medusa-1), so '
+                     'the trunk is the joint run\'s whatever their number (docs/benchmarks.md, '
+                     '"Quickstart", 2026-12-07).')
 flags.DEFINE_integer('head_phase_eagle_steps', 3, 'EAGLE steps unrolled on its own features in the '
                      'head phase (the training-time test).')
 flags.DEFINE_float('sampled_temperature', 0.7, 'Temperature of the rejection-sampling rows.')
-flags.DEFINE_list('sampled_drafters', ['eagle_chain', 'model_chain'], 'Drafters benchmarked again '
+flags.DEFINE_list('sampled_drafters', ['medusa_chain', 'eagle_chain', 'model_chain'],
+                  'Drafters benchmarked again '
                   'with exact rejection sampling at --sampled_temperature (empty: none).')
 flags.DEFINE_integer('batch_size', 8, 'Training batch size.')
 flags.DEFINE_integer('seq_len', 256, 'Training sequence length.')
@@ -192,7 +200,7 @@ def train_models(f, workdir: str, draft_workdir: str):
         model={}, head_targets='data', minutes=f.draft_minutes,
         eval_every=max(f.draft_steps // 2, 1), checkpoint_every=max(f.draft_steps // 4, 1)))
   head_summary = None
-  if f.head_steps and (f.mtp_depth or f.medusa_heads or f.eagle_layers):
+  if f.head_steps and (f.mtp_depth or f.head_phase_medusa_heads or f.eagle_layers):
     logging.info('1c/4 training the heads on the frozen trunk (%s targets, %d EAGLE steps) for up '
                  'to %.1f min in %s', f.head_phase_targets, f.head_phase_eagle_steps,
                  f.head_minutes, heads_workdir(workdir))
@@ -200,7 +208,7 @@ def train_models(f, workdir: str, draft_workdir: str):
         cfg, workdir=heads_workdir(workdir), steps=f.head_steps,
         warmup_steps=f.head_steps // 10 + 1, freeze_trunk=True, init_from=workdir,
         head_targets=f.head_phase_targets, eagle_steps=f.head_phase_eagle_steps,
-        minutes=f.head_minutes, eval_every=f.head_steps,
+        medusa_heads=f.head_phase_medusa_heads, minutes=f.head_minutes, eval_every=f.head_steps,
         checkpoint_every=max(f.head_steps // 2, 1)))
   return summary, draft_summary, head_summary
 
@@ -223,6 +231,10 @@ def run(f) -> dict:
     raise ValueError(f'--head_steps must be >= 0, got {f.head_steps}')
   if f.head_steps and not f.head_minutes > 0:
     raise ValueError(f'--head_minutes must be > 0, got {f.head_minutes}')
+  if f.head_phase_medusa_heads < f.medusa_heads:
+    raise ValueError(f'--head_phase_medusa_heads ({f.head_phase_medusa_heads}) must be >= '
+                     f'--medusa_heads ({f.medusa_heads}): the head phase adds heads, it does not '
+                     'drop them')
   if f.head_phase_eagle_steps < 1:
     raise ValueError(f'--head_phase_eagle_steps must be >= 1, got {f.head_phase_eagle_steps}')
   if f.timing_rounds < 1:

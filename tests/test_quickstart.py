@@ -13,7 +13,8 @@ def test_quickstart_end_to_end(tmp_path):
          '--steps=6', '--minutes=5', '--batch_size=4', '--seq_len=32', '--mtp_depth=1',
          '--medusa_heads=2', '--drafters=medusa_tree,model_chain', '--sampled_drafters=model_chain',
          '--sampled_temperature=0.7', '--eagle_layers=1', '--tree_nodes=4',
-         '--draft_steps=4', '--draft_gamma=3', '--head_steps=2', '--timing_rounds=2',
+         '--draft_steps=4', '--draft_gamma=3', '--head_steps=2', '--head_phase_medusa_heads=3',
+         '--timing_rounds=2',
          '--num_prompts=1', '--prompt_len=8', '--max_new_tokens=12', '--num_completions=1']
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
@@ -27,7 +28,8 @@ def test_quickstart_end_to_end(tmp_path):
   assert 1.0 <= sampled['tau'] <= 4 and results['best_sampled'] == sampled
   for row in results['drafters']:
     assert 0.0 <= row['whitespace_fraction'] <= 1.0
-  for row, depth in zip(results['drafters'][:2], (2, 3)):   # 2 Medusa heads; gamma 3
+  # 2 Medusa heads of the joint run and a third added by the head phase; gamma 3.
+  for row, depth in zip(results['drafters'][:2], (3, 3)):
     for key in ('drafter', 'tau', 'tokens_per_s', 'speedup', 'outputs_identical'):
       assert key in row, key
     assert row['outputs_identical'] is True
@@ -78,7 +80,8 @@ def test_quickstart_rejects_unknown_drafter(tmp_path):
   assert '--drafters' in proc.stderr
 
 
-@pytest.mark.parametrize('flag', ['--timing_rounds=0', '--head_minutes=0', '--head_steps=-1'])
+@pytest.mark.parametrize('flag', ['--timing_rounds=0', '--head_minutes=0', '--head_steps=-1',
+                                  '--head_phase_medusa_heads=1'])
 def test_quickstart_rejects_bad_phase_and_timing_flags_before_training(tmp_path, flag):
   proc = subprocess.run([sys.executable, '-m', 'experiments.quickstart', f'--workdir={tmp_path}',
                          flag], capture_output=True, text=True, timeout=300,
