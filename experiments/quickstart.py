@@ -172,8 +172,8 @@ def last_metrics(workdir: str) -> dict:
   """A trained run's summary without training: its last step and latest value of each metric."""
   records = metrics_lib.read_metrics(workdir)
   summary = {'step': records[-1].get('step') if records else None, 'stopped': 'benchmark_only'}
-  for record in records:
-    summary.update({k: v for k, v in record.items() if k.startswith('val_') or k == 'loss'})
+  summary.update({k: v for k, v in metrics_lib.latest_values(records).items()
+                  if k.startswith('val_') or k == 'loss'})
   return summary
 
 

@@ -10,9 +10,9 @@ interleaved in every round; the fastest of `--rounds` rounds of each counts (on 
 the least disturbed), and the two lengths are differenced, so the prefill and the per-call costs
 cancel. Per drafter it reports the tokens emitted per verify step (tau of the long calls, from the
 loop's own counts), the cost of a step in plain decoding steps (differenced), and their ratio:
-the decode loop's speedup without the prefill. `--drafter_dtypes` compares `decoding.prepare(..., drafter_dtype=)` storages
-side by side. Writes results.json and step_costs.png into --output_dir (default
-<workdir>/step_costs).
+the decode loop's speedup without the prefill. `--drafter_dtypes` compares
+`decoding.prepare(..., drafter_dtype=)` storages side by side. Writes results.json and
+step_costs.png into --output_dir (default <workdir>/step_costs).
 """
 from __future__ import annotations
 

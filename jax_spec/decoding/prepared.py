@@ -15,11 +15,11 @@ A prepared model is a snapshot: it decodes with the weights `model` had at `prep
 (prepare again after training further).
 
 `prepare(..., drafter_dtype=jnp.bfloat16)` stores the drafter's matrices (the target's EAGLE and
-MTP modules and Medusa heads, and a draft model's) rounded to bfloat16, and the CPU kernel streams them as bf16
-tiles: a feature drafter's depth multiplies one row by every weight of its module, so it is bound
-by the bytes it reads. Computation stays fp32 (the rounded values, widened exactly), and the
-trunk is untouched, so every sampler stays lossless: only the drafts (and with them tau) can
-change. docs/benchmarks.md, "bf16 drafter weights".
+MTP modules and Medusa heads, and a draft model's) rounded to bfloat16, and the CPU kernel
+streams them as bf16 tiles: a feature drafter's depth multiplies one row by every weight of its
+module, so it is bound by the bytes it reads. Computation stays fp32 (the rounded values,
+widened exactly), and the trunk is untouched, so every sampler stays lossless: only the drafts
+(and with them tau) can change. docs/benchmarks.md, "bf16 drafter weights".
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def prepare(model, draft_model=None, *, drafter_dtype=None) -> PreparedModel:
   """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc).
 
   drafter_dtype: None (the weights as they are) or bfloat16: the drafter's matrices (`model`'s
-  EAGLE and MTP modules and Medusa heads, all of `draft_model`'s) stored rounded to bf16 (see module doc).
+  EAGLE and MTP modules and Medusa heads, all of `draft_model`'s) stored rounded to bf16 (see
+  module doc).
   """
   _check('model', model)
   if draft_model is not None:

@@ -90,8 +90,8 @@ class BenchmarkOptions:
   # rounded activations differ in the last bit, which flips greedy near-ties (docs/benchmarks.md).
   precision: str = _opt('fp32', 'Decoding precision of both samplers (fp32: see '
                         'jax_spec/evaluation/speculative_benchmark.py).', DECODE_PRECISIONS)
-  drafter_dtype: str = _opt('fp32', "The drafter's matrices (EAGLE / MTP modules, a draft "
-                            "model): 'fp32', or 'bf16' (rounded; the CPU kernel streams half the "
+  drafter_dtype: str = _opt('fp32', "The drafter's matrices (EAGLE / MTP modules, Medusa "
+                            "heads, a draft model): 'fp32', or 'bf16' (rounded; the CPU kernel streams half the "
                             "bytes; still lossless, see decoding.prepare).",
                             tuple(DRAFTER_DTYPES))
   output: str | None = _opt(None, 'Output directory (default: <workdir>/speculative/<name>).')

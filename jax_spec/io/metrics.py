@@ -108,3 +108,11 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     raise ValueError(f'path {path!r} has no metrics.jsonl')
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def latest_values(records: list[dict[str, Any]]) -> dict[str, Any]:
+  """{metric: its value in the last of `records` (`read_metrics`) that logged it}."""
+  latest: dict[str, Any] = {}
+  for record in records:
+    latest.update(record)
+  return latest

@@ -81,9 +81,10 @@ inline jax_spec::Vec ExpVec(jax_spec::Vec x) {
 #endif
 
 // act[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n: every operation
-// lane-wise and exact (IEEE division), with `Exp`'s lanes, so the numbers are those of the
-// scalar loop. (The compiler left that loop scalar: a division per element was ~40% of the
-// block's own non-matmul time at T = 5, perf 2026-12-07.)
+// lane-wise and exact (IEEE division), `ExpVec` on the full vectors and `std::exp` on the tail as
+// before, so the numbers are those of the scalar loop it replaced. (The compiler left that loop
+// scalar: a division per element was ~40% of the block's own non-matmul time at T = 5, perf
+// 2026-12-07.)
 void SiluTimes(const float* g, const float* u, float* act, int64_t n) {
   int64_t i = 0;
 #if defined(JAX_SPEC_SIMD)
@@ -326,20 +327,23 @@ ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> x
         "block_decode: expected x [B, T, D], caches [B, S, K, E] (E even, <= 512) and "
         "num_heads a multiple of K");
   }
+  using jax_spec::IsTiles;
+  if (!IsTiles(qkv_tiles) || !IsTiles(out_tiles) || !IsTiles(gate_up_tiles) ||
+      !IsTiles(down_tiles)) {
+    return ffi::Error::InvalidArgument(
+        "block_decode: packed weights must be fp32 or bf16 tiles [N, D, W]");
+  }
   const Dims n{xd[0], xd[1], xd[2], kd[1], num_heads, kd[2], kd[3], down_tiles.dimensions()[1]};
   const int64_t rows = n.batch * n.rows_per_batch, e = n.head_dim;
   const int64_t q_width = n.heads * e, kv_width = n.kv_heads * e;
   const int64_t qkv_width = q_width + 2 * kv_width;
-  using jax_spec::IsTiles;
-  if (!IsTiles(qkv_tiles) || !IsTiles(out_tiles) || !IsTiles(gate_up_tiles) ||
-      !IsTiles(down_tiles) || qkv_tiles.dimensions()[1] != n.d_model ||
-      out_tiles.dimensions()[1] != q_width ||
+  if (qkv_tiles.dimensions()[1] != n.d_model || out_tiles.dimensions()[1] != q_width ||
       qkv_tiles.dimensions()[0] * kCols < qkv_width ||
       out_tiles.dimensions()[0] * kCols < n.d_model ||
       gate_up_tiles.dimensions()[0] * kCols < 2 * n.d_ff ||
       down_tiles.dimensions()[0] * kCols < n.d_model) {
     return ffi::Error::InvalidArgument(
-        "block_decode: packed weights (fp32 or bf16 tiles) do not match x and the cache");
+        "block_decode: packed weights do not match x and the cache");
   }
   std::vector<float> h(rows * n.d_model), qkv(rows * qkv_width, 0.0f), o(rows * q_width);
   std::vector<float> scratch;
@@ -419,8 +423,7 @@ ffi::Error FeatureDecodeImpl(
   const int64_t d = xd[xd.size() - 1], rows = hidden.element_count() / d;
   const int64_t vocab = logits->dimensions()[logits->dimensions().size() - 1];
   if (!jax_spec::IsTiles(proj_tiles) || !jax_spec::IsTiles(head_tiles) ||
-      embedded.element_count() != rows * d ||
-      proj_tiles.dimensions()[1] != 2 * d ||
+      embedded.element_count() != rows * d || proj_tiles.dimensions()[1] != 2 * d ||
       proj_tiles.dimensions()[0] * kCols < d || head_tiles.dimensions()[1] != d ||
       head_tiles.dimensions()[0] * kCols < vocab) {
     return ffi::Error::InvalidArgument(

@@ -310,8 +310,9 @@ def _decode_matrices(*modules):
         matrices[id(node.proj)] = node.proj.matrix()
         stored[id(node.proj)] = node.proj.kernel.dtype
       elif isinstance(node, Transformer) and node.dtype == jnp.float32:
-        matrices[id(node)] = node.shared_head_DV().astype(jnp.float32)
-        stored[id(node)] = node.shared_head_DV().dtype
+        head_DV = node.shared_head_DV()
+        matrices[id(node)] = head_DV.astype(jnp.float32)
+        stored[id(node)] = head_DV.dtype
         if node.config.medusa_heads:
           matrices[('medusa', id(node))] = medusa_first_matrix(node)
           stored[('medusa', id(node))] = node.medusa[0].res[0].kernel.dtype

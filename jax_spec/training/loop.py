@@ -96,12 +96,8 @@ def _agree_on_stop(stop: str | None) -> str | None:
 
 def _latest_logged(workdir: str) -> dict[str, Any]:
   """The latest logged value of every metric in `workdir`'s metrics.jsonl ({} without one)."""
-  latest: dict[str, Any] = {}
   path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    for record in metrics_lib.read_metrics(path):
-      latest.update(record)
-  return latest
+  return metrics_lib.latest_values(metrics_lib.read_metrics(path)) if os.path.exists(path) else {}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
