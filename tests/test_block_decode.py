@@ -98,6 +98,7 @@ def test_kernel_is_used_on_cpu_and_not_when_switched_off(monkeypatch):
     ({'qkv_bias': True, 'out_bias': True, 'qk_norm': True}, 1, 3, 20, [17]),   # Qwen-style
     ({'num_heads': 6, 'num_kv_heads': 3, 'd_model': 36, 'd_ff': 37}, 3, 1, 9, [0, 4, 8]),  # E = 6
     ({'num_kv_heads': 4}, 2, 7, 16, [0, 5]),                          # MHA, a prefill-like chunk
+    ({}, 1, 33, 48, [6]),        # many query vectors, each scanning up to its last seen key
 ])
 def test_matches_a_float64_block(overrides, batch, num_new, slots, lengths):
   cfg, block = _block(seed=len(overrides), **overrides)
@@ -125,12 +126,14 @@ def test_a_query_that_sees_nothing_gets_zero_attention():
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2e-5, atol=2e-5)
 
 
-def test_a_chain_verify_equals_one_token_steps_bitwise():
+@pytest.mark.parametrize('num_new', [6, 21])
+def test_a_chain_verify_equals_one_token_steps_bitwise(num_new):
   """T rows of a causal chain in one call give bitwise the outputs and cache entries of T
-  successive one-row calls: plain decoding and a verify step agree exactly."""
+  successive one-row calls: plain decoding and a verify step agree exactly (with 21 rows, the
+  query vectors of early rows stop before the chain's later keys)."""
   cfg, block = _block(seed=3)
   _randomize(block, 3)
-  num_new, slots = 6, 24
+  slots = 40
   x, cache, lengths, rope = _inputs(cfg, 2, num_new, slots, [4, 11], 5)
   decode = _decode(block)
   y_all, all_cache = decode(x, rope, cache, lengths, jnp.tril(jnp.ones((2, num_new, num_new), bool)))

@@ -186,27 +186,38 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
                  const bool* mask, float scale, float* o, int64_t o_width, AttendScratch& s) {
   const int64_t e = n.head_dim, T = n.rows_per_batch, per_group = n.heads / n.kv_heads;
   const int64_t lanes = std::min<int64_t>(kCols, T * per_group - v * kCols);
-  const int64_t prefix = std::clamp<int64_t>(length, 0, n.slots), keys = prefix + T;
   const int64_t stride = n.kv_heads * e, base = b * n.slots * stride + g * e;
+  // Lane l is query (t, h): its row of x and its offset in a row of q (and of o), once.
+  int64_t lane_t[kCols], lane_col[kCols];
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t q = v * kCols + l;
+    lane_t[l] = q / per_group;
+    lane_col[l] = (g * per_group + q % per_group) * e;
+  }
   // q transposed: q_t[i * kCols + l] = q[lane l][i]; unused lanes 0.
   s.q_t.assign(e * kCols, 0.0f);
   for (int64_t l = 0; l < lanes; ++l) {
-    const int64_t q = v * kCols + l, t = q / per_group, h = g * per_group + q % per_group;
-    const float* q_row = qkv + (b * T + t) * qkv_width + h * e;
+    const float* q_row = qkv + (b * T + lane_t[l]) * qkv_width + lane_col[l];
     for (int64_t i = 0; i < e; ++i) s.q_t[i * kCols + l] = q_row[i];
   }
   // Where lane l sees new slot len + u: visible 1 and masked 0, else 0 and -inf (unused lanes:
-  // unseen).
+  // unseen). The lanes of one t are consecutive, so each mask entry is read once per t.
   s.visible.assign(T * kCols, 0.0f);
   s.masked.assign(T * kCols, -INFINITY);
-  for (int64_t u = 0; u < T; ++u) {
-    if (length + u < 0 || length + u >= n.slots) continue;
-    for (int64_t l = 0; l < lanes; ++l) {
-      if (!mask[(b * T + (v * kCols + l) / per_group) * T + u]) continue;
-      s.visible[u * kCols + l] = 1.0f;
-      s.masked[u * kCols + l] = 0.0f;
+  int64_t seen = 0;   // new slots up to the last one any lane sees
+  for (int64_t l0 = 0, l1; l0 < lanes; l0 = l1) {
+    for (l1 = l0 + 1; l1 < lanes && lane_t[l1] == lane_t[l0];) ++l1;
+    const bool* mask_t = mask + (b * T + lane_t[l0]) * T;
+    for (int64_t u = 0; u < T; ++u) {
+      if (!mask_t[u] || length + u < 0 || length + u >= n.slots) continue;
+      seen = std::max(seen, u + 1);
+      std::fill(&s.visible[u * kCols + l0], &s.visible[u * kCols + l1], 1.0f);
+      std::fill(&s.masked[u * kCols + l0], &s.masked[u * kCols + l1], 0.0f);
     }
   }
+  // New slots past the last seen one would add exact zeros to every sum below: skipped (a causal
+  // prompt chunk's early queries do not scan its later keys).
+  const int64_t prefix = std::clamp<int64_t>(length, 0, n.slots), keys = prefix + seen;
   // Row of key j (prefix slots, then the new ones) in a cache; a slot past the end is never
   // seen, and reads the last one.
   auto row = [&](const float* cache, int64_t j) {
@@ -284,8 +295,8 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
       float out[kCols];
       Store(out, acc[i]);
       for (int64_t l = 0; l < lanes; ++l) {
-        const int64_t q = v * kCols + l, t = q / per_group, h = g * per_group + q % per_group;
-        o[(b * T + t) * o_width + h * e + i0 + i] = total_l[l] > 0.0f ? out[l] / total_l[l] : 0.0f;
+        o[(b * T + lane_t[l]) * o_width + lane_col[l] + i0 + i] =
+            total_l[l] > 0.0f ? out[l] / total_l[l] : 0.0f;
       }
     }
   }
