@@ -91,8 +91,8 @@ class BenchmarkOptions:
   precision: str = _opt('fp32', 'Decoding precision of both samplers (fp32: see '
                         'jax_spec/evaluation/speculative_benchmark.py).', DECODE_PRECISIONS)
   drafter_dtype: str = _opt('fp32', "The drafter's matrices (EAGLE / MTP modules, Medusa "
-                            "heads, a draft model): 'fp32', or 'bf16' (rounded; the CPU kernel streams half the "
-                            "bytes; still lossless, see decoding.prepare).",
+                            "heads, a draft model): 'fp32', or 'bf16' (rounded; the CPU kernel "
+                            "streams half the bytes; still lossless, see decoding.prepare).",
                             tuple(DRAFTER_DTYPES))
   output: str | None = _opt(None, 'Output directory (default: <workdir>/speculative/<name>).')
   profile_steps: str | None = _opt(None, 'A:B: write a jax.profiler trace of the timed prompt '
