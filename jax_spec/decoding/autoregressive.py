@@ -146,7 +146,8 @@ def _generate(graphdef, state, packs, prompts_BT, prompt_lengths_B, rng, eos_id,
     sc = sampling_config
     cache = models.init_cache(model, batch, cache_len)
     outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
-    first_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, jax.random.fold_in(rng, 0), sc)
+    keys_N = sampling.step_keys(rng, max_new_tokens)[:, 0]   # token i's key: keys_N[i]
+    first_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, keys_N[0], sc)
     tokens_BN = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
     done_B = first_B == eos_id
     lengths_B = jnp.ones((batch,), jnp.int32)
@@ -162,7 +163,7 @@ def _generate(graphdef, state, packs, prompts_BT, prompt_lengths_B, rng, eos_id,
       step, cache, last_B, tokens_BN, done_B, lengths_B = carry
       outs, cache = models.extend(model, last_B[:, None], depths_B1, mask_B11, cache)
       cache = models.advance(cache, (~done_B).astype(jnp.int32))
-      next_B = sampling.sample_logits(jax.random.fold_in(rng, step), outs.logits_BTV[:, 0],
+      next_B = sampling.sample_logits(keys_N[step], outs.logits_BTV[:, 0],
                                       temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
       next_B = jnp.where(done_B, pad_id, next_B)
       tokens_BN = tokens_BN.at[rows_B, step].set(next_B)

@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jax_spec.decoding import prng
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -74,8 +76,21 @@ def target_probs(logits_NV, *, temperature=0.0, top_k=0, top_p=1.0):
 
 def sample_probs(rng, probs_NV):
   """One token per row from probabilities `[..., V]` (zero-probability tokens are never drawn)."""
+  return sample_probs_gumbel(probs_NV, prng.gumbel(rng, probs_NV.shape))
+
+
+def sample_probs_gumbel(probs_NV, gumbel_NV):
+  """`sample_probs` with its noise drawn beforehand: argmax(log p + g), g i.i.d. standard Gumbel
+  (the Gumbel-max trick, as `jax.random.categorical`); loops draw a step's noise for all its
+  samples in one `prng` call."""
   logp_NV = jnp.where(probs_NV > 0, jnp.log(jnp.maximum(probs_NV, 1e-38)), -jnp.inf)
-  return jax.random.categorical(rng, logp_NV, axis=-1).astype(jnp.int32)
+  return jnp.argmax(logp_NV + gumbel_NV, axis=-1).astype(jnp.int32)
+
+
+def step_keys(rng, num_steps: int, num_keys: int = 1):
+  """Keys `[num_steps, num_keys]` of a decode loop's steps, split once before the loop (one PRNG
+  call, not a `fold_in` and a `split` inside every step)."""
+  return jax.random.split(rng, (num_steps, num_keys))
 
 
 def sample_logits(rng, logits_NV, *, temperature=0.0, top_k=0, top_p=1.0):

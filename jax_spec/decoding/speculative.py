@@ -288,7 +288,10 @@ def _speculative(graphdef, state_and_packs, own_graphdef, own_state_and_packs, p
                                          (batch, num_nodes, num_nodes))
 
     # --- prefill -------------------------------------------------------------------------------
-    key_first, key_draft = jax.random.split(jax.random.fold_in(rng, 0))
+    # Every key of the call in one PRNG call: row 0 the prefill's, row i the i-th verify step's
+    # (a row emits >= 1 token per step, so there are < max_new_tokens steps).
+    keys_SK = sampling.step_keys(rng, s.max_new_tokens + 1, 3)
+    key_first, key_draft = keys_SK[0, 0], keys_SK[0, 1]
     cache = models.init_cache(model, batch, drafter.cache_len)
     outs, cache = models.prefill(model, prompts_BT, prompt_lengths_B, cache)
     root_B = emit_first_token(outs.logits_BTV, prompt_lengths_B, key_first, sc)
@@ -307,8 +310,7 @@ def _speculative(graphdef, state_and_packs, own_graphdef, own_state_and_packs, p
 
     def body(carry: LoopState):
       cache, root_B, done_B = carry.cache, carry.root_B, carry.done_B
-      key = jax.random.fold_in(rng, carry.stats.loop_steps + 1)
-      k_draft, k_accept, k_next_draft = jax.random.split(key, 3)
+      k_draft, k_accept, k_next_draft = keys_SK[carry.stats.loop_steps + 1]
       active_B = ~done_B
       candidates, drafter_state = drafter.propose(ctx, carry.drafter, root_B, k_draft)
       tokens_BT = candidates.tokens_BT
