@@ -60,6 +60,31 @@ def test_rejection_arithmetic_chain():
   np.testing.assert_allclose(next_probs[1], [0, 2 / 9, 3 / 9, 4 / 9], rtol=1e-6)
 
 
+@pytest.mark.parametrize('depth', [1, 4])
+@pytest.mark.parametrize('draft', ['deterministic', 'sampled', 'q=p'])
+def test_rejection_chain_equals_the_walk(depth, draft):
+  """The loop-free chain path of `accept_rejection` gives the walk's results on the same uniforms:
+  every accepted count from 0 to depth, rejections with and without a zero residual."""
+  batch, vocab = 400, 5
+  ks = jax.random.split(jax.random.key(depth), 4)
+  p_BTV = jax.nn.softmax(3 * jax.random.normal(ks[0], (batch, depth + 1, vocab)))
+  q_BTV = {'deterministic': None, 'q=p': p_BTV,
+           'sampled': jax.nn.softmax(3 * jax.random.normal(ks[1], (batch, depth + 1, vocab)))}[draft]
+  # Half the drafts are the target's argmax (long accepted runs), half random tokens.
+  likely_BJ = jnp.argmax(p_BTV[:, :depth], axis=-1)
+  random_BJ = jax.random.randint(ks[2], (batch, depth), 0, vocab)
+  drafts_BJ = jnp.where(jnp.arange(batch)[:, None] % 2 == 0, likely_BJ, random_BJ)
+  tokens_BT = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), drafts_BJ], axis=1)
+  uniform_BJ1 = jax.random.uniform(ks[3], (batch, depth, 1))
+  walk = _walk(trees.chain(depth), uniform_BJ1, tokens_BT, p_BTV, q_BTV)
+  chain = jax.jit(acceptance.rejection_chain)(uniform_BJ1[..., 0], tokens_BT, p_BTV, q_BTV)
+  np.testing.assert_array_equal(chain[0], walk[0])
+  np.testing.assert_array_equal(chain[1], walk[1])
+  np.testing.assert_allclose(chain[2], walk[2], rtol=1e-6, atol=1e-7)
+  counts = np.bincount(np.asarray(walk[0]), minlength=depth + 1)
+  assert counts[-1] > 0 and (draft == 'q=p' or counts[0] > 0), counts
+
+
 def test_rejection_arithmetic_siblings():
   """Root with children tokens (0, 2) sampled from q: residual after each rejection."""
   tree = trees.Tree.from_choices([[0], [1]])

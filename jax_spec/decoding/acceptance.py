@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_spec.decoding import sampling
+from jax_spec.decoding import prng, sampling
 from jax_spec.decoding.trees import Tree
 
 
@@ -141,7 +141,7 @@ def accept_typical(tree: Tree, rng, tokens_BT, target_probs_BTV, *, eps: float =
 
 
 def _normalize_or(residual_V, fallback_V):
-  total = jnp.sum(residual_V)
+  total = jnp.sum(residual_V, axis=-1, keepdims=True)
   return jnp.where(total > 0, residual_V / jnp.where(total > 0, total, 1.0), fallback_V)
 
 
@@ -195,16 +195,53 @@ def rejection_walk(tree: Tree, uniform_BJC, tokens_BT, target_probs_BTV, draft_p
                                         uniform_BJC)
 
 
+def rejection_chain(uniform_BJ, tokens_BT, target_probs_BTV, draft_probs_BTV=None):
+  """`rejection_walk` on a chain (node t's one child is node t + 1), without its loops: the J
+  tests at once, the accepted run, and the residual at the first rejection. Same results given
+  the same uniforms `[B, J]`."""
+  depth = tokens_BT.shape[1] - 1
+  p_BTV = target_probs_BTV.astype(jnp.float32)
+  x_BJ1 = tokens_BT[:, 1:, None]
+  p_x_BJ = jnp.take_along_axis(p_BTV[:, :depth], x_BJ1, axis=-1)[..., 0]
+  if draft_probs_BTV is None:
+    accept_prob_BJ = p_x_BJ
+  else:
+    q_BTV = draft_probs_BTV.astype(jnp.float32)
+    q_x_BJ = jnp.take_along_axis(q_BTV[:, :depth], x_BJ1, axis=-1)[..., 0]
+    accept_prob_BJ = jnp.minimum(1.0, p_x_BJ / jnp.maximum(q_x_BJ, 1e-30))
+  ok_BJ = uniform_BJ < accept_prob_BJ
+  num_B = jnp.sum(jnp.cumprod(ok_BJ.astype(jnp.int32), axis=-1), axis=-1)
+  j_P = jnp.arange(depth + 1)
+  path_BP = jnp.where(j_P[None] <= num_B[:, None], j_P[None], -1).astype(jnp.int32)
+  p_last_BV = jnp.take_along_axis(p_BTV, num_B[:, None, None], axis=1)[:, 0]
+  if draft_probs_BTV is None:   # q one-hot: the rejected token's mass goes
+    rejected_B1 = jnp.take_along_axis(tokens_BT, jnp.minimum(num_B + 1, depth)[:, None], axis=1)
+    rejected_BV = jnp.where(jnp.arange(p_BTV.shape[-1])[None] == rejected_B1, 0.0, p_last_BV)
+  else:
+    q_last_BV = jnp.take_along_axis(q_BTV, num_B[:, None, None], axis=1)[:, 0]
+    rejected_BV = jnp.maximum(p_last_BV - q_last_BV, 0.0)
+  next_probs_BV = jnp.where((num_B < depth)[:, None], _normalize_or(rejected_BV, p_last_BV),
+                            p_last_BV)   # whole chain accepted: the bonus token from p
+  return num_B.astype(jnp.int32), path_BP, next_probs_BV
+
+
 def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_BTV=None) -> Accepted:
   """Recursive rejection sampling over the tree; lossless (see the module docstring for q)."""
   _check(tree, tokens_BT, target_probs_BTV, 'target_probs_BTV')
   if draft_probs_BTV is not None and draft_probs_BTV.shape != target_probs_BTV.shape:
     raise ValueError(f'draft_probs_BTV must have the shape of target_probs_BTV '
                      f'{target_probs_BTV.shape}, got {draft_probs_BTV.shape}')
-  batch = tokens_BT.shape[0]
-  u_key, s_key = jax.random.split(rng)
-  width = _layout(tree)[2].shape[-1]
-  uniform_BJC = jax.random.uniform(u_key, (batch, max(tree.max_depth, 1), width))
-  num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BJC, tokens_BT, target_probs_BTV,
-                                                 draft_probs_BTV)
-  return Accepted(num_B, path_BP, sampling.sample_probs(s_key, next_probs_BV))
+  batch, vocab = tokens_BT.shape[0], target_probs_BTV.shape[-1]
+  depth, width = max(tree.max_depth, 1), _layout(tree)[2].shape[-1]
+  # One PRNG call: the walk's uniforms, then the next token's Gumbel noise (from uniforms in
+  # [tiny, 1), as `prng.gumbel`).
+  u_BN = prng.uniform(rng, (batch, depth * width + vocab), minval=float(jnp.finfo(jnp.float32).tiny))
+  uniform_BJC = u_BN[:, :depth * width].reshape(batch, depth, width)
+  gumbel_BV = -jnp.log(-jnp.log(u_BN[:, depth * width:]))
+  if isinstance(tree, Tree) and tree.is_chain and tree.max_depth >= 1:
+    num_B, path_BP, next_probs_BV = rejection_chain(uniform_BJC[..., 0], tokens_BT,
+                                                    target_probs_BTV, draft_probs_BTV)
+  else:
+    num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BJC, tokens_BT, target_probs_BTV,
+                                                   draft_probs_BTV)
+  return Accepted(num_B, path_BP, sampling.sample_probs_gumbel(next_probs_BV, gumbel_BV))
