@@ -74,8 +74,8 @@ class NeverAgreeingDrafter(DraftModelDrafter):
   """
   name = 'model_never_agreeing'
 
-  def _pick(self, logits_BV, key, j):
-    token_B, q_BV = super()._pick(logits_BV, key, j)
+  def _pick(self, logits_BV, select, j):
+    token_B, q_BV = super()._pick(logits_BV, select, j)
     return (token_B + 1) % logits_BV.shape[-1], q_BV
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_spec import models
-from jax_spec.decoding import dynamic_tree, sampling
+from jax_spec.decoding import dynamic_tree, prng, sampling
 from jax_spec.decoding.acceptance import Accepted
 from jax_spec.decoding.trees import Tree
 
@@ -197,13 +197,15 @@ class Drafter:
     return sampling.target_probs(logits_NV, temperature=sc.temperature, top_k=sc.top_k,
                                  top_p=sc.top_p)
 
-  def select_fn(self, key):
-    """How a draft token is picked from logits at draft index d: None (argmax), or, with
-    `sample_drafts`, a sample of the processed distribution (`probs`), keyed by `key` and d."""
+  def select_fn(self, ctx: Context, key, num_draws: int, batch: int):
+    """How a draft token is picked from logits at draft index d (from 1): None (argmax), or, with
+    `sample_drafts`, a sample of the processed distribution (`probs`). The Gumbel noise of all
+    `num_draws` draws comes from one PRNG call (see `sampling.sample_probs_gumbel`)."""
     if not self.sample_drafts:
       return None
-    return lambda logits_BV, d: sampling.sample_probs(jax.random.fold_in(key, d),
-                                                      self.probs(logits_BV))
+    gumbel_DBV = prng.gumbel(key, (num_draws, batch, ctx.trunk.config.vocab_size))
+    return lambda logits_BV, d: sampling.sample_probs_gumbel(self.probs(logits_BV),
+                                                             gumbel_DBV[d - 1])
 
 
 class HeadsDrafter(Drafter):

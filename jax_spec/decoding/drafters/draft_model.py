@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from jax_spec import models
-from jax_spec.decoding import sampling
 from jax_spec.decoding import dynamic_tree
 from jax_spec.decoding.drafters import base
 
@@ -89,13 +88,13 @@ class DraftModelDrafter(base.Drafter):
                                  jnp.zeros((batch,), jnp.int32))
     return DraftModelState(cache, jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
 
-  def _pick(self, logits_BV, key, j):
-    """The draft at chain index j and its q (or an empty q for argmax drafts)."""
-    if self.sample_drafts:
-      q_BV = self.probs(logits_BV)
-      return sampling.sample_probs(jax.random.fold_in(key, j), q_BV), q_BV
-    return (jnp.argmax(logits_BV, -1).astype(jnp.int32),
-            jnp.zeros((logits_BV.shape[0], 0), jnp.float32))
+  def _pick(self, logits_BV, select, j):
+    """The draft at chain index j and its q (an empty q for argmax drafts); `select` is this
+    step's `select_fn` (None: argmax)."""
+    if select is None:
+      return (jnp.argmax(logits_BV, -1).astype(jnp.int32),
+              jnp.zeros((logits_BV.shape[0], 0), jnp.float32))
+    return select(logits_BV, j + 1), self.probs(logits_BV)
 
   def propose(self, ctx, state, root_B, key):
     if self.is_dynamic:
@@ -110,6 +109,7 @@ class DraftModelDrafter(base.Drafter):
     mask_B22 = jnp.where(pending_B[:, None, None], jnp.tril(jnp.ones((2, 2), bool)),
                          jnp.eye(2, dtype=bool))
     douts, cache = models.extend(draft_model, two_tokens_B2, depths_B2, mask_B22, cache)
+    select = self.select_fn(ctx, key, depth, batch)
     path_B2 = jnp.where(pending_B[:, None], jnp.array([0, 1]), jnp.array([1, 0])).astype(jnp.int32)
     cache = models.commit(cache, path_B2, jnp.where(pending_B, 2, 1).astype(jnp.int32))
 
@@ -118,12 +118,12 @@ class DraftModelDrafter(base.Drafter):
       douts, cache = models.extend(draft_model, tok_B[:, None], jnp.zeros((batch, 1), jnp.int32),
                                    jnp.ones((batch, 1, 1), bool), cache)
       cache = models.advance(cache, jnp.ones((batch,), jnp.int32))
-      tok_B, q_BV = self._pick(douts.logits_BTV[:, 0], key, j)
+      tok_B, q_BV = self._pick(douts.logits_BTV[:, 0], select, j)
       tokens_BJ = tokens_BJ.at[:, j].set(tok_B)
       q_BJV = q_BJV.at[:, j].set(q_BV) if self.sample_drafts else q_BJV
       return cache, tok_B, tokens_BJ, q_BJV
 
-    tok_B, q_BV = self._pick(douts.logits_BTV[:, 1], key, 0)
+    tok_B, q_BV = self._pick(douts.logits_BTV[:, 1], select, 0)
     vocab = q_BV.shape[-1]
     tokens_BJ = jnp.zeros((batch, depth), jnp.int32).at[:, 0].set(tok_B)
     q_BJV = jnp.zeros((batch, depth, vocab), jnp.float32)

@@ -75,7 +75,8 @@ class _FeatureDrafter(base.Drafter):
     if tree.is_chain:
       draft, cache = eagle_lib.feature_chain(ctx.trunk, state.cache, state.logits_BV,
                                              depth=tree.max_depth, kind=self.kind,
-                                             select_fn=self.select_fn(key))
+                                             select_fn=self.select_fn(ctx, key, tree.max_depth,
+                                                                      root_B.shape[0]))
       q_BJV = self.probs(draft.logits_BJV) if self.sample_drafts else None
       # The drafts' scratch slots (past `lengths`) are overwritten by the next update; keeping
       # the written cache lets XLA update it in place instead of copying it first.

@@ -52,11 +52,14 @@ class MTPDrafter(base.HeadsDrafter):
     # `mtp_draft`'s window from the root: the accepted path (max_depth + 1) + mtp_depth - 1.
     return tree.max_depth + model.config.mtp_depth
 
+  def _select_fn(self, ctx, key, batch):
+    return self.select_fn(ctx, key, ctx.trunk.config.mtp_depth, batch)   # one draw per module
+
   def init(self, ctx, prefill):
     batch = prefill.prompts_BT.shape[0]
     cache = models.init_mtp_cache(ctx.trunk, batch, self.cache_len)
     draft, cache = models.mtp_draft(ctx.trunk, cache, *prefill.committed,
-                                    select_fn=self.select_fn(prefill.key))
+                                    select_fn=self._select_fn(ctx, prefill.key, batch))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
 
   def propose(self, ctx, state, root_B, key):
@@ -83,5 +86,6 @@ class MTPDrafter(base.HeadsDrafter):
 
   def update(self, ctx, state, verify):
     draft, cache = models.mtp_draft(ctx.trunk, state.cache, *verify.committed,
-                                    select_fn=self.select_fn(verify.key))
+                                    select_fn=self._select_fn(ctx, verify.key,
+                                                              verify.tokens_BT.shape[0]))
     return MTPState(cache, draft.tokens_BJ, draft.logits_BJV)
