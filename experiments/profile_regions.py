@@ -34,6 +34,8 @@ flags.DEFINE_list('loops', ['plain', 'eagle:chain:6', 'medusa:chain'],
 flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
 flags.DEFINE_integer('max_new_tokens', 160, 'New tokens per call.')
 flags.DEFINE_integer('top', 15, 'Regions per table.')
+flags.DEFINE_float('temperature', 0.0, 'Sampling temperature of every loop (0 = greedy; above, '
+                   'rejection sampling with sampled chain drafts, as the benchmark runs it).')
 FLAGS = flags.FLAGS
 
 _ANCHORS = {'jit__generate': '_generate.<locals>.body', 'jit__speculative': '_speculative.<locals>.body'}
@@ -74,17 +76,18 @@ def main(argv):
   prompts_BT = jnp.asarray(rng.integers(0, config.vocab_size, (1, FLAGS.prompt_len)), jnp.int32)
   lengths_B = jnp.array([FLAGS.prompt_len], jnp.int32)
   model = decoding.prepare(model)   # as the benchmark decodes: no per-call split and weight pack
+  sampling = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                  rng=jax.random.key(0))
   results = {}
   for spec, parsed in loops.items():
     if parsed is None:
-      call = lambda: decoding.generate(model, prompts_BT, lengths_B,
-                                       max_new_tokens=FLAGS.max_new_tokens)
+      call = lambda: decoding.generate(model, prompts_BT, lengths_B, **sampling)
       module = 'jit__generate'
     else:
       drafter, tree, num_draft = parsed
       call = lambda drafter=drafter, tree=tree, num_draft=num_draft: (
           decoding.speculative_generate(model, prompts_BT, lengths_B, drafter=drafter, tree=tree,
-                                        num_draft=num_draft, max_new_tokens=FLAGS.max_new_tokens))
+                                        num_draft=num_draft, **sampling))
       module = 'jit__speculative'
     before = set(glob.glob(os.path.join(dump_dir, f'*.{module}.cpu_after_optimizations.txt')))
     out = jax.block_until_ready(call())   # compiles (and dumps) this loop's program
