@@ -127,6 +127,18 @@ def test_generate_sampling(model):
     generate_lib.generate(model, prompts, lengths, max_new_tokens=6, temperature=1.0)
 
 
+def test_generate_sampled_longer_call_repeats_the_shorter(model):
+  """Step i's key depends on the rng and i only (`sampling.step_keys`), not on max_new_tokens."""
+  prompts, lengths = _prompts()
+  kw = dict(temperature=1.0, rng=jax.random.key(5))
+  short = generate_lib.generate(model, prompts, lengths, max_new_tokens=4, **kw)
+  long = generate_lib.generate(model, prompts, lengths, max_new_tokens=11, **kw)
+  np.testing.assert_array_equal(short.tokens_BN, long.tokens_BN[:, :4])
+  other = generate_lib.generate(model, prompts, lengths, max_new_tokens=11, temperature=1.0,
+                                rng=jax.random.key(6))
+  assert np.any(np.asarray(other.tokens_BN) != np.asarray(long.tokens_BN))   # the keys matter
+
+
 def test_generate_bad_inputs(model):
   prompts, lengths = _prompts()
   with pytest.raises(ValueError, match='cache_len'):
@@ -172,3 +184,16 @@ def test_default_caches_are_the_request_rounded_up_to_16(monkeypatch):
   spec_lib.speculative_generate(model, prompts, jnp.array([5]), drafter='medusa', tree='chain',
                                 max_new_tokens=13)   # 5 + 13 + (depth 2 - 1) + 3 nodes = 22
   assert seen == [32, 32]
+
+
+def test_exponential_race_is_the_gumbel_max_trick():
+  """argmax(p / e) with e = -log u draws what argmax(log p + g), g = -log(-log u), draws."""
+  p_NV = jax.nn.softmax(2 * jax.random.normal(jax.random.key(0), (4000, 37)))
+  p_NV = jnp.where(jax.random.uniform(jax.random.key(1), p_NV.shape) < 0.3, 0.0, p_NV)
+  p_NV = p_NV.at[:, 0].set(jnp.where(p_NV.sum(-1) > 0, p_NV[:, 0], 1.0))
+  u_NV = jax.random.uniform(jax.random.key(2), p_NV.shape, minval=jnp.finfo(jnp.float32).tiny)
+  gumbel_max_N = jnp.argmax(jnp.where(p_NV > 0, jnp.log(p_NV), -jnp.inf) - jnp.log(-jnp.log(u_NV)),
+                            axis=-1)
+  race_N = sampling.sample_probs_exponential(p_NV, -jnp.log(u_NV))
+  assert np.mean(np.asarray(race_N) == np.asarray(gumbel_max_N)) > 0.999   # fp32 near-ties only
+  assert np.all(np.take_along_axis(np.asarray(p_NV), np.asarray(race_N)[:, None], 1) > 0)

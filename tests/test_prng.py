@@ -29,12 +29,14 @@ def test_bits_and_uniforms_equal_jax_non_partitionable(shape):
                                 prng.random_bits(key, shape))
 
 
-def test_uniform_and_gumbel_laws():
+def test_uniform_exponential_and_gumbel_laws():
   u = np.asarray(prng.uniform(jax.random.key(0), (200_000,), minval=0.25))
   assert u.min() >= 0.25 and u.max() < 1.0
   assert abs(u.mean() - 0.625) < 0.002
   g = np.asarray(prng.gumbel(jax.random.key(1), (200_000,)))
   assert abs(g.mean() - np.euler_gamma) < 0.01 and abs(g.var() - np.pi**2 / 6) < 0.03
+  e = np.asarray(prng.exponential(jax.random.key(2), (200_000,)))
+  assert e.min() > 0 and abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03
   # Distinct keys, distinct streams.
   assert not np.array_equal(prng.random_bits(jax.random.key(0), (8,)),
                             prng.random_bits(jax.random.key(1), (8,)))

@@ -142,6 +142,19 @@ def test_rejection_sampling_self_draft_accepts_everything(model, prompts):
   assert np.all((np.asarray(out.tokens_BN) >= 0) & (np.asarray(out.tokens_BN) < 259))
 
 
+@pytest.mark.parametrize('drafter', ['medusa', 'mtp'])
+def test_rejection_sampling_longer_call_repeats_the_shorter(model, prompts, drafter):
+  """A verify step's keys depend on the rng and the step only, not on max_new_tokens."""
+  kw = dict(drafter=drafter, tree=trees.chain(2), temperature=1.0, cache_len=48)
+  short = spec.speculative_generate(model, *prompts, max_new_tokens=4, rng=jax.random.key(2), **kw)
+  long = spec.speculative_generate(model, *prompts, max_new_tokens=MAX_NEW, rng=jax.random.key(2),
+                                   **kw)
+  np.testing.assert_array_equal(short.tokens_BN, long.tokens_BN[:, :4])
+  other = spec.speculative_generate(model, *prompts, max_new_tokens=MAX_NEW, rng=jax.random.key(3),
+                                    **kw)
+  assert np.any(np.asarray(other.tokens_BN) != np.asarray(long.tokens_BN))   # the keys matter
+
+
 def test_typical_acceptance_runs_with_medusa_tree(model, prompts):
   out = spec.speculative_generate(model, *prompts, drafter='medusa', tree='default',
                                   acceptance='typical', temperature=0.7, max_new_tokens=MAX_NEW,

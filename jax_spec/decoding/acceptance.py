@@ -233,15 +233,15 @@ def accept_rejection(tree: Tree, rng, tokens_BT, target_probs_BTV, draft_probs_B
                      f'{target_probs_BTV.shape}, got {draft_probs_BTV.shape}')
   batch, vocab = tokens_BT.shape[0], target_probs_BTV.shape[-1]
   depth, width = max(tree.max_depth, 1), _layout(tree)[2].shape[-1]
-  # One PRNG call: the walk's uniforms, then the next token's Gumbel noise (from uniforms in
-  # [tiny, 1), as `prng.gumbel`).
+  # One PRNG call: the walk's uniforms, then the next token's exponential noise (from uniforms in
+  # [tiny, 1), as `prng.exponential`).
   u_BN = prng.uniform(rng, (batch, depth * width + vocab), minval=float(jnp.finfo(jnp.float32).tiny))
   uniform_BJC = u_BN[:, :depth * width].reshape(batch, depth, width)
-  gumbel_BV = -jnp.log(-jnp.log(u_BN[:, depth * width:]))
+  exponential_BV = -jnp.log(u_BN[:, depth * width:])
   if isinstance(tree, Tree) and tree.is_chain and tree.max_depth >= 1:
     num_B, path_BP, next_probs_BV = rejection_chain(uniform_BJC[..., 0], tokens_BT,
                                                     target_probs_BTV, draft_probs_BTV)
   else:
     num_B, path_BP, next_probs_BV = rejection_walk(tree, uniform_BJC, tokens_BT, target_probs_BTV,
                                                    draft_probs_BTV)
-  return Accepted(num_B, path_BP, sampling.sample_probs_gumbel(next_probs_BV, gumbel_BV))
+  return Accepted(num_B, path_BP, sampling.sample_probs_exponential(next_probs_BV, exponential_BV))

@@ -68,6 +68,11 @@ def uniform(key, shape, minval: float = 0.0) -> jax.Array:
   return jnp.maximum(jnp.float32(minval), floats * (1.0 - minval) + minval)
 
 
+def exponential(key, shape) -> jax.Array:
+  """Standard exponential noise, -log(u) for u uniform in [tiny, 1) (positive: at most ~87)."""
+  return -jnp.log(uniform(key, shape, minval=float(jnp.finfo(jnp.float32).tiny)))
+
+
 def gumbel(key, shape) -> jax.Array:
   """Standard Gumbel noise, -log(-log(u)) for u uniform in [tiny, 1) (as `jax.random.gumbel`)."""
-  return -jnp.log(-jnp.log(uniform(key, shape, minval=float(jnp.finfo(jnp.float32).tiny))))
+  return -jnp.log(exponential(key, shape))

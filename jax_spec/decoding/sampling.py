@@ -76,21 +76,25 @@ def target_probs(logits_NV, *, temperature=0.0, top_k=0, top_p=1.0):
 
 def sample_probs(rng, probs_NV):
   """One token per row from probabilities `[..., V]` (zero-probability tokens are never drawn)."""
-  return sample_probs_gumbel(probs_NV, prng.gumbel(rng, probs_NV.shape))
+  return sample_probs_exponential(probs_NV, prng.exponential(rng, probs_NV.shape))
 
 
-def sample_probs_gumbel(probs_NV, gumbel_NV):
-  """`sample_probs` with its noise drawn beforehand: argmax(log p + g), g i.i.d. standard Gumbel
-  (the Gumbel-max trick, as `jax.random.categorical`); loops draw a step's noise for all its
-  samples in one `prng` call."""
-  logp_NV = jnp.where(probs_NV > 0, jnp.log(jnp.maximum(probs_NV, 1e-38)), -jnp.inf)
-  return jnp.argmax(logp_NV + gumbel_NV, axis=-1).astype(jnp.int32)
+def sample_probs_exponential(probs_NV, exponential_NV):
+  """`sample_probs` with its noise drawn beforehand: argmax(p / e), e i.i.d. standard exponential
+  (the exponential race, token i arriving at e_i / p_i). It is the Gumbel-max trick argmax(log p +
+  g) with g = -log e, the same sample from the same uniforms, at one log per token, not three;
+  loops draw a step's noise for all its samples in one `prng` call. Zero-probability tokens score
+  0 and the largest score is >= max(p) / 88 > 0, so they are never drawn."""
+  return jnp.argmax(probs_NV / exponential_NV, axis=-1).astype(jnp.int32)
 
 
 def step_keys(rng, num_steps: int, num_keys: int = 1):
-  """Keys `[num_steps, num_keys]` of a decode loop's steps, split once before the loop (one PRNG
-  call, not a `fold_in` and a `split` inside every step)."""
-  return jax.random.split(rng, (num_steps, num_keys))
+  """Keys `[num_steps, num_keys]` of a decode loop's steps: row i is `split(fold_in(rng, i),
+  num_keys)`, all rows made before the loop in one batched PRNG call (not a `fold_in` and a
+  `split` inside every step). Row i does not depend on `num_steps`, so a longer call with the same
+  `rng` repeats a shorter one's tokens."""
+  steps = jnp.arange(num_steps, dtype=jnp.uint32)
+  return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(rng, i), num_keys))(steps)
 
 
 def sample_logits(rng, logits_NV, *, temperature=0.0, top_k=0, top_p=1.0):

@@ -199,13 +199,13 @@ class Drafter:
 
   def select_fn(self, ctx: Context, key, num_draws: int, batch: int):
     """How a draft token is picked from logits at draft index d (from 1): None (argmax), or, with
-    `sample_drafts`, a sample of the processed distribution (`probs`). The Gumbel noise of all
-    `num_draws` draws comes from one PRNG call (see `sampling.sample_probs_gumbel`)."""
+    `sample_drafts`, a sample of the processed distribution (`probs`). The noise of all
+    `num_draws` draws comes from one PRNG call (see `sampling.sample_probs_exponential`)."""
     if not self.sample_drafts:
       return None
-    gumbel_DBV = prng.gumbel(key, (num_draws, batch, ctx.trunk.config.vocab_size))
-    return lambda logits_BV, d: sampling.sample_probs_gumbel(self.probs(logits_BV),
-                                                             gumbel_DBV[d - 1])
+    noise_DBV = prng.exponential(key, (num_draws, batch, ctx.trunk.config.vocab_size))
+    return lambda logits_BV, d: sampling.sample_probs_exponential(self.probs(logits_BV),
+                                                                  noise_DBV[d - 1])
 
 
 class HeadsDrafter(Drafter):
