@@ -42,6 +42,8 @@ flags.DEFINE_integer('rounds', 9, 'Timed rounds (the fastest of each call counts
 flags.DEFINE_integer('num_prompts', 4, 'Held-out prompts, each its own batch-1 call.')
 flags.DEFINE_integer('prompt_len', 64, 'Prompt tokens.')
 flags.DEFINE_string('output_dir', None, 'Output directory (default <workdir>/step_costs).')
+flags.DEFINE_float('temperature', 0.0, 'Sampling temperature of every call (0 = greedy; above, '
+                   'rejection sampling with sampled chain drafts, as the quickstart runs it).')
 FLAGS = flags.FLAGS
 
 
@@ -53,12 +55,13 @@ def parse_drafter(spec: str) -> tuple[str, int | None]:
 
 
 def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160), rounds=9,
-            progress=None) -> dict:
+            temperature=0.0, progress=None) -> dict:
   """Times plain decoding and each drafter of `drafters` [(name, num_draft)] under each prepared
   model of `prepared_by_dtype` {dtype name: PreparedModel} on `prompts` [(tokens [1, P],
   lengths [1])], interleaved (see the module docstring). -> {'plain_us_per_token': ..., 'rows':
   [{drafter, num_draft, drafter_dtype, tokens_per_step, us_per_step, plain_steps_per_step,
-  loop_speedup}]}."""
+  loop_speedup}]}. At `temperature` > 0 every call of a prompt gets the same key, so the
+  short call's tokens are the long call's prefix."""
   short, long = new_tokens
   if not 0 < short < long:
     raise ValueError(f'new_tokens must be (short, long) with 0 < short < long, got {new_tokens}')
@@ -71,13 +74,15 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
     """-> (loop steps, verify steps, accepted drafts), summed over the prompts."""
     name, depth, _, prepared = config
     totals = np.zeros(3, np.int64)
-    for tokens, lengths in prompts:
+    for p, (tokens, lengths) in enumerate(prompts):
+      sampling = dict(max_new_tokens=n, temperature=temperature,
+                      rng=jax.random.key(p) if temperature > 0 else None)
       if name == 'plain':
-        jax.block_until_ready(decoding.generate(prepared, tokens, lengths, max_new_tokens=n))
+        jax.block_until_ready(decoding.generate(prepared, tokens, lengths, **sampling))
         totals[0] += n
       else:
         out = decoding.speculative_generate(prepared, tokens, lengths, drafter=name,
-                                            num_draft=depth, max_new_tokens=n)
+                                            num_draft=depth, **sampling)
         jax.block_until_ready(out)
         stats = decoding.summarize(out.stats)
         totals += (stats['loop_steps'], stats['verify_steps'], stats['accepted_tokens'])
@@ -158,14 +163,18 @@ def main(argv):
                                   drafter_dtype=benchmark_lib.DRAFTER_DTYPES[d])
               for d in FLAGS.drafter_dtypes}
   progress = lambda r, n: print(f'round {r}/{n}', flush=True)
+  if FLAGS.temperature < 0:
+    raise ValueError(f'--temperature must be >= 0, got {FLAGS.temperature}')
   results = measure(prepared, prompts, drafters, rounds=FLAGS.rounds, progress=progress,
-                    new_tokens=tuple(int(n) for n in FLAGS.new_tokens))
+                    new_tokens=tuple(int(n) for n in FLAGS.new_tokens),
+                    temperature=FLAGS.temperature)
+  results['temperature'] = FLAGS.temperature
   out = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'step_costs')
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'results.json'), 'w') as fh:
     json.dump(results, fh, indent=2)
   plot(results, os.path.join(out, 'step_costs.png'))
-  print(f"plain: {results['plain_us_per_token']:.1f} us per token")
+  print(f"plain: {results['plain_us_per_token']:.1f} us per token, T={FLAGS.temperature:g}")
   print(f"{'drafter':12s} {'dtype':5s} {'tau':>6s} {'us/step':>8s} {'plain steps':>11s} "
         f"{'loop speedup':>12s}")
   for r in results['rows']:
