@@ -197,3 +197,4 @@ def test_exponential_race_is_the_gumbel_max_trick():
   race_N = sampling.sample_probs_exponential(p_NV, -jnp.log(u_NV))
   assert np.mean(np.asarray(race_N) == np.asarray(gumbel_max_N)) > 0.999   # fp32 near-ties only
   assert np.all(np.take_along_axis(np.asarray(p_NV), np.asarray(race_N)[:, None], 1) > 0)
+

@@ -1,4 +1,5 @@
-"""The samplers' unrolled Threefry: JAX's hash and counter layout bit for bit, and its laws."""
+"""The samplers' unrolled Threefry: JAX's hash bit for bit, the documented counter layout, and
+the laws of the numbers made from it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,15 +19,22 @@ def test_threefry_equals_jax(seed):
 
 
 @pytest.mark.parametrize('shape', [(1,), (7,), (3, 259), (2, 3, 4)])
-def test_bits_and_uniforms_equal_jax_non_partitionable(shape):
+def test_bits_are_the_first_words_of_blocks_i_0(shape):
+  """Word i is JAX's Threefry of the block (i, 0), first word; the floats are JAX's maps of it."""
   key = jax.random.key(11)
-  with jax.threefry_partitionable(False):
-    np.testing.assert_array_equal(prng.random_bits(key, shape), jax.random.bits(key, shape))
-    np.testing.assert_array_equal(prng.uniform(key, shape), jax.random.uniform(key, shape))
-    np.testing.assert_allclose(prng.gumbel(key, shape), jax.random.gumbel(key, shape), rtol=1e-6)
+  size = int(np.prod(shape))
+  blocks = jnp.concatenate([jnp.arange(size, dtype=jnp.uint32), jnp.zeros(size, jnp.uint32)])
+  expected = np.asarray(jax_threefry_2x32(jax.random.key_data(key), blocks)[:size]).reshape(shape)
+  np.testing.assert_array_equal(jax.jit(prng.random_bits, static_argnums=1)(key, shape), expected)
+  floats = (expected >> 9).astype(np.float64) / 2**23   # 23-bit mantissa in [0, 1)
+  np.testing.assert_array_equal(prng.uniform(key, shape), floats.astype(np.float32))
+  tiny = np.finfo(np.float32).tiny
+  np.testing.assert_allclose(prng.exponential(key, shape), -np.log(np.maximum(floats, tiny)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(prng.gumbel(key, shape), -np.log(-np.log(np.maximum(floats, tiny))),
+                             rtol=1e-5, atol=1e-6)
   # A legacy uint32[2] key gives the typed key's words.
-  np.testing.assert_array_equal(prng.random_bits(jax.random.PRNGKey(11), shape),
-                                prng.random_bits(key, shape))
+  np.testing.assert_array_equal(prng.random_bits(jax.random.PRNGKey(11), shape), expected)
 
 
 def test_uniform_exponential_and_gumbel_laws():

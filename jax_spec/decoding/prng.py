@@ -1,11 +1,12 @@
 """The samplers' random numbers: Threefry-2x32 with its rounds unrolled.
 
 JAX lowers its `threefry2x32` primitive on CPU as a rolled `while` loop (5 iterations of 4
-rounds, a few small ops each), about 25 ns per 32-bit word on a 2-core CPU: the Gumbel noise of a
-6-draft chain over a 259-token vocabulary took 39 us, a third of a plain decode step. Written out
-here, XLA fuses the 20 rounds into one elementwise loop (~5x faster). Same hash: `threefry_2x32`
-equals `jax.extend.random.threefry_2x32` bit for bit (tests/test_prng.py), and `random_bits` lays out
-its counters as JAX's non-partitionable `jax.random.bits`. Keys of other implementations
+rounds, a few small ops each), a loop of small thunks per call inside a decode loop. Written out
+here, XLA fuses the 20 rounds into one elementwise loop. Same hash: `threefry_2x32` equals
+`jax.extend.random.threefry_2x32` bit for bit (tests/test_prng.py). `random_bits` takes word i
+from the first output of the block (i, 0), one hash per word: JAX's layout (the two output words
+of blocks (i, i + n/2) concatenated) costs XLA:CPU a select per element that keeps the fused loop
+from vectorizing, 2.3x slower for the same words. Keys of other implementations
 (`jax.random.key(..., impl='rbg')`) go through `jax.random`.
 """
 from __future__ import annotations
@@ -48,20 +49,19 @@ def _threefry_key_data(key):
 
 
 def random_bits(key, shape) -> jax.Array:
-  """uint32 words of `shape` (counters 0..n-1 hashed in two halves, as `jax.random.bits`)."""
+  """uint32 words of `shape`: word i (row-major) is the first output word of the block (i, 0)."""
   keypair = _threefry_key_data(key)
   if keypair is None:
     return jax.random.bits(key, shape, jnp.uint32)
   size = int(np.prod(shape))
-  half = (size + 1) // 2
-  counts = jnp.arange(2 * half, dtype=jnp.uint32)
-  counts = jnp.where(counts < size, counts, np.uint32(0))   # an odd size pads with a 0, as JAX
-  y1, y2 = threefry_2x32(keypair, counts[:half], counts[half:])
-  return jnp.concatenate([y1, y2])[:size].reshape(shape)
+  if size >= 2**32:
+    raise ValueError(f'shape must have fewer than 2**32 elements, got {shape}')
+  counts = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
+  return threefry_2x32(keypair, counts, jnp.zeros_like(counts))[0]
 
 
 def uniform(key, shape, minval: float = 0.0) -> jax.Array:
-  """fp32 uniforms in [minval, 1) from the top 23 bits of each word (as `jax.random.uniform`)."""
+  """fp32 uniforms in [minval, 1) from the top 23 bits of each word (`jax.random.uniform`'s map)."""
   bits = random_bits(key, shape)
   floats = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000),
                                         jnp.float32) - 1.0
@@ -74,5 +74,5 @@ def exponential(key, shape) -> jax.Array:
 
 
 def gumbel(key, shape) -> jax.Array:
-  """Standard Gumbel noise, -log(-log(u)) for u uniform in [tiny, 1) (as `jax.random.gumbel`)."""
+  """Standard Gumbel noise, -log(-log(u)) for u uniform in [tiny, 1) (`jax.random.gumbel`'s map)."""
   return -jnp.log(exponential(key, shape))
