@@ -11,8 +11,9 @@ all forms interleaved in every round; prints the median microseconds per iterati
   draft (`--draws` of them) over logits `[batch, vocab]`;
 - `jax_gumbel`: all the draws' Gumbel noise `[draws, batch, vocab]` in one `jax.random.gumbel`;
 - `prng_gumbel`: the same noise from `prng.gumbel` (bitwise `jax.random.gumbel`'s bits, unrolled);
-- `prng_exponential`: the samplers' form, the exponential race argmax(p / e) with `prng.exponential`
-  noise (the same samples as the Gumbel-max trick from the same uniforms, one log per token);
+- `prng_exponential`: the samplers' form, `sampling.sample_probs_exponential`: the exponential
+  race argmax(p / e) on `prng.exponential` noise (the Gumbel-max trick's samples from the same
+  uniforms, one log per token);
 - `jax_split`: the old per-step key schedule, `fold_in(key, step)` + `split(., 3)`.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def prng_loop(form: str, draws: int, batch: int, vocab: int, iterations: int):
   """A jitted loop of `iterations` steps of `form`; returns a thunk that runs it once."""
   import jax  # pylint: disable=g-import-not-at-top  (after runtime.configure_xla_cpu)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax_spec.decoding import prng  # pylint: disable=g-import-not-at-top
+  from jax_spec.decoding import prng, sampling  # pylint: disable=g-import-not-at-top
 
   def step(key, logits_BV):
     if form == 'jax_per_draw':
@@ -51,12 +52,16 @@ def prng_loop(form: str, draws: int, batch: int, vocab: int, iterations: int):
     if form == 'jax_split':
       return jax.random.key_data(jax.random.split(jax.random.fold_in(key, 1), 3)).sum(
           dtype=jnp.uint32).astype(jnp.float32)
+    # One noise call, then a draw per draft from its slice, as the drafters' `select_fn` does.
     if form == 'prng_exponential':
       probs_BV = jax.nn.softmax(logits_BV)   # loop-invariant: hoisted by XLA
       noise_DBV = prng.exponential(key, (draws, batch, vocab))
-      return jnp.argmax(probs_BV / noise_DBV, -1).sum(-1).astype(jnp.float32)
-    noise = jax.random.gumbel if form == 'jax_gumbel' else prng.gumbel
-    return jnp.argmax(logits_BV + noise(key, (draws, batch, vocab)), -1).sum(-1).astype(jnp.float32)
+      draw = lambda d: sampling.sample_probs_exponential(probs_BV, noise_DBV[d])
+    else:
+      noise_DBV = (jax.random.gumbel if form == 'jax_gumbel' else prng.gumbel)(
+          key, (draws, batch, vocab))
+      draw = lambda d: jnp.argmax(logits_BV + noise_DBV[d], -1)
+    return sum(draw(d).astype(jnp.float32) for d in range(draws))
 
   def run(keys_N, logits_BV):
     def body(i, total):
