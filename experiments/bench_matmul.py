@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 
 from absl import flags
 
@@ -92,14 +91,10 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   weights_NDF = 0.05 * jax.random.normal(jax.random.key(0),
                                          (FLAGS.weights, FLAGS.d_in, FLAGS.d_out))
+  from jax_spec.evaluation import cost_model  # pylint: disable=g-import-not-at-top
   fns = {(form, t): matmul_loop(weights_NDF, t, form, FLAGS.iterations)
          for form in FLAGS.forms for t in rows}
-  times = {key: [] for key in fns}
-  for _ in range(FLAGS.repeats):
-    for key, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[key].append(time.perf_counter() - start)
+  times = cost_model.time_interleaved(fns, FLAGS.repeats, 'matmuls')
   per_matmul = FLAGS.iterations * FLAGS.weights
   one_row = statistics.median(times[(FLAGS.forms[0], 1)])
   table = []

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 
 from absl import flags
 
@@ -83,14 +82,10 @@ def main(argv):
     raise ValueError('--draws, --batch, --vocab, --iterations and --repeats must be positive')
   runtime.configure_xla_cpu()
   import jax  # pylint: disable=g-import-not-at-top
+  from jax_spec.evaluation import cost_model  # pylint: disable=g-import-not-at-top
   fns = {form: prng_loop(form, FLAGS.draws, FLAGS.batch, FLAGS.vocab, FLAGS.iterations)
          for form in FORMS}
-  times = {form: [] for form in FORMS}
-  for _ in range(FLAGS.repeats):
-    for form, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[form].append(time.perf_counter() - start)
+  times = cost_model.time_interleaved(fns, FLAGS.repeats, 'forms')
   table = [{'form': form, 'us_per_step': 1e6 * statistics.median(ts) / FLAGS.iterations}
            for form, ts in times.items()]
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -147,6 +147,8 @@ def main(argv):
                      f'got {FLAGS.drafter_dtypes}')
   if len(FLAGS.new_tokens) != 2 or not all(n.isdigit() for n in FLAGS.new_tokens):
     raise ValueError(f'--new_tokens must be two integers (short, long), got {FLAGS.new_tokens}')
+  if FLAGS.temperature < 0:
+    raise ValueError(f'--temperature must be >= 0, got {FLAGS.temperature}')
   drafters = [parse_drafter(d) for d in FLAGS.drafters]
   runtime.configure_xla_cpu()
   model, tokenizer, _, info = benchmark_lib.load_run(FLAGS.workdir)
@@ -163,8 +165,6 @@ def main(argv):
                                   drafter_dtype=benchmark_lib.DRAFTER_DTYPES[d])
               for d in FLAGS.drafter_dtypes}
   progress = lambda r, n: print(f'round {r}/{n}', flush=True)
-  if FLAGS.temperature < 0:
-    raise ValueError(f'--temperature must be >= 0, got {FLAGS.temperature}')
   results = measure(prepared, prompts, drafters, rounds=FLAGS.rounds, progress=progress,
                     new_tokens=tuple(int(n) for n in FLAGS.new_tokens),
                     temperature=FLAGS.temperature)
