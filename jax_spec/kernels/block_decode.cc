@@ -126,13 +126,15 @@ struct Dims {
 
 // Attention of one kv head's queries, kCols at a time: lane l of query vector `v` is query
 // (t, h) = (l / per_group, g * per_group + l % per_group) of batch row b, l = v * kCols + lane.
-// Lanes are queries, so every step below is lane-wise and runs over the keys in slot order:
-// the prefix slots j < len, then the T new slots len + u, which lane (t, .) sees iff
-// mask[b, t, u] (and the slot exists). A masked key adds exact zeros, so a query's numbers do
-// not depend on how many queries share the call. Scores are e-ordered FMA chains, four keys at
-// a time (independent accumulators hide the FMA latency); the softmax is exact two-pass.
+// Lanes are queries in the scores and the softmax, so each is lane-wise and runs over the keys
+// in slot order: the prefix slots j < len, then the T new slots len + u, which lane (t, .) sees
+// iff mask[b, t, u] (and the slot exists). A masked key adds exact zeros, so a query's numbers
+// do not depend on how many queries share the call. Scores are e-ordered FMA chains, four keys
+// at a time (independent accumulators hide the FMA latency); the softmax is exact two-pass; the
+// weighted sum of values (WeighValues) runs its lanes over head_dim instead.
 struct AttendScratch {
   std::vector<float> q_t, scores, visible, masked;
+  std::vector<const float*> v_rows;
 };
 
 #if defined(JAX_SPEC_SIMD)
@@ -180,6 +182,65 @@ inline Lanes Exp(Lanes a) {
   return a;
 }
 #endif
+
+// The weighted sum of values of `queries` queries (lane l of p_j = p[j * kCols + l] is query l's
+// weight of key j): o_rows[l][i] = sum_j p_j[l] v_rows[j][i] / total[l] (0 if total[l] is 0), for
+// i < e. A value row is contiguous, so lanes run over i and a query's weight is broadcast: every
+// lane works, however few queries share the kv head (4 in a one-token step of 8 heads over 2).
+// Each (l, i) is one FMA chain over the keys in slot order (the scalar tail's std::fma rounds as
+// the vector FMA), so a query's output does not depend on the other queries of the call.
+// kQ queries x kV vectors of i at a time stay in registers.
+template <int64_t kQ, int64_t kV>
+void WeighValuesBlock(const float* p, const float* const* v_rows, int64_t keys, int64_t q0,
+                      int64_t i0, const float* total, float* const* o_rows) {
+  Lanes acc[kQ][kV];
+  for (int64_t q = 0; q < kQ; ++q)
+    for (int64_t v = 0; v < kV; ++v) acc[q][v] = Zero();
+  for (int64_t j = 0; j < keys; ++j) {
+    Lanes val[kV];
+    for (int64_t v = 0; v < kV; ++v) val[v] = Load(v_rows[j] + i0 + v * kCols);
+    for (int64_t q = 0; q < kQ; ++q) {
+      const Lanes w = Broadcast(p + j * kCols + q0 + q);
+      for (int64_t v = 0; v < kV; ++v) acc[q][v] = Fma(val[v], w, acc[q][v]);
+    }
+  }
+  for (int64_t q = 0; q < kQ; ++q) {
+    float out[kV * kCols];
+    for (int64_t v = 0; v < kV; ++v) Store(out + v * kCols, acc[q][v]);
+    const float t = total[q0 + q];
+    float* o = o_rows[q0 + q] + i0;
+    for (int64_t i = 0; i < kV * kCols; ++i) o[i] = t > 0.0f ? out[i] / t : 0.0f;
+  }
+}
+
+// Queries per WeighValuesBlock: kQ x 2 accumulators, two value vectors and a weight in registers.
+constexpr int64_t kWeighQueries = jax_spec::kAcc / 3;
+using WeighFn = void (*)(const float*, const float* const*, int64_t, int64_t, int64_t,
+                         const float*, float* const*);
+template <int64_t kV, size_t... kI>
+constexpr std::array<WeighFn, sizeof...(kI)> WeighTable(std::index_sequence<kI...>) {
+  return {WeighValuesBlock<kI + 1, kV>...};
+}
+
+void WeighValues(const float* p, const float* const* v_rows, int64_t keys, int64_t queries,
+                 int64_t e, const float* total, float* const* o_rows) {
+  static constexpr auto kPairs = WeighTable<2>(std::make_index_sequence<kWeighQueries>());
+  static constexpr auto kSingles = WeighTable<1>(std::make_index_sequence<kWeighQueries>());
+  for (int64_t q0 = 0; q0 < queries; q0 += kWeighQueries) {
+    const int64_t n = std::min(kWeighQueries, queries - q0);
+    int64_t i0 = 0;
+    for (; i0 + 2 * kCols <= e; i0 += 2 * kCols)
+      kPairs[n - 1](p, v_rows, keys, q0, i0, total, o_rows);
+    for (; i0 + kCols <= e; i0 += kCols) kSingles[n - 1](p, v_rows, keys, q0, i0, total, o_rows);
+    for (; i0 < e; ++i0) {   // the tail of a head_dim that is not a multiple of kCols
+      for (int64_t q = q0; q < q0 + n; ++q) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < keys; ++j) acc = std::fma(v_rows[j][i0], p[j * kCols + q], acc);
+        o_rows[q][i0] = total[q] > 0.0f ? acc / total[q] : 0.0f;
+      }
+    }
+  }
+}
 
 void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qkv,
                  int64_t qkv_width, const float* k_cache, const float* v_cache, int64_t length,
@@ -276,30 +337,12 @@ void AttendLanes(const Dims& n, int64_t b, int64_t g, int64_t v, const float* qk
   }
   float total_l[kCols];
   Store(total_l, total);
-  // o[lane][i] = sum_j p_j[lane] v_j[i] / total[lane], 16 of head_dim at a time in registers.
-  constexpr int64_t kChunk = 16;
-  for (int64_t i0 = 0; i0 < e; i0 += kChunk) {
-    const int64_t width = std::min(kChunk, e - i0);
-    Lanes acc[kChunk];
-    for (int64_t i = 0; i < kChunk; ++i) acc[i] = zero;
-    for (j = 0; j < keys; ++j) {
-      const Lanes p = Load(&s.scores[j * kCols]);
-      const float* val = row(v_cache, j) + i0;
-      if (width == kChunk) {   // a constant trip count keeps acc in registers
-        for (int64_t i = 0; i < kChunk; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
-      } else {
-        for (int64_t i = 0; i < width; ++i) acc[i] = Fma(Broadcast(val + i), p, acc[i]);
-      }
-    }
-    for (int64_t i = 0; i < width; ++i) {
-      float out[kCols];
-      Store(out, acc[i]);
-      for (int64_t l = 0; l < lanes; ++l) {
-        o[(b * T + lane_t[l]) * o_width + lane_col[l] + i0 + i] =
-            total_l[l] > 0.0f ? out[l] / total_l[l] : 0.0f;
-      }
-    }
-  }
+  // o[lane][i] = sum_j p_j[lane] v_j[i] / total[lane].
+  s.v_rows.resize(keys);
+  for (j = 0; j < keys; ++j) s.v_rows[j] = row(v_cache, j);
+  float* o_rows[kCols];
+  for (int64_t l = 0; l < lanes; ++l) o_rows[l] = o + (b * T + lane_t[l]) * o_width + lane_col[l];
+  WeighValues(s.scores.data(), s.v_rows.data(), keys, lanes, e, total_l, o_rows);
 }
 
 // y[:, :] += x @ w for the first `width` columns of the padded product (bias added if given).
