@@ -98,14 +98,43 @@ void SiluTimes(const float* g, const float* u, float* act, int64_t n) {
   for (; i < n; ++i) act[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// sum_i x[i]^2 in a fixed order: four vectors of kCols lanes accumulate (independent FMA
+// chains, where one scalar chain waited 4 cycles per add: 1.2 us of a 5-row block's 2 norms),
+// then the vectors pairwise, the lanes in order and the tail. A row's sum does not depend on the
+// other rows of the call.
+float SumSquares(const float* x, int64_t d) {
+  float sum = 0.0f;
+  int64_t i = 0;
+#if defined(JAX_SPEC_SIMD)
+  if (d >= 4 * kCols) {
+    jax_spec::Vec acc[4] = {jax_spec::Zero(), jax_spec::Zero(), jax_spec::Zero(), jax_spec::Zero()};
+    for (; i + 4 * kCols <= d; i += 4 * kCols) {
+      for (int64_t a = 0; a < 4; ++a) {
+        const jax_spec::Vec v = jax_spec::Load(x + i + a * kCols);
+        acc[a] = jax_spec::Fma(v, v, acc[a]);
+      }
+    }
+    float lanes[kCols];
+    jax_spec::Store(lanes, Add(Add(acc[0], acc[1]), Add(acc[2], acc[3])));
+    for (float lane : lanes) sum += lane;
+  }
+#endif
+  for (; i < d; ++i) sum += x[i] * x[i];
+  return sum;
+}
+
 // y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * scale, rows of width d (in place allowed).
 void RmsNorm(const float* x, const float* scale, float* y, int64_t rows, int64_t d, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
-    float sq = 0.0f;
-    for (int64_t i = 0; i < d; ++i) sq += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(sq / static_cast<float>(d) + eps);
-    for (int64_t i = 0; i < d; ++i) y[r * d + i] = xr[i] * inv * scale[i];
+    float* yr = y + r * d;
+    const float inv = 1.0f / std::sqrt(SumSquares(xr, d) / static_cast<float>(d) + eps);
+    int64_t i = 0;
+#if defined(JAX_SPEC_SIMD)
+    for (; i + kCols <= d; i += kCols)
+      jax_spec::Store(yr + i, Mul(Mul(jax_spec::Load(xr + i), Set1(inv)), jax_spec::Load(scale + i)));
+#endif
+    for (; i < d; ++i) yr[i] = xr[i] * inv * scale[i];
   }
 }
 
@@ -113,11 +142,16 @@ void RmsNorm(const float* x, const float* scale, float* y, int64_t rows, int64_t
 void Rope(float* x, const float* cos, const float* sin, int64_t e) {
   const int64_t half = e / 2;
   float rotated[512];
-  for (int64_t i = 0; i < half; ++i) {
-    rotated[i] = x[half + i];
-    rotated[half + i] = x[i];
+  std::memcpy(rotated, x + half, sizeof(float) * half);
+  std::memcpy(rotated + half, x, sizeof(float) * half);
+  int64_t i = 0;
+#if defined(JAX_SPEC_SIMD)
+  for (; i + kCols <= e; i += kCols) {
+    const jax_spec::Vec a = Mul(jax_spec::Load(x + i), jax_spec::Load(cos + i));
+    jax_spec::Store(x + i, Add(a, Mul(jax_spec::Load(rotated + i), jax_spec::Load(sin + i))));
   }
-  for (int64_t i = 0; i < e; ++i) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
+#endif
+  for (; i < e; ++i) x[i] = x[i] * cos[i] + rotated[i] * sin[i];
 }
 
 struct Dims {
