@@ -131,8 +131,9 @@ void RmsNorm(const float* x, const float* scale, float* y, int64_t rows, int64_t
     const float inv = 1.0f / std::sqrt(SumSquares(xr, d) / static_cast<float>(d) + eps);
     int64_t i = 0;
 #if defined(JAX_SPEC_SIMD)
+    const jax_spec::Vec inv_v = Set1(inv);
     for (; i + kCols <= d; i += kCols)
-      jax_spec::Store(yr + i, Mul(Mul(jax_spec::Load(xr + i), Set1(inv)), jax_spec::Load(scale + i)));
+      jax_spec::Store(yr + i, Mul(Mul(jax_spec::Load(xr + i), inv_v), jax_spec::Load(scale + i)));
 #endif
     for (; i < d; ++i) yr[i] = xr[i] * inv * scale[i];
   }
