@@ -37,12 +37,18 @@ def _inputs(cfg, batch, num_new, slots, lengths, seed):
   return x, cache, lengths, rope
 
 
-def _reference(block, cfg, x, rope, cache, lengths, mask):
-  """The block in float64 numpy: (x, k cache, v cache)."""
+def _bf16(a):
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+def _reference(block, cfg, x, rope, cache, lengths, mask, bf16_products=False):
+  """The block in float64 numpy: (x, k cache, v cache). bf16_products: every matmul's input and
+  weight rounded to bf16 first (pair tiles)."""
   f64 = lambda a: np.asarray(a, np.float64)
   eps = cfg.norm_eps
   rms = lambda a, s: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + eps) * f64(s)
-  dense = lambda d, a, axes=1: (np.tensordot(a, f64(d.kernel[...]), axes=axes)
+  r = _bf16 if bf16_products else f64
+  dense = lambda d, a, axes=1: (np.tensordot(r(a), r(d.kernel[...]), axes=axes)
                                 + (0 if d.bias is None else f64(d.bias[...])))
   cos, sin = f64(rope.cos), f64(rope.sin)          # [B, T, 1, E]
   def rot(a):
@@ -124,6 +130,30 @@ def test_a_query_that_sees_nothing_gets_zero_attention():
   y, _ = _decode(block)(x, rope, cache, lengths, mask)
   want_y, _, _ = _reference(block, cfg, x, rope, cache, np.asarray(lengths), np.asarray(mask))
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=2e-5, atol=2e-5)
+
+
+def test_pair_tiles_match_a_float64_block_of_bf16_products():
+  """With pair tiles (`decode_packs(bf16_products=True)`) the kernel's block is float64's with
+  every matmul's input and weight rounded to bf16, and misses the unrounded block by far more."""
+  cfg, block = _block(seed=6, d_model=64, d_ff=96)
+  _randomize(block, 2)
+  batch, num_new, slots, lengths = 2, 5, 24, [3, 11]
+  x, cache, lengths, rope = _inputs(cfg, batch, num_new, slots, lengths, 4)
+  mask = np.tril(np.ones((batch, num_new, num_new), bool))
+  packs = models.decode_packs(block, bf16_products=True)
+  assert [t.ndim for t in packs.values()] == [4, 4, 4, 4]   # q|k|v, out, gate|up, down
+
+  def run(*a):
+    with rows_matmul.packed(packs):
+      return block.decode(*a)
+  y, new = jax.jit(run)(x, rope, cache, lengths, jnp.asarray(mask))
+  want_y, want_k, _ = _reference(block, cfg, x, rope, cache, np.asarray(lengths), mask,
+                                 bf16_products=True)
+  error = np.max(np.abs(np.asarray(y, np.float64) - want_y))
+  assert error < 2e-5, error
+  np.testing.assert_allclose(np.asarray(new.k, np.float64), want_k, rtol=2e-5, atol=2e-5)
+  fp32_y, _, _ = _reference(block, cfg, x, rope, cache, np.asarray(lengths), mask)
+  assert np.max(np.abs(np.asarray(y, np.float64) - fp32_y)) > 10 * error
 
 
 @pytest.mark.parametrize('num_new', [6, 21])

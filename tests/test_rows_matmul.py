@@ -98,3 +98,49 @@ def test_bf16_tiles_give_bitwise_the_numbers_of_their_fp32_copy(rows, d_in, d_ou
   assert not np.array_equal(got, np.asarray(run(x, rows_matmul.pack(w))))
   with pytest.raises(ValueError, match='dtype must be float32 or bfloat16'):
     rows_matmul.pack(w, jnp.float16)
+
+
+@pytest.mark.parametrize('rows, d_in, d_out', [(1, 256, 259), (5, 38, 9), (13, 64, 40),
+                                               (3, 2, 17)])
+def test_pair_tiles_multiply_bf16_rounded_rows(rows, d_in, d_out):
+  """bf16 products: the kernel equals float64 of the bf16-rounded x and w to fp32 accumulation,
+  and misses the product of the unrounded x by far more (so x is really rounded)."""
+  rng = np.random.default_rng(rows + d_in)
+  x = jnp.asarray(rng.standard_normal((rows, d_in)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d_in, d_out)), jnp.float32)
+  tiles = rows_matmul.pack(w, jnp.bfloat16, pairs=True)
+  assert tiles.shape == (-(-d_out // rows_matmul.tile_width()), d_in // 2,
+                         rows_matmul.tile_width(), 2)
+  got = np.asarray(jax.jit(lambda x, t: rows_matmul._kernel(x, t, d_out))(x, tiles), np.float64)
+  f64 = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)
+  want = f64(x) @ f64(w)
+  scale = np.abs(f64(x)) @ np.abs(f64(w))
+  assert np.max(np.abs(got - want) / scale) < 4 * d_in * np.finfo(np.float32).eps
+  unrounded_x = np.asarray(x, np.float64) @ f64(w)
+  assert np.max(np.abs(got - unrounded_x) / scale) > 1e-4
+
+
+def test_pair_tiles_row_does_not_depend_on_the_rows_beside_it():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((25, 96)), jnp.float32)
+  tiles = rows_matmul.pack(jnp.asarray(rng.standard_normal((96, 40)), jnp.float32), jnp.bfloat16,
+                           pairs=True)
+  f = jax.jit(lambda x: rows_matmul._kernel(x, tiles, 40))
+  alone = np.stack([np.asarray(f(x[i:i + 1]))[0] for i in range(25)])
+  np.testing.assert_array_equal(np.asarray(f(x)), alone)
+  np.testing.assert_array_equal(np.asarray(f(x[:7])), alone[:7])
+
+
+def test_pair_tiles_layout_and_errors():
+  tile = rows_matmul.tile_width()
+  w = jnp.arange(4 * (tile + 1), dtype=jnp.float32).reshape(4, tile + 1)
+  tiles = np.asarray(rows_matmul.pack(w, jnp.bfloat16, pairs=True).astype(jnp.float32))
+  assert tiles.shape == (2, 2, tile, 2)
+  np.testing.assert_array_equal(tiles[0, 1, :, 0], np.asarray(w)[2, :tile])   # rows 2k, 2k + 1
+  np.testing.assert_array_equal(tiles[0, 1, :, 1], np.asarray(w)[3, :tile])
+  np.testing.assert_array_equal(tiles[1, 0, 0], np.asarray(w)[:2, tile])
+  assert not tiles[1, :, 1:].any()
+  with pytest.raises(ValueError, match='pairs=True needs dtype bfloat16 and an even input'):
+    rows_matmul.pack(w[:3], jnp.bfloat16, pairs=True)
+  with pytest.raises(ValueError, match='pairs=True needs dtype bfloat16'):
+    rows_matmul.pack(w, jnp.float32, pairs=True)

@@ -420,13 +420,15 @@ ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> x
   if (!IsTiles(qkv_tiles) || !IsTiles(out_tiles) || !IsTiles(gate_up_tiles) ||
       !IsTiles(down_tiles)) {
     return ffi::Error::InvalidArgument(
-        "block_decode: packed weights must be fp32 or bf16 tiles [N, D, W]");
+        "block_decode: packed weights must be fp32 or bf16 tiles [N, D, W] or bf16 pair tiles "
+        "[N, D / 2, W, 2]");
   }
-  const Dims n{xd[0], xd[1], xd[2], kd[1], num_heads, kd[2], kd[3], down_tiles.dimensions()[1]};
+  const Dims n{xd[0], xd[1], xd[2], kd[1], num_heads, kd[2], kd[3], jax_spec::TilesDepth(down_tiles)};
   const int64_t rows = n.batch * n.rows_per_batch, e = n.head_dim;
   const int64_t q_width = n.heads * e, kv_width = n.kv_heads * e;
   const int64_t qkv_width = q_width + 2 * kv_width;
-  if (qkv_tiles.dimensions()[1] != n.d_model || out_tiles.dimensions()[1] != q_width ||
+  using jax_spec::TilesDepth;
+  if (TilesDepth(qkv_tiles) != n.d_model || TilesDepth(out_tiles) != q_width ||
       qkv_tiles.dimensions()[0] * kCols < qkv_width ||
       out_tiles.dimensions()[0] * kCols < n.d_model ||
       gate_up_tiles.dimensions()[0] * kCols < 2 * n.d_ff ||
@@ -512,8 +514,8 @@ ffi::Error FeatureDecodeImpl(
   const int64_t d = xd[xd.size() - 1], rows = hidden.element_count() / d;
   const int64_t vocab = logits->dimensions()[logits->dimensions().size() - 1];
   if (!jax_spec::IsTiles(proj_tiles) || !jax_spec::IsTiles(head_tiles) ||
-      embedded.element_count() != rows * d || proj_tiles.dimensions()[1] != 2 * d ||
-      proj_tiles.dimensions()[0] * kCols < d || head_tiles.dimensions()[1] != d ||
+      embedded.element_count() != rows * d || jax_spec::TilesDepth(proj_tiles) != 2 * d ||
+      proj_tiles.dimensions()[0] * kCols < d || jax_spec::TilesDepth(head_tiles) != d ||
       head_tiles.dimensions()[0] * kCols < vocab) {
     return ffi::Error::InvalidArgument(
         "feature_decode: expected hidden and embedded [B, T, D], proj [2D, D] and head [D, V] "

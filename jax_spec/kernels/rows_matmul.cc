@@ -22,11 +22,11 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   const auto x_dims = x.dimensions();
   const auto w_dims = w_tiles.dimensions();
   const auto y_dims = y->dimensions();
-  if (!jax_spec::IsTiles(w_tiles) || x_dims.size() != 2 || x_dims[1] != w_dims[1] ||
+  if (!jax_spec::IsTiles(w_tiles) || x_dims.size() != 2 || x_dims[1] != jax_spec::TilesDepth(w_tiles) ||
       y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
     return ffi::Error::InvalidArgument(
-        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] fp32 or bf16 (W = "
-        "JaxSpecRowsMatmulTile()) and y [R, F]");
+        "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] fp32 or bf16 or pair tiles "
+        "[F / W, D / 2, W, 2] bf16 (W = JaxSpecRowsMatmulTile()) and y [R, F]");
   }
   jax_spec::Matmul(pool, x.typed_data(), w_tiles, y->typed_data(), x_dims[0]);
   return ffi::Error::Success();
@@ -36,6 +36,15 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
 
 // The tile width `pack` must use with this build.
 extern "C" int64_t JaxSpecRowsMatmulTile() { return kCols; }
+
+// Whether pair tiles (bf16 products) run on the AVX512_BF16 instructions (else a scalar loop).
+extern "C" int64_t JaxSpecRowsMatmulBf16Dot() {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
                               ffi::Ffi::Bind()

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -138,6 +139,99 @@ constexpr std::array<TilesFn<W>, sizeof...(kI)> TilesTable(std::index_sequence<k
 template <typename W>   // [kR - 1]: kR rows
 constexpr auto kTilesFns = TilesTable<W>(std::make_index_sequence<kRows>());
 
+// bf16 products: the weight packed as pair tiles [N, ceil(D / 2), kCols, 2] bf16 (`pack(...,
+// pairs=True)`: w[2k, j] and w[2k + 1, j] side by side) and the rows rounded to bf16 (round to
+// nearest even) at each matmul, as pairs x[2k] | x[2k + 1] << 16. With AVX512_BF16 one vdpbf16ps
+// adds two products of bf16 values to each of 16 fp32 accumulators: twice the products of an fp32
+// FMA per instruction, from half the weight bytes. Elsewhere a scalar loop adds the two exact
+// products with two FMAs (correct, slow; and not bitwise the instruction's sums).
+template <int64_t kR, int64_t kT>
+void PairBlock(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int64_t y_stride) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  __m512 acc[kR][kT];
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < half; ++k) {
+    __m512i w_t[kT];
+    for (int64_t t = 0; t < kT; ++t) w_t[t] = _mm512_loadu_si512(w + (t * half + k) * 2 * kCols);
+    for (int64_t r = 0; r < kR; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * half + k]));
+      for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv, (__m512bh)w_t[t]);
+    }
+  }
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t) _mm512_storeu_ps(y + r * y_stride + t * kCols, acc[r][t]);
+#else
+  float acc[kR][kT][kCols] = {};
+  for (int64_t k = 0; k < half; ++k)
+    for (int64_t r = 0; r < kR; ++r) {
+      const uint32_t pair = x[r * half + k];
+      const float x0 = ToFloat(static_cast<uint16_t>(pair)), x1 = ToFloat(static_cast<uint16_t>(pair >> 16));
+      for (int64_t t = 0; t < kT; ++t)
+        for (int64_t j = 0; j < kCols; ++j) {
+          const uint16_t* w_kj = w + ((t * half + k) * kCols + j) * 2;
+          acc[r][t][j] = std::fma(x1, ToFloat(w_kj[1]), std::fma(x0, ToFloat(w_kj[0]), acc[r][t][j]));
+        }
+    }
+  for (int64_t r = 0; r < kR; ++r)
+    for (int64_t t = 0; t < kT; ++t)
+      for (int64_t j = 0; j < kCols; ++j) y[r * y_stride + t * kCols + j] = acc[r][t][j];
+#endif
+}
+
+template <int64_t kR, size_t... kI>
+constexpr auto PairBlocksTable(std::index_sequence<kI...>) {
+  return std::array<void (*)(const uint32_t*, const uint16_t*, float*, int64_t, int64_t),
+                    sizeof...(kI)>{PairBlock<kR, kI + 1>...};
+}
+
+// PairBlock's Tiles: tiles [t_begin, t_end) of kR rows of pairs.
+template <int64_t kR>
+void PairTiles(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int64_t tiles,
+               int64_t t_begin, int64_t t_end) {
+  constexpr int64_t kT = std::max<int64_t>(1, std::min<int64_t>(kMaxStreams, kAcc / kR));
+  static constexpr auto kBlocks = PairBlocksTable<kR>(std::make_index_sequence<kT>());
+  const int64_t y_stride = tiles * kCols, tile = half * 2 * kCols;
+  int64_t t = t_begin;
+  for (; t + kT <= t_end; t += kT) PairBlock<kR, kT>(x, w + t * tile, y + t * kCols, half, y_stride);
+  if (t < t_end) kBlocks[t_end - t - 1](x, w + t * tile, y + t * kCols, half, y_stride);
+}
+
+using PairTilesFn = void (*)(const uint32_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
+                             int64_t);
+template <size_t... kI>
+constexpr std::array<PairTilesFn, sizeof...(kI)> PairTilesTable(std::index_sequence<kI...>) {
+  return {PairTiles<kI + 1>...};
+}
+constexpr auto kPairTilesFns = PairTilesTable(std::make_index_sequence<kRows>());  // [kR - 1]
+
+// fp32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN).
+inline uint16_t ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// x [rows, d] -> pairs [rows, half] (half = ceil(d / 2); an odd d's last pair padded with 0).
+inline void ToPairs(const float* x, int64_t rows, int64_t d, int64_t half, uint32_t* pairs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    uint32_t* pr = pairs + r * half;
+    int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    for (; i + 32 <= d; i += 32) {   // the instruction's rounding for every full vector
+      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + i + 16), _mm512_loadu_ps(xr + i));
+      _mm512_storeu_si512(pr + i / 2, (__m512i)both);
+    }
+#endif
+    for (; i < d; i += 2) {
+      const uint32_t lo = ToBf16(xr[i]), hi = i + 1 < d ? ToBf16(xr[i + 1]) : 0;
+      pr[i / 2] = lo | hi << 16;
+    }
+  }
+}
+
 // Work shared between the caller and pool threads: chunks of tiles are claimed from a counter,
 // and the caller runs every chunk nobody has claimed, so it only ever waits for chunks already
 // running on another thread (no deadlock when the pool is busy).
@@ -195,22 +289,50 @@ void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const W* w_data, 
   });
 }
 
-// A packed weight's tiles [N, D, kCols] in fp32 or bf16 (the two types the handlers accept).
+// A packed weight's tiles [N, D, kCols] in fp32 or bf16, or bf16 pair tiles [N, D / 2, kCols, 2]
+// (bf16 products, PairBlock): the types the handlers accept.
+inline bool IsPairTiles(const ffi::AnyBuffer& tiles) {
+  const auto dims = tiles.dimensions();
+  return dims.size() == 4 && dims[2] == kCols && dims[3] == 2 &&
+         tiles.element_type() == ffi::DataType::BF16;
+}
 inline bool IsTiles(const ffi::AnyBuffer& tiles) {
   const auto type = tiles.element_type();
-  return tiles.dimensions().size() == 3 && tiles.dimensions()[2] == kCols &&
-         (type == ffi::DataType::F32 || type == ffi::DataType::BF16);
+  return IsPairTiles(tiles) ||
+         (tiles.dimensions().size() == 3 && tiles.dimensions()[2] == kCols &&
+          (type == ffi::DataType::F32 || type == ffi::DataType::BF16));
 }
 
-// y [rows, N * kCols] = x [rows, D] @ tiles (IsTiles), on up to two threads of the pool.
+// The input width D a packed weight contracts (pair tiles: even).
+inline int64_t TilesDepth(const ffi::AnyBuffer& tiles) {
+  return tiles.dimensions()[1] * (IsPairTiles(tiles) ? 2 : 1);
+}
+
+// y [rows, N * kCols] = x [rows, TilesDepth(tiles)] @ tiles (IsTiles), on up to two threads of
+// the pool.
 inline void Matmul(ffi::ThreadPool pool, const float* x, const ffi::AnyBuffer& tiles, float* y,
                    int64_t rows) {
-  const int64_t num_tiles = tiles.dimensions()[0], d_in = tiles.dimensions()[1];
-  if (tiles.element_type() == ffi::DataType::BF16) {
-    ParallelMatmul(pool, x, static_cast<const uint16_t*>(tiles.untyped_data()), y, rows, d_in,
+  const int64_t num_tiles = tiles.dimensions()[0], depth = tiles.dimensions()[1];
+  if (IsPairTiles(tiles)) {
+    std::vector<uint32_t> pairs(rows * depth);
+    ToPairs(x, rows, 2 * depth, depth, pairs.data());
+    const auto* w = static_cast<const uint16_t*>(tiles.untyped_data());
+    const uint32_t* x_pairs = pairs.data();
+    // As ParallelMatmul: row groups, and column chunks split between the threads.
+    const int64_t groups = (rows + kRows - 1) / kRows, threads = KernelThreads(pool);
+    const int64_t splits = std::max<int64_t>(1, std::min(threads, num_tiles / (64 / kCols)));
+    ParallelFor(pool, groups * splits, splits, [=](int64_t c) {
+      const int64_t g = c / splits, s = c % splits;
+      const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
+      const int64_t t0 = s * num_tiles / splits, t1 = (s + 1) * num_tiles / splits;
+      kPairTilesFns[r1 - r0 - 1](x_pairs + r0 * depth, w, y + r0 * num_tiles * kCols, depth,
+                                 num_tiles, t0, t1);
+    });
+  } else if (tiles.element_type() == ffi::DataType::BF16) {
+    ParallelMatmul(pool, x, static_cast<const uint16_t*>(tiles.untyped_data()), y, rows, depth,
                    num_tiles);
   } else {
-    ParallelMatmul(pool, x, static_cast<const float*>(tiles.untyped_data()), y, rows, d_in,
+    ParallelMatmul(pool, x, static_cast<const float*>(tiles.untyped_data()), y, rows, depth,
                    num_tiles);
   }
 }

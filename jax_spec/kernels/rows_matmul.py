@@ -104,7 +104,9 @@ def available() -> bool:
           jax.ffi.register_ffi_target(FEATURE_TARGET,
                                       jax.ffi.pycapsule(lib.JaxSpecFeatureDecode), platform='cpu')
           lib.JaxSpecRowsMatmulTile.restype = ctypes.c_int64
+          lib.JaxSpecRowsMatmulBf16Dot.restype = ctypes.c_int64
           _state['tile'] = int(lib.JaxSpecRowsMatmulTile())
+          _state['bf16_dot'] = bool(lib.JaxSpecRowsMatmulBf16Dot())
           _state['ok'] = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
           logging.warning('rows_matmul: falling back to XLA dots (%s)', e)
@@ -118,25 +120,40 @@ def tile_width() -> int:
   return int(_state['tile'])
 
 
+def bf16_dot() -> bool:
+  """Whether pair tiles (bf16 products) run on AVX512_BF16 dot-product instructions; without
+  them the kernel computes the same products in a scalar loop (correct, slow)."""
+  return available() and bool(_state['bf16_dot'])
+
+
 PACK_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def pack(w_DF, dtype=jnp.float32):
+def pack(w_DF, dtype=jnp.float32, pairs: bool = False):
   """`[D, F]` -> `[ceil(F / W), D, W]` column tiles (zero padded), W = `tile_width()`: the
   kernel's weight layout. dtype: the tiles' type, fp32 or bf16. The kernel widens bf16 tiles to
   fp32 exactly, so they give bitwise the numbers of the fp32 tiles of the same (bf16-rounded)
-  weight, from half the bytes."""
+  weight, from half the bytes.
+
+  pairs: bf16 products instead. `[ceil(F / W), D / 2, W, 2]` bf16 (rows 2k and 2k + 1 of a column
+  side by side; D even): the kernel rounds x to bf16 at each matmul and adds the products of bf16
+  values in fp32, two per dot-product instruction (AVX512_BF16; `bf16_dot`)."""
   if not any(jnp.dtype(dtype) == d for d in PACK_DTYPES):
     raise ValueError(f'pack: dtype must be float32 or bfloat16, got {dtype!r}')
-  tile = tile_width()
   d_in, d_out = w_DF.shape
+  if pairs and (jnp.dtype(dtype) != jnp.bfloat16 or d_in % 2):
+    raise ValueError(f'pack: pairs=True needs dtype bfloat16 and an even input width, got '
+                     f'{jnp.dtype(dtype).name} and w_DF {w_DF.shape}')
+  tile = tile_width()
   padded = -(-d_out // tile) * tile
   w_DF = jnp.pad(w_DF.astype(dtype), ((0, 0), (0, padded - d_out)))
+  if pairs:
+    return w_DF.reshape(d_in // 2, 2, padded // tile, tile).transpose(2, 0, 3, 1)
   return w_DF.reshape(d_in, padded // tile, tile).transpose(1, 0, 2)
 
 
 def _kernel(x_RD, tiles_NDW, d_out):
-  num_tiles, _, tile = tiles_NDW.shape
+  num_tiles, tile = tiles_NDW.shape[0], tiles_NDW.shape[2]
   y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x_RD.shape[0], num_tiles * tile),
                                                      jnp.float32),
                        vmap_method='sequential')(x_RD, tiles_NDW)
