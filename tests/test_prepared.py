@@ -99,6 +99,28 @@ def test_bf16_drafter_weights_round_the_drafters_matrices_only_and_stay_lossless
     decoding.prepare(model, drafter_dtype=jnp.float16)
 
 
+def test_bf16_products_round_every_matrix_pack_pair_tiles_and_stay_lossless(monkeypatch):
+  """`matmul_dtype=bfloat16`: every matrix of both models stored rounded to bf16 and packed as
+  pair tiles (bf16 products) where its input width is even; every drafter's greedy output is
+  still plain decoding's (of the same prepared model)."""
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
+  model = _model(0, vocab_size=97)
+  draft = _model(1, vocab_size=97, mtp_depth=0, medusa_heads=0)
+  prepared = decoding.prepare(model, draft, matmul_dtype=jnp.bfloat16)
+  assert prepared.matmul_dtype == jnp.bfloat16
+  for split in (prepared.trunk, prepared.draft):
+    matrices = [leaf.get_value() for _, leaf in nnx.to_flat_state(split.state)
+                if leaf.get_value().ndim >= 2]
+    assert matrices and all(m.dtype == jnp.bfloat16 for m in matrices)
+    if rows_matmul.available():
+      assert split.packs and all(t.ndim == 4 and t.dtype == jnp.bfloat16 for t in split.packs)
+  outs = _decode_all(prepared, draft, _prompts(97))
+  for name, tokens in outs.items():
+    np.testing.assert_array_equal(tokens, outs['plain'], err_msg=name)
+  with pytest.raises(ValueError, match='matmul_dtype must be None or bfloat16'):
+    decoding.prepare(model, matmul_dtype=jnp.float16)
+
+
 def test_bad_arguments():
   model = _model(0)
   with pytest.raises(ValueError, match='model must be'):

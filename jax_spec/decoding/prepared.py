@@ -20,6 +20,14 @@ streams them as bf16 tiles: a feature drafter's depth multiplies one row by ever
 module, so it is bound by the bytes it reads. Computation stays fp32 (the rounded values,
 widened exactly), and the trunk is untouched, so every sampler stays lossless: only the drafts
 (and with them tau) can change. docs/benchmarks.md, "bf16 drafter weights".
+
+`prepare(..., matmul_dtype=jnp.bfloat16)` decodes in bf16 products instead: every matrix (the
+trunk's too) rounded to bf16 and packed as pair tiles, and the CPU kernel rounds each matmul's
+rows to bf16 and adds the products in fp32, two per AVX512_BF16 dot-product instruction (twice
+the fp32 FMA's products per instruction, from half the bytes). This is another model's numbers
+(the bf16-rounded one's, with bf16 activations at the matmuls), so its outputs differ from fp32
+decoding; plain and speculative decoding of it stay bitwise consistent, and so lossless.
+docs/benchmarks.md, "bf16 products".
 """
 from __future__ import annotations
 
@@ -75,6 +83,7 @@ class PreparedModel:
   draft_model: models.Transformer | None
   trunk: Split
   draft: Split | None
+  matmul_dtype: Any = None    # None (fp32 products) or bfloat16 (see module doc)
 
 
 def _check(name, module):
@@ -87,18 +96,26 @@ def _check(name, module):
 DRAFTER_MODULES = ('eagle', 'mtp', 'medusa')
 
 
-def prepare(model, draft_model=None, *, drafter_dtype=None) -> PreparedModel:
+def prepare(model, draft_model=None, *, drafter_dtype=None, matmul_dtype=None) -> PreparedModel:
   """Splits `model` (and `draft_model`) and packs their decode weights, once (see module doc).
 
   drafter_dtype: None (the weights as they are) or bfloat16: the drafter's matrices (`model`'s
   EAGLE and MTP modules and Medusa heads, all of `draft_model`'s) stored rounded to bf16 (see
   module doc).
+  matmul_dtype: None (fp32 products) or bfloat16: every matrix of both models rounded to bf16 and
+  the CPU kernel's matmuls in bf16 products (see module doc; it implies drafter_dtype bfloat16).
   """
   _check('model', model)
   if draft_model is not None:
     _check('draft_model', draft_model)
-  if drafter_dtype is not None and jnp.dtype(drafter_dtype) != jnp.bfloat16:
-    raise ValueError(f'drafter_dtype must be None or bfloat16, got {drafter_dtype!r}')
+  for name, dtype in (('drafter_dtype', drafter_dtype), ('matmul_dtype', matmul_dtype)):
+    if dtype is not None and jnp.dtype(dtype) != jnp.bfloat16:
+      raise ValueError(f'{name} must be None or bfloat16, got {dtype!r}')
+  if matmul_dtype is not None:
+    products = dict(matrix_dtype=jnp.bfloat16, bf16_products=True)
+    return PreparedModel(model, draft_model, split(model, **products),
+                         split(draft_model, **products) if draft_model is not None else None,
+                         matmul_dtype=jnp.bfloat16)
   return PreparedModel(model, draft_model, split(model, drafter_dtype, DRAFTER_MODULES),
                        split(draft_model, drafter_dtype) if draft_model is not None else None)
 
@@ -115,19 +132,21 @@ def _round_matrices(state, dtype, modules=None):
   return jax.tree_util.tree_map_with_path(cast, state)
 
 
-def split(module, matrix_dtype=None, modules=None) -> Split:
-  """`nnx.split(module)` and its packs; matrix_dtype: see `_round_matrices` (and `prepare`)."""
+def split(module, matrix_dtype=None, modules=None, bf16_products=False) -> Split:
+  """`nnx.split(module)` and its packs; matrix_dtype: see `_round_matrices`; bf16_products: pair
+  tiles (`models.decode_packs`; `prepare`)."""
   graphdef, state = nnx.split(module)
   if matrix_dtype is not None:
     state = _round_matrices(state, matrix_dtype, modules)
   # Packs feed only the CPU kernel: on other backends the loops' dots read the weights directly.
-  packs = _pack(graphdef, state) if jax.default_backend() == 'cpu' else ()
+  packs = _pack(graphdef, state, bf16_products) if jax.default_backend() == 'cpu' else ()
   return Split(graphdef, state, packs)
 
 
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _pack(graphdef, state):
-  return tuple(models.decode_packs(nnx.merge(graphdef, state)).values())
+@functools.partial(jax.jit, static_argnames=('graphdef', 'bf16_products'))
+def _pack(graphdef, state, bf16_products=False):
+  return tuple(models.decode_packs(nnx.merge(graphdef, state),
+                                   bf16_products=bf16_products).values())
 
 
 def model_of(model) -> models.Transformer:

@@ -323,24 +323,31 @@ def _decode_matrices(*modules):
   return matrices, block_keys, stored
 
 
-def _packed_matrices(*modules) -> dict:
-  """{key: (matrix, tile dtype)} of the matrices of `decode_matrices_of` a decode loop packs:
-  those `rows_matmul.matmul` sends to the kernel, and every fp32 block matrix when
+def _packed_matrices(*modules, bf16_products: bool = False) -> dict:
+  """{key: (matrix, tile dtype, pairs)} of the matrices of `decode_matrices_of` a decode loop
+  packs: those `rows_matmul.matmul` sends to the kernel, and every fp32 block matrix when
   `kernels.block_decode` runs the blocks. A matrix whose parameters are stored in bf16 (a drafter
   `decoding.prepare`d with `drafter_dtype`) is packed as bf16 tiles: the same values, half the
-  bytes."""
+  bytes. bf16_products: every matrix of even input width as bf16 pair tiles (`rows_matmul.pack`
+  with pairs; `decoding.prepare(matmul_dtype=bfloat16)`), the others as bf16 tiles."""
   matrices, block_keys, stored = _decode_matrices(*modules)
   whole_blocks = block_decode.enabled()
-  return {key: (w, jnp.bfloat16 if stored.get(key) == jnp.bfloat16 else jnp.float32)
-          for key, w in matrices.items()
+  def spec(key, w):
+    if bf16_products:
+      return w, jnp.bfloat16, w.shape[0] % 2 == 0
+    return w, (jnp.bfloat16 if stored.get(key) == jnp.bfloat16 else jnp.float32), False
+  return {key: spec(key, w) for key, w in matrices.items()
           if rows_matmul.usable(w) or (whole_blocks and key in block_keys
                                        and w.dtype == jnp.float32)}
 
 
-def decode_packs(*modules) -> dict:
+def decode_packs(*modules, bf16_products: bool = False) -> dict:
   """The weights of `decode_matrices_of` that the kernel takes, packed for `rows_matmul.packed`:
-  what a decode loop packs once before it starts ({} for non-fp32 modules or without the kernel)."""
-  return {key: rows_matmul.pack(w, dtype) for key, (w, dtype) in _packed_matrices(*modules).items()}
+  what a decode loop packs once before it starts ({} for non-fp32 modules or without the kernel).
+  bf16_products: see `_packed_matrices`."""
+  return {key: rows_matmul.pack(w, dtype, pairs=pairs)
+          for key, (w, dtype, pairs) in _packed_matrices(*modules,
+                                                         bf16_products=bf16_products).items()}
 
 
 def decode_packs_from(packs: tuple, *modules) -> dict:
