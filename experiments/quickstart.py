@@ -65,6 +65,11 @@ flags.DEFINE_enum('drafter_dtype', 'bf16', list(benchmark_lib.DRAFTER_DTYPES),
                   "Storage of the drafters' matrices in the benchmark (bf16: rounded, half the "
                   'bytes per draft depth on CPU, same tau, still lossless; decoding.prepare; '
                   'docs/benchmarks.md, "bf16 drafter weights").')
+flags.DEFINE_enum('matmul_dtype', 'fp32', list(benchmark_lib.MATMUL_DTYPES),
+                  "The CPU kernel's products in the benchmark: fp32, or bf16 (every matrix and "
+                  'each matmul\'s activations rounded to bf16, AVX512_BF16 dot products: another '
+                  'model\'s numbers, decoded faster, still lossless; decoding.prepare; '
+                  'docs/benchmarks.md, "bf16 products").')
 flags.DEFINE_integer('mtp_depth', 2, 'DeepSeek-V3 MTP modules.')
 flags.DEFINE_integer('medusa_heads', 3, 'Medusa heads.')
 flags.DEFINE_integer('eagle_layers', 1, 'Blocks of the EAGLE feature drafter (0 = none).')
@@ -139,7 +144,7 @@ def benchmark(f, workdir, drafter, tree_name, tree_spec, draft_workdir=None, num
       tree=tree_spec, num_draft=num_draft, num_prompts=f.num_prompts, prompt_len=f.prompt_len,
       max_new_tokens=f.max_new_tokens, stop_at_eos=False, seed=f.seed,
       timing_rounds=f.timing_rounds,
-      precision=f.decode_precision, drafter_dtype=f.drafter_dtype,
+      precision=f.decode_precision, drafter_dtype=f.drafter_dtype, matmul_dtype=f.matmul_dtype,
       output=os.path.join(output_dir or workdir, 'speculative',
                           f'{drafter}_{tree_name}' + (f'_T{temperature:g}' if sampled else '')))
   r = benchmark_lib.run_benchmark(opts)
@@ -297,7 +302,8 @@ def run(f) -> dict:
              'completions': texts,
              'benchmark': {'num_prompts': f.num_prompts, 'prompt_len': f.prompt_len,
                            'max_new_tokens': f.max_new_tokens, 'batch_size': 1,
-                           'timing_rounds': f.timing_rounds,
+                           'timing_rounds': f.timing_rounds, 'drafter_dtype': f.drafter_dtype,
+                           'matmul_dtype': f.matmul_dtype,
                            'device': str(jax.devices()[0].device_kind)}}
   with open(os.path.join(workdir, 'results.json'), 'w') as fh:
     json.dump(results, fh, indent=2)

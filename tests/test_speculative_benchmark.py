@@ -27,6 +27,8 @@ def test_options_and_load_run_reject_missing_runs(tmp_path):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), timing_rounds=0)
   with pytest.raises(ValueError, match="drafter_dtype must be one of \\('fp32', 'bf16'\\)"):
     benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), drafter_dtype='fp16')
+  with pytest.raises(ValueError, match="matmul_dtype must be one of \\('fp32', 'bf16'\\)"):
+    benchmark_lib.BenchmarkOptions(workdir=str(tmp_path), matmul_dtype='int8')
 
 
 @pytest.mark.slow

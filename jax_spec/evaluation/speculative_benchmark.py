@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DECODE_PRECISIONS = ('fp32', 'bf16', 'fp16')
 DRAFTER_DTYPES = {'fp32': None, 'bf16': jnp.bfloat16}   # -> decoding.prepare(drafter_dtype=)
+MATMUL_DTYPES = {'fp32': None, 'bf16': jnp.bfloat16}    # -> decoding.prepare(matmul_dtype=)
 
 
 def default_tree(draft: str) -> str:
@@ -94,6 +95,10 @@ class BenchmarkOptions:
                             "heads, a draft model): 'fp32', or 'bf16' (rounded; the CPU kernel "
                             "streams half the bytes; still lossless, see decoding.prepare).",
                             tuple(DRAFTER_DTYPES))
+  matmul_dtype: str = _opt('fp32', "The CPU kernel's products: 'fp32', or 'bf16' (every matrix "
+                           'rounded, activations rounded at each matmul: another model\'s '
+                           'numbers, decoded faster; both samplers decode it, so still '
+                           'lossless; see decoding.prepare).', tuple(MATMUL_DTYPES))
   output: str | None = _opt(None, 'Output directory (default: <workdir>/speculative/<name>).')
   profile_steps: str | None = _opt(None, 'A:B: write a jax.profiler trace of the timed prompt '
                                    'batches A <= i < B into <output>/profile.')
@@ -112,6 +117,9 @@ class BenchmarkOptions:
     if self.drafter_dtype not in DRAFTER_DTYPES:
       raise ValueError(f'drafter_dtype must be one of {tuple(DRAFTER_DTYPES)}, got '
                        f'{self.drafter_dtype!r}')
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f'matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got '
+                       f'{self.matmul_dtype!r}')
     for name in ('num_prompts', 'prompt_len', 'batch_size', 'max_new_tokens', 'tree_nodes',
                  'derive_topk', 'derive_batches', 'timing_rounds'):
       value = getattr(self, name)
@@ -244,7 +252,8 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
   # Both samplers decode one model prepared once (split, decode weights packed), as a server
   # would: the timed calls are prefill + decode loop, not per-call preparation.
   prepared, prepare_s = _timed(lambda: decoding.prepare(
-      model, draft_model, drafter_dtype=DRAFTER_DTYPES[opts.drafter_dtype]))
+      model, draft_model, drafter_dtype=DRAFTER_DTYPES[opts.drafter_dtype],
+      matmul_dtype=MATMUL_DTYPES[opts.matmul_dtype]))
 
   def baseline(batch, key):
     return decoding.generate(prepared, *batch, rng=key, **common)
@@ -291,7 +300,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict[str, Any]:
       'config': {k: getattr(opts, k) for k in (
           'workdir', 'draft', 'draft_workdir', 'acceptance', 'num_prompts', 'prompt_file',
           'prompt_len', 'batch_size', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed',
-          'stop_at_eos', 'timing_rounds')},
+          'stop_at_eos', 'timing_rounds', 'drafter_dtype', 'matmul_dtype')},
       'precision': model.policy.name,
       'tree': {'name': tree_spec, 'choices': ([list(c) for c in tree.choices]
                                               if isinstance(tree, trees_lib.Tree) else None),
