@@ -8,7 +8,7 @@
 //
 // Prints GFLOP/s of 12 independent FMA chains (the core's peak), then of `jax_spec::Block<R, T>`
 // (R rows, T column tiles) over 16 distinct [256, 768] weights (12.6 MB, streamed from L3 as a
-// model's are), one thread. docs/benchmarks.md ("Part timings without fixed costs") reads the
+// model's are), one thread, in fp32 and in bf16 pair tiles (`jax_spec::PairBlock`). docs/benchmarks.md ("Part timings without fixed costs") reads the
 // verify cost's floor from the peak and chose rows_matmul.h's kMaxStreams from the T sweep.
 #include <chrono>
 #include <cstdio>
@@ -49,10 +49,29 @@ double BlockGflops(int64_t d_in = 256, int64_t tiles = 48, int64_t weights = 16,
   for (int r = 0; r < reps; ++r)
     for (int64_t m = 0; m < weights; ++m) {
       const float* wm = w.data() + m * tiles * d_in * kCols;
-      int64_t t = 0;
-      for (; t + kT <= tiles; t += kT)
-        jax_spec::Block<kR, kT>(x.data(), wm + t * d_in * kCols, y.data() + t * kCols, d_in,
-                                tiles * kCols);
+      for (int64_t t = 0; t + kT <= tiles; t += kT)
+        jax_spec::Block<float, kR, kT>(x.data(), wm + t * d_in * kCols, y.data() + t * kCols,
+                                       d_in, tiles * kCols);
+    }
+  return 2.0 * kR * d_in * (tiles / kT * kT) * kCols * reps * weights / Seconds(t0) / 1e9;
+}
+
+// The same product in bf16 pair tiles (`jax_spec::PairBlock`: rows as bf16 pairs, the weight's
+// tiles [d_in / 2, kCols, 2] bf16): half the weight bytes, two products per instruction.
+template <int64_t kR, int64_t kT>
+double PairBlockGflops(int64_t d_in = 256, int64_t tiles = 48, int64_t weights = 16,
+                       int reps = 150) {
+  const int64_t half = d_in / 2;
+  std::vector<uint32_t> x(kR * half, 0x3f003f00u);                     // pairs of 0.5
+  std::vector<uint16_t> w(weights * tiles * half * 2 * kCols, 0x3e80);  // 0.25
+  std::vector<float> y(kR * tiles * kCols);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r)
+    for (int64_t m = 0; m < weights; ++m) {
+      const uint16_t* wm = w.data() + m * tiles * half * 2 * kCols;
+      for (int64_t t = 0; t + kT <= tiles; t += kT)
+        jax_spec::PairBlock<kR, kT>(x.data(), wm + t * half * 2 * kCols, y.data() + t * kCols,
+                                    half, tiles * kCols);
     }
   return 2.0 * kR * d_in * (tiles / kT * kT) * kCols * reps * weights / Seconds(t0) / 1e9;
 }
@@ -65,14 +84,13 @@ int main() {
   const float sink = Peak(kIterations);
   std::printf("peak, one core: %.1f GFLOP/s (%g)\n",
               2.0 * kCols * 12 * kIterations / Seconds(t0) / 1e9, sink);
-  std::printf("Block<R, T> GFLOP/s, one core, L3-resident weights:\n");
-  std::printf("R=1: T=2 %.0f  T=3 %.0f  T=4 %.0f  T=6 %.0f  T=12 %.0f\n", BlockGflops<1, 2>(),
-              BlockGflops<1, 3>(), BlockGflops<1, 4>(), BlockGflops<1, 6>(), BlockGflops<1, 12>());
-  std::printf("R=2: T=2 %.0f  T=3 %.0f  T=4 %.0f  T=6 %.0f  T=12 %.0f\n", BlockGflops<2, 2>(),
-              BlockGflops<2, 3>(), BlockGflops<2, 4>(), BlockGflops<2, 6>(), BlockGflops<2, 12>());
-  std::printf("R=4: T=2 %.0f  T=4 %.0f  T=6 %.0f\n", BlockGflops<4, 2>(), BlockGflops<4, 4>(),
-              BlockGflops<4, 6>());
-  std::printf("R=7: T=2 %.0f  T=3 %.0f\n", BlockGflops<7, 2>(), BlockGflops<7, 3>());
-  std::printf("R=8: T=2 %.0f  T=3 %.0f\n", BlockGflops<8, 2>(), BlockGflops<8, 3>());
+  std::printf("Block<R, T> GFLOP/s, one core, L3-resident weights (fp32 | bf16 pairs%s):\n",
+              jax_spec::kBf16Dot ? "" : ", scalar: no AVX512_BF16");
+  std::printf("R=1: T=4 %.0f | %.0f  T=6 %.0f | %.0f\n", BlockGflops<1, 4>(), PairBlockGflops<1, 4>(),
+              BlockGflops<1, 6>(), PairBlockGflops<1, 6>());
+  std::printf("R=2: T=6 %.0f | %.0f\n", BlockGflops<2, 6>(), PairBlockGflops<2, 6>());
+  std::printf("R=5: T=4 %.0f | %.0f\n", BlockGflops<5, 4>(), PairBlockGflops<5, 4>());
+  std::printf("R=8: T=3 %.0f | %.0f\n", BlockGflops<8, 3>(), PairBlockGflops<8, 3>());
+  std::printf("R=12: T=2 %.0f | %.0f\n", BlockGflops<12, 2>(), PairBlockGflops<12, 2>());
   return 0;
 }

@@ -1,8 +1,11 @@
 """Smoke test of experiments.bench_matmul (the few-row matmul sweep)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import jax
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,3 +32,12 @@ def test_bench_matmul_bad_flags(tmp_path):
   assert proc.returncode != 0 and '--forms' in proc.stderr
   proc = _run(f'--workdir={tmp_path}', '--d_in=64', '--d_out=32')
   assert proc.returncode != 0 and '--d_out' in proc.stderr
+
+
+def test_the_microkernel_bench_compiles_against_the_kernel_header():
+  """experiments/bench_microkernel.cc includes rows_matmul.h's templates: a header change that
+  breaks it fails here (syntax only, no run)."""
+  compiler = shutil.which(os.environ.get('CXX', 'c++')) or shutil.which('g++')
+  subprocess.run([compiler, '-fsyntax-only', '-march=native', '-std=c++17', '-w', '-I',
+                  os.path.join(_ROOT, 'jax_spec', 'kernels'), '-I', jax.ffi.include_dir(),
+                  os.path.join(_ROOT, 'experiments', 'bench_microkernel.cc')], check=True)

@@ -38,13 +38,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
 extern "C" int64_t JaxSpecRowsMatmulTile() { return kCols; }
 
 // Whether pair tiles (bf16 products) run on the AVX512_BF16 instructions (else a scalar loop).
-extern "C" int64_t JaxSpecRowsMatmulBf16Dot() {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+extern "C" int64_t JaxSpecRowsMatmulBf16Dot() { return jax_spec::kBf16Dot ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxSpecRowsMatmul, RowsMatmulImpl,
                               ffi::Ffi::Bind()

@@ -145,6 +145,12 @@ constexpr auto kTilesFns = TilesTable<W>(std::make_index_sequence<kRows>());
 // adds two products of bf16 values to each of 16 fp32 accumulators: twice the products of an fp32
 // FMA per instruction, from half the weight bytes. Elsewhere a scalar loop adds the two exact
 // products with two FMAs (correct, slow; and not bitwise the instruction's sums).
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 template <int64_t kR, int64_t kT>
 void PairBlock(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int64_t y_stride) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
