@@ -10,8 +10,10 @@ interleaved in every round; the fastest of `--rounds` rounds of each counts (on 
 the least disturbed), and the two lengths are differenced, so the prefill and the per-call costs
 cancel. Per drafter it reports the tokens emitted per verify step (tau of the long calls, from the
 loop's own counts), the cost of a step in plain decoding steps (differenced), and their ratio:
-the decode loop's speedup without the prefill. `--drafter_dtypes` compares
-`decoding.prepare(..., drafter_dtype=)` storages side by side. Writes results.json and
+the decode loop's speedup without the prefill. `--drafter_dtypes` compares storages side by side:
+'fp32', 'bf16' (`decoding.prepare(..., drafter_dtype=bfloat16)`: the drafters' matrices) and
+'bf16_products' (`matmul_dtype=bfloat16`: every matrix, in bf16 products; another trunk, so its
+rows are against its own plain decoding, timed in the same rounds). Writes results.json and
 step_costs.png into --output_dir (default <workdir>/step_costs).
 """
 from __future__ import annotations
@@ -35,8 +37,11 @@ flags.DEFINE_string('workdir', None, 'A trained run of experiments.train (the ta
 flags.DEFINE_string('draft_workdir', None, "A smaller trained run, for the 'model' drafter.")
 flags.DEFINE_list('drafters', ['medusa', 'eagle:6', 'mtp'], "'NAME[:NUM_DRAFT]' per drafter "
                   '(greedy chains).')
+# Storage name -> decoding.prepare arguments.
+STORAGES = {'fp32': {}, 'bf16': {'drafter_dtype': jnp.bfloat16},
+            'bf16_products': {'matmul_dtype': jnp.bfloat16}}
 flags.DEFINE_list('drafter_dtypes', ['fp32', 'bf16'],
-                  f'Storages of the drafter matrices: {tuple(benchmark_lib.DRAFTER_DTYPES)}.')
+                  f'Storages (decoding.prepare) side by side: {tuple(STORAGES)}.')
 flags.DEFINE_list('new_tokens', ['32', '160'], 'The short and the long call, in new tokens.')
 flags.DEFINE_integer('rounds', 9, 'Timed rounds (the fastest of each call counts).')
 flags.DEFINE_integer('num_prompts', 4, 'Held-out prompts, each its own batch-1 call.')
@@ -65,8 +70,13 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
   short, long = new_tokens
   if not 0 < short < long:
     raise ValueError(f'new_tokens must be (short, long) with 0 < short < long, got {new_tokens}')
-  plain_prepared = next(iter(prepared_by_dtype.values()))   # the trunk is the same in every one
-  configs = [('plain', None, None, plain_prepared)] + [
+  # Plain decoding once per trunk: per matmul dtype (drafter_dtype leaves the trunk as it is).
+  trunk_of = {dtype: getattr(prepared, 'matmul_dtype', None)
+              for dtype, prepared in prepared_by_dtype.items()}
+  plains = {}
+  for dtype, prepared in prepared_by_dtype.items():
+    plains.setdefault(trunk_of[dtype], (dtype, prepared))
+  configs = [('plain', None, dtype, prepared) for dtype, prepared in plains.values()] + [
       (name, depth, dtype, prepared) for name, depth in drafters
       for dtype, prepared in prepared_by_dtype.items()]
 
@@ -99,9 +109,11 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
     if progress:
       progress(r + 1, rounds)
   tokens = (long - short) * len(prompts)
-  plain_us = (best[0, long] - best[0, short]) / tokens * 1e6
+  plain_us_of = {trunk: (best[i, long] - best[i, short]) / tokens * 1e6
+                 for i, trunk in enumerate(plains)}
   rows = []
-  for i, (name, depth, dtype, _) in enumerate(configs[1:], start=1):
+  for i, (name, depth, dtype, _) in enumerate(configs[len(plains):], start=len(plains)):
+    plain_us = plain_us_of[trunk_of[dtype]]
     loop_steps = steps[i, long][0] - steps[i, short][0]
     us_per_step = (best[i, long] - best[i, short]) / loop_steps * 1e6
     # tau of the long calls as a whole (the benchmark's): a difference of step counts would
@@ -112,7 +124,10 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
                      tokens_per_step=tokens_per_step, us_per_step=us_per_step,
                      plain_steps_per_step=us_per_step / plain_us,
                      loop_speedup=tokens_per_step * plain_us / us_per_step))
-  return {'plain_us_per_token': plain_us, 'rows': rows}
+  return {'plain_us_per_token': plain_us_of[next(iter(plains))],
+          'plain_us_per_token_by_dtype': {dtype: plain_us_of[trunk_of[dtype]]
+                                          for dtype in prepared_by_dtype},
+          'rows': rows}
 
 
 def plot(results: dict, path: str) -> None:
@@ -141,9 +156,9 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise ValueError('--workdir is required (a trained run of experiments.train)')
-  unknown = [d for d in FLAGS.drafter_dtypes if d not in benchmark_lib.DRAFTER_DTYPES]
+  unknown = [d for d in FLAGS.drafter_dtypes if d not in STORAGES]
   if unknown or not FLAGS.drafter_dtypes:
-    raise ValueError(f'--drafter_dtypes must be among {tuple(benchmark_lib.DRAFTER_DTYPES)}, '
+    raise ValueError(f'--drafter_dtypes must be among {tuple(STORAGES)}, '
                      f'got {FLAGS.drafter_dtypes}')
   if len(FLAGS.new_tokens) != 2 or not all(n.isdigit() for n in FLAGS.new_tokens):
     raise ValueError(f'--new_tokens must be two integers (short, long), got {FLAGS.new_tokens}')
@@ -161,9 +176,7 @@ def main(argv):
   tokens = data.validation_prompts(FLAGS.num_prompts, FLAGS.prompt_len)
   prompts = [(jnp.asarray(tokens[i:i + 1]), jnp.array([FLAGS.prompt_len], jnp.int32))
              for i in range(tokens.shape[0])]
-  prepared = {d: decoding.prepare(model, draft_model,
-                                  drafter_dtype=benchmark_lib.DRAFTER_DTYPES[d])
-              for d in FLAGS.drafter_dtypes}
+  prepared = {d: decoding.prepare(model, draft_model, **STORAGES[d]) for d in FLAGS.drafter_dtypes}
   progress = lambda r, n: print(f'round {r}/{n}', flush=True)
   results = measure(prepared, prompts, drafters, rounds=FLAGS.rounds, progress=progress,
                     new_tokens=tuple(int(n) for n in FLAGS.new_tokens),
@@ -174,12 +187,13 @@ def main(argv):
   with open(os.path.join(out, 'results.json'), 'w') as fh:
     json.dump(results, fh, indent=2)
   plot(results, os.path.join(out, 'step_costs.png'))
-  print(f"plain: {results['plain_us_per_token']:.1f} us per token, T={FLAGS.temperature:g}")
-  print(f"{'drafter':12s} {'dtype':5s} {'tau':>6s} {'us/step':>8s} {'plain steps':>11s} "
+  for dtype, us in results['plain_us_per_token_by_dtype'].items():
+    print(f"plain ({dtype}): {us:.1f} us per token, T={FLAGS.temperature:g}")
+  print(f"{'drafter':12s} {'dtype':13s} {'tau':>6s} {'us/step':>8s} {'plain steps':>11s} "
         f"{'loop speedup':>12s}")
   for r in results['rows']:
     name = r['drafter'] + (f":{r['num_draft']}" if r['num_draft'] else '')
-    print(f"{name:12s} {r['drafter_dtype']:5s} {r['tokens_per_step']:6.2f} "
+    print(f"{name:12s} {r['drafter_dtype']:13s} {r['tokens_per_step']:6.2f} "
           f"{r['us_per_step']:8.1f} {r['plain_steps_per_step']:11.2f} {r['loop_speedup']:11.2f}x")
   print(f'results.json and step_costs.png in {out}')
 
