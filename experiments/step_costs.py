@@ -124,10 +124,13 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
                      tokens_per_step=tokens_per_step, us_per_step=us_per_step,
                      plain_steps_per_step=us_per_step / plain_us,
                      loop_speedup=tokens_per_step * plain_us / us_per_step))
+  # Whole calls per prompt, prefill included: with a short call of 1 token, its fixed cost.
+  call_ms = {configs[i][2] if i < len(plains) else f'{configs[i][0]}:{configs[i][2]}':
+             {n: best[i, n] / len(prompts) * 1e3 for n in new_tokens} for i in range(len(configs))}
   return {'plain_us_per_token': plain_us_of[next(iter(plains))],
           'plain_us_per_token_by_dtype': {dtype: plain_us_of[trunk_of[dtype]]
                                           for dtype in prepared_by_dtype},
-          'rows': rows}
+          'call_ms': call_ms, 'rows': rows}
 
 
 def plot(results: dict, path: str) -> None:
@@ -189,6 +192,8 @@ def main(argv):
   plot(results, os.path.join(out, 'step_costs.png'))
   for dtype, us in results['plain_us_per_token_by_dtype'].items():
     print(f"plain ({dtype}): {us:.1f} us per token, T={FLAGS.temperature:g}")
+  for name, ms in results['call_ms'].items():
+    print(f'{name}: ' + ', '.join(f'{v:.2f} ms per call of {n} tokens' for n, v in ms.items()))
   print(f"{'drafter':12s} {'dtype':13s} {'tau':>6s} {'us/step':>8s} {'plain steps':>11s} "
         f"{'loop speedup':>12s}")
   for r in results['rows']:

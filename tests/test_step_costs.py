@@ -27,6 +27,8 @@ def test_measure_reports_the_loops_own_steps_and_both_storages(tmp_path):
   # fp32 and bf16 drafters share the trunk, so its plain timing; bf16 products have their own.
   assert by_dtype['fp32'] == by_dtype['bf16'] == results['plain_us_per_token']
   assert np.isfinite(by_dtype['bf16_products']) and by_dtype['bf16_products'] != by_dtype['fp32']
+  assert set(results['call_ms']) == {'fp32', 'bf16_products'} | {
+      f'{d}:{s}' for d in ('medusa', 'eagle') for s in prepared}
   # tau is the long calls' own: accepted drafts plus one per verify step, over verify steps.
   eagle = rows[3]
   stats = [decoding.summarize(decoding.speculative_generate(
