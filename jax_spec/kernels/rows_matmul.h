@@ -275,21 +275,27 @@ inline int64_t KernelThreads(ffi::ThreadPool pool) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), 2));
 }
 
-// x [rows, d_in] (row-major), w_data [tiles, d_in, kCols] -> y [rows, tiles * kCols], on up to
-// two threads of the pool.
-template <typename W>
-void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const W* w_data, float* y_data,
-                    int64_t rows, int64_t d_in, int64_t tiles) {
-  // Equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1); each streams the weight once.
+// fn(r0, r1, t0, t1) over equal groups of at most kRows rows (13 rows: 7 + 6, not 12 + 1; each
+// streams the weight once) times column chunks that split the weight between up to two threads
+// of the pool (a chunk reads its own tiles only). Chunks claimed from a counter in finer pieces
+// ran 5% slower (docs/benchmarks.md, "Inside the block kernel").
+template <typename Fn>
+void ParallelTiles(ffi::ThreadPool pool, int64_t rows, int64_t tiles, Fn fn) {
   const int64_t groups = (rows + kRows - 1) / kRows;
-  // Column chunks split the weight between threads (a chunk reads its own tiles only).
   const int64_t threads = KernelThreads(pool);
   const int64_t min_tiles = 64 / kCols;  // below 64 columns a chunk is not worth a thread's wake-up
   const int64_t splits = std::max<int64_t>(1, std::min(threads, tiles / min_tiles));
   ParallelFor(pool, groups * splits, splits, [=](int64_t c) {
     const int64_t g = c / splits, s = c % splits;
-    const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
-    const int64_t t0 = s * tiles / splits, t1 = (s + 1) * tiles / splits;
+    fn(g * rows / groups, (g + 1) * rows / groups, s * tiles / splits, (s + 1) * tiles / splits);
+  });
+}
+
+// x [rows, d_in] (row-major), w_data [tiles, d_in, kCols] -> y [rows, tiles * kCols].
+template <typename W>
+void ParallelMatmul(ffi::ThreadPool pool, const float* x_data, const W* w_data, float* y_data,
+                    int64_t rows, int64_t d_in, int64_t tiles) {
+  ParallelTiles(pool, rows, tiles, [=](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     kTilesFns<W>[r1 - r0 - 1](x_data + r0 * d_in, w_data, y_data + r0 * tiles * kCols, d_in,
                               tiles, t0, t1);
   });
@@ -324,13 +330,7 @@ inline void Matmul(ffi::ThreadPool pool, const float* x, const ffi::AnyBuffer& t
     ToPairs(x, rows, 2 * depth, depth, pairs.data());
     const auto* w = static_cast<const uint16_t*>(tiles.untyped_data());
     const uint32_t* x_pairs = pairs.data();
-    // As ParallelMatmul: row groups, and column chunks split between the threads.
-    const int64_t groups = (rows + kRows - 1) / kRows, threads = KernelThreads(pool);
-    const int64_t splits = std::max<int64_t>(1, std::min(threads, num_tiles / (64 / kCols)));
-    ParallelFor(pool, groups * splits, splits, [=](int64_t c) {
-      const int64_t g = c / splits, s = c % splits;
-      const int64_t r0 = g * rows / groups, r1 = (g + 1) * rows / groups;
-      const int64_t t0 = s * num_tiles / splits, t1 = (s + 1) * num_tiles / splits;
+    ParallelTiles(pool, rows, num_tiles, [=](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
       kPairTilesFns[r1 - r0 - 1](x_pairs + r0 * depth, w, y + r0 * num_tiles * kCols, depth,
                                  num_tiles, t0, t1);
     });
