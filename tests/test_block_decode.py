@@ -186,10 +186,14 @@ def test_other_platforms_lower_the_xla_ops():
   assert 'jax_spec_block_decode' not in exported.mlir_module()
 
 
-@pytest.mark.parametrize('kind', ['eagle', 'mtp'])
-def test_feature_step_matches_a_float64_module_and_read(kind):
+@pytest.mark.parametrize('kind, bf16_products', [('eagle', False), ('mtp', False),
+                                                 ('eagle', True)])
+def test_feature_step_matches_a_float64_module_and_read(kind, bf16_products, monkeypatch):
   """`MTPModule.decode_read` (one `feature_decode` call on CPU: combine, block, final norm, LM
-  head) against float64: the module's block by `_reference`, the rest in numpy."""
+  head) against float64: the module's block by `_reference`, the rest in numpy. bf16_products:
+  with pair tiles, every matmul's input and weight rounded to bf16 in the reference."""
+  # The tiny combine and LM head are below the size `decode_packs` packs outside blocks.
+  monkeypatch.setattr(rows_matmul, 'MIN_WEIGHT_SIZE', 0)
   cfg = models.get_config('tiny', eagle_layers=1, eagle_d_ff=24, mtp_depth=1)
   model = models.Transformer(cfg, rngs=nnx.Rngs(4))
   _randomize(model, 4)
@@ -200,23 +204,31 @@ def test_feature_step_matches_a_float64_module_and_read(kind):
   rng = np.random.default_rng(8)
   e = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   mask = jnp.asarray(np.tril(np.ones((batch, num_new, num_new), bool)))
-  run = jax.jit(lambda *a: module.decode_read(model, *a))
+  packs = models.decode_packs(model, bf16_products=True) if bf16_products else {}
+
+  def read(*a):
+    with rows_matmul.packed(packs):
+      return module.decode_read(model, *a)
+  run = jax.jit(read)
   assert 'jax_spec_feature_decode' in run.lower(x, e, rope, (cache,), lengths, mask).as_text()
   exported = jax.export.export(run, platforms=['cuda'])(x, e, rope, (cache,), lengths, mask)
   assert 'jax_spec_feature_decode' not in exported.mlir_module()   # other platforms: the ops
   feature, logits, (new,) = run(x, e, rope, (cache,), lengths, mask)
 
   f64 = lambda a: np.asarray(a, np.float64)
+  r = _bf16 if bf16_products else f64
   rms = lambda a, s: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + cfg.norm_eps) * f64(s)
   combined = np.concatenate([rms(f64(x), module.hidden_norm.scale[...]),
                              rms(f64(e), module.embed_norm.scale[...])], -1)
-  combined = combined @ f64(module.proj.kernel[...])
+  combined = r(combined) @ r(module.proj.kernel[...])
   y, want_k, want_v = _reference(module.block, mcfg, combined, rope, cache, np.asarray(lengths),
-                                 np.asarray(mask))
+                                 np.asarray(mask), bf16_products=bf16_products)
   want_feature = rms(y, model.final_norm.scale[...])
   np.testing.assert_allclose(f64(feature), want_feature, rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(f64(logits), want_feature @ f64(model.shared_head_DV()),
-                             rtol=2e-5, atol=5e-5)
+  want_logits = r(want_feature) @ r(model.shared_head_DV())
+  np.testing.assert_allclose(f64(logits), want_logits, rtol=2e-5, atol=5e-5)
+  if bf16_products:   # ... and not the fp32 read of the same feature
+    assert np.max(np.abs(f64(logits) - want_feature @ f64(model.shared_head_DV()))) > 1e-3
   np.testing.assert_allclose(f64(new.k), want_k, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(f64(new.v), want_v, rtol=2e-5, atol=2e-5)
 

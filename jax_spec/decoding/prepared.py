@@ -24,7 +24,9 @@ widened exactly), and the trunk is untouched, so every sampler stays lossless: o
 `prepare(..., matmul_dtype=jnp.bfloat16)` decodes in bf16 products instead: every matrix (the
 trunk's too) rounded to bf16 and packed as pair tiles, and the CPU kernel rounds each matmul's
 rows to bf16 and adds the products in fp32, two per AVX512_BF16 dot-product instruction (twice
-the fp32 FMA's products per instruction, from half the bytes). This is another model's numbers
+the fp32 FMA's products per instruction, from half the bytes; matrices the kernel does not take,
+below `rows_matmul.MIN_WEIGHT_SIZE` outside a block, keep fp32 products of their rounded
+weights). This is another model's numbers
 (the bf16-rounded one's, with bf16 activations at the matmuls), so its outputs differ from fp32
 decoding; plain and speculative decoding of it stay bitwise consistent, and so lossless.
 docs/benchmarks.md, "bf16 products".
