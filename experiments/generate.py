@@ -8,7 +8,7 @@ then decodes all prompts again as one batch, plainly and with the drafter, inter
 `--repeats` times after a warm-up compile, and prints tau (tokens per verify step), tokens/s of
 both and the speedup (medians). `--init_from_hf` reads the directory's heads.safetensors (written
 by `jax_spec.pretrained.save_pretrained`) when it has one; `--workdir` loads experiments.train's
-latest checkpoint.
+latest checkpoint. `--matmul_dtype=bf16` decodes in bf16 products on CPU (`decoding.prepare`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_spec import cli
+from jax_spec import decoding
 from jax_spec import pretrained
 from jax_spec.decoding import drafters as drafters_lib
 from jax_spec.decoding import text as text_lib
@@ -52,6 +53,10 @@ def define_flags():
                     '(--init_from_hf).')
   flags.DEFINE_enum('precision', 'fp32', list(benchmark_lib.DECODE_PRECISIONS),
                     'Compute precision (fp32: see jax_spec/evaluation/speculative_benchmark.py).')
+  flags.DEFINE_enum('matmul_dtype', 'fp32', list(benchmark_lib.MATMUL_DTYPES),
+                    "The CPU kernel's products: fp32, or bf16 (every matrix and each matmul's "
+                    'activations rounded to bf16, AVX512_BF16 dot products: faster, another '
+                    "model's numbers; decoding.prepare).")
   flags.DEFINE_integer('chunk_tokens', 16, 'Tokens per streamed chunk.')
   flags.DEFINE_integer('repeats', 3, 'Timed repetitions of each sampler (medians reported).')
   flags.DEFINE_string('results', None, 'Write the figures as JSON here.')
@@ -80,6 +85,8 @@ def read_prompts(f) -> list[str]:
 
 def run(f) -> dict:
   model, tokenizer = load(f)
+  # Prepared once (split, packed) for every call below; both samplers decode the same one.
+  model = decoding.prepare(model, matmul_dtype=benchmark_lib.MATMUL_DTYPES[f.matmul_dtype])
   prompts = read_prompts(f)
   drafter = None if f.draft == 'none' else f.draft
   spec_kwargs = {} if drafter is None else {'tree': f.tree or benchmark_lib.default_tree(drafter)}
@@ -110,7 +117,8 @@ def run(f) -> dict:
       s, outs[name] = timed(**kwargs)
       seconds[name].append(s)
   results = {'prompts': len(prompts), 'max_new_tokens': f.max_new_tokens, 'draft': f.draft,
-             'temperature': f.temperature, 'backend': jax.default_backend()}
+             'temperature': f.temperature, 'matmul_dtype': f.matmul_dtype,
+             'backend': jax.default_backend()}
   for name, out in outs.items():
     tokens = sum(map(len, out.tokens))
     results[name] = {'tokens': tokens, 'seconds_median': statistics.median(seconds[name]),

@@ -15,7 +15,8 @@ FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf', 'qwen3')
 def flags(**overrides):
   values = dict(init_from_hf=None, workdir=None, prompt=[], prompt_file=None, draft='none',
                 tree=None, max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                param_dtype='float32', precision='fp32', chunk_tokens=4, repeats=1, results=None)
+                param_dtype='float32', precision='fp32', matmul_dtype='fp32', chunk_tokens=4,
+                repeats=1, results=None)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
@@ -33,6 +34,9 @@ def test_generate_cli(tmp_path, capsys):
   assert 'tokens/s' in printed and 'tau' in printed and 'speedup' in printed
   assert results['prompts'] == 3 and results['identical_to_plain']
   assert json.loads((tmp_path / 'r.json').read_text())['tau'] == results['tau'] >= 1
+  bf16 = generate.run(flags(init_from_hf=str(tmp_path / 'model'), prompt=['def f(x):'],
+                            draft='medusa', matmul_dtype='bf16'))   # bf16 products: still lossless
+  assert bf16['identical_to_plain'] and bf16['matmul_dtype'] == 'bf16'
   with pytest.raises(app.UsageError, match='exactly one'):
     generate.run(flags())
   with pytest.raises(app.UsageError, match='--prompt'):
