@@ -22,7 +22,8 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::An
   const auto x_dims = x.dimensions();
   const auto w_dims = w_tiles.dimensions();
   const auto y_dims = y->dimensions();
-  if (!jax_spec::IsTiles(w_tiles) || x_dims.size() != 2 || x_dims[1] != jax_spec::TilesDepth(w_tiles) ||
+  if (!jax_spec::IsTiles(w_tiles) || x_dims.size() != 2 ||
+      x_dims[1] != jax_spec::TilesDepth(w_tiles) ||
       y_dims.size() != 2 || y_dims[0] != x_dims[0] || y_dims[1] != w_dims[0] * kCols) {
     return ffi::Error::InvalidArgument(
         "rows_matmul: expected x [R, D], w_tiles [F / W, D, W] fp32 or bf16 or pair tiles "

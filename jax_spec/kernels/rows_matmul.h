@@ -159,10 +159,12 @@ void PairBlock(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int
     for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t k = 0; k < half; ++k) {
     __m512i w_t[kT];
-    for (int64_t t = 0; t < kT; ++t) w_t[t] = _mm512_loadu_si512(w + (t * half + k) * 2 * kCols);
+    for (int64_t t = 0; t < kT; ++t)
+      w_t[t] = _mm512_loadu_si512(w + (t * half + k) * 2 * kCols);
     for (int64_t r = 0; r < kR; ++r) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * half + k]));
-      for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv, (__m512bh)w_t[t]);
+      for (int64_t t = 0; t < kT; ++t)
+        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv, (__m512bh)w_t[t]);
     }
   }
   for (int64_t r = 0; r < kR; ++r)
@@ -172,11 +174,13 @@ void PairBlock(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int
   for (int64_t k = 0; k < half; ++k)
     for (int64_t r = 0; r < kR; ++r) {
       const uint32_t pair = x[r * half + k];
-      const float x0 = ToFloat(static_cast<uint16_t>(pair)), x1 = ToFloat(static_cast<uint16_t>(pair >> 16));
+      const float x0 = ToFloat(static_cast<uint16_t>(pair));
+      const float x1 = ToFloat(static_cast<uint16_t>(pair >> 16));
       for (int64_t t = 0; t < kT; ++t)
         for (int64_t j = 0; j < kCols; ++j) {
           const uint16_t* w_kj = w + ((t * half + k) * kCols + j) * 2;
-          acc[r][t][j] = std::fma(x1, ToFloat(w_kj[1]), std::fma(x0, ToFloat(w_kj[0]), acc[r][t][j]));
+          const float first = std::fma(x0, ToFloat(w_kj[0]), acc[r][t][j]);
+          acc[r][t][j] = std::fma(x1, ToFloat(w_kj[1]), first);
         }
     }
   for (int64_t r = 0; r < kR; ++r)
@@ -199,7 +203,8 @@ void PairTiles(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int
   static constexpr auto kBlocks = PairBlocksTable<kR>(std::make_index_sequence<kT>());
   const int64_t y_stride = tiles * kCols, tile = half * 2 * kCols;
   int64_t t = t_begin;
-  for (; t + kT <= t_end; t += kT) PairBlock<kR, kT>(x, w + t * tile, y + t * kCols, half, y_stride);
+  for (; t + kT <= t_end; t += kT)
+    PairBlock<kR, kT>(x, w + t * tile, y + t * kCols, half, y_stride);
   if (t < t_end) kBlocks[t_end - t - 1](x, w + t * tile, y + t * kCols, half, y_stride);
 }
 
@@ -227,7 +232,8 @@ inline void ToPairs(const float* x, int64_t rows, int64_t d, int64_t half, uint3
     int64_t i = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     for (; i + 32 <= d; i += 32) {   // the instruction's rounding for every full vector
-      const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + i + 16), _mm512_loadu_ps(xr + i));
+      const __m512bh both =
+          _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + i + 16), _mm512_loadu_ps(xr + i));
       _mm512_storeu_si512(pr + i / 2, (__m512i)both);
     }
 #endif
