@@ -1,4 +1,8 @@
 """The few-row CPU matmul kernel (jax_spec/kernels/rows_matmul.cc) against float64, row by row."""
+import os
+import shutil
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +148,20 @@ def test_pair_tiles_layout_and_errors():
     rows_matmul.pack(w[:3], jnp.bfloat16, pairs=True)
   with pytest.raises(ValueError, match='pairs=True needs dtype bfloat16'):
     rows_matmul.pack(w, jnp.float32, pairs=True)
+
+
+@pytest.mark.parametrize('flags', [['-mavx2', '-mfma'], ['-mavx512f', '-mavx512bw', '-mfma'], []],
+                         ids=['avx2', 'avx512_without_bf16', 'scalar'])
+def test_pair_tiles_of_the_builds_this_machine_does_not_run(tmp_path, flags):
+  """The bf16-products fallbacks (the scalar PairBlock, with kCols 8 or 16) against double
+  precision, compiled and run here with other instruction sets (tests/cpp/pair_tiles_check.cc)."""
+  compiler = shutil.which(os.environ.get('CXX', 'c++')) or shutil.which('g++')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  binary = str(tmp_path / 'check')
+  subprocess.run([compiler, '-O1', '-std=c++17', '-ffp-contract=off', '-w', *flags, '-I',
+                  os.path.join(root, 'jax_spec', 'kernels'), '-I', jax.ffi.include_dir(),
+                  os.path.join(root, 'tests', 'cpp', 'pair_tiles_check.cc'), '-o', binary],
+                 check=True)
+  run = subprocess.run([binary], capture_output=True, text=True)
+  assert run.returncode == 0, run.stdout
+  assert 'bf16_dot 0' in run.stdout
