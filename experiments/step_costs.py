@@ -71,8 +71,7 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
   if not 0 < short < long:
     raise ValueError(f'new_tokens must be (short, long) with 0 < short < long, got {new_tokens}')
   # Plain decoding once per trunk: per matmul dtype (drafter_dtype leaves the trunk as it is).
-  trunk_of = {dtype: getattr(prepared, 'matmul_dtype', None)
-              for dtype, prepared in prepared_by_dtype.items()}
+  trunk_of = {dtype: prepared.matmul_dtype for dtype, prepared in prepared_by_dtype.items()}
   plains = {}
   for dtype, prepared in prepared_by_dtype.items():
     plains.setdefault(trunk_of[dtype], (dtype, prepared))
@@ -125,8 +124,9 @@ def measure(prepared_by_dtype: dict, prompts, drafters, *, new_tokens=(32, 160),
                      plain_steps_per_step=us_per_step / plain_us,
                      loop_speedup=tokens_per_step * plain_us / us_per_step))
   # Whole calls per prompt, prefill included: with a short call of 1 token, its fixed cost.
-  call_ms = {configs[i][2] if i < len(plains) else f'{configs[i][0]}:{configs[i][2]}':
-             {n: best[i, n] / len(prompts) * 1e3 for n in new_tokens} for i in range(len(configs))}
+  labels = [dtype if name == 'plain' else f'{name}:{dtype}' for name, _, dtype, _ in configs]
+  call_ms = {label: {n: best[i, n] / len(prompts) * 1e3 for n in new_tokens}
+             for i, label in enumerate(labels)}
   return {'plain_us_per_token': plain_us_of[next(iter(plains))],
           'plain_us_per_token_by_dtype': {dtype: plain_us_of[trunk_of[dtype]]
                                           for dtype in prepared_by_dtype},

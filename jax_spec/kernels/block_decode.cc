@@ -423,12 +423,11 @@ ffi::Error RunBlock(ffi::ThreadPool pool, float* out, ffi::Span<const int64_t> x
         "block_decode: packed weights must be fp32 or bf16 tiles [N, D, W] or bf16 pair tiles "
         "[N, D / 2, W, 2]");
   }
-  const Dims n{xd[0], xd[1], xd[2], kd[1],
-               num_heads, kd[2], kd[3], jax_spec::TilesDepth(down_tiles)};
+  using jax_spec::TilesDepth;
+  const Dims n{xd[0], xd[1], xd[2], kd[1], num_heads, kd[2], kd[3], TilesDepth(down_tiles)};
   const int64_t rows = n.batch * n.rows_per_batch, e = n.head_dim;
   const int64_t q_width = n.heads * e, kv_width = n.kv_heads * e;
   const int64_t qkv_width = q_width + 2 * kv_width;
-  using jax_spec::TilesDepth;
   if (TilesDepth(qkv_tiles) != n.d_model || TilesDepth(out_tiles) != q_width ||
       qkv_tiles.dimensions()[0] * kCols < qkv_width ||
       out_tiles.dimensions()[0] * kCols < n.d_model ||

@@ -146,6 +146,7 @@ constexpr auto kTilesFns = TilesTable<W>(std::make_index_sequence<kRows>());
 // FMA per instruction, from half the weight bytes. Elsewhere a scalar loop adds the two exact
 // products with two FMAs (correct, slow; and not bitwise the instruction's sums).
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define JAX_SPEC_BF16_DOT 1
 constexpr bool kBf16Dot = true;
 #else
 constexpr bool kBf16Dot = false;
@@ -153,7 +154,7 @@ constexpr bool kBf16Dot = false;
 
 template <int64_t kR, int64_t kT>
 void PairBlock(const uint32_t* x, const uint16_t* w, float* y, int64_t half, int64_t y_stride) {
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(JAX_SPEC_BF16_DOT)
   __m512 acc[kR][kT];
   for (int64_t r = 0; r < kR; ++r)
     for (int64_t t = 0; t < kT; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -230,7 +231,7 @@ inline void ToPairs(const float* x, int64_t rows, int64_t d, int64_t half, uint3
     const float* xr = x + r * d;
     uint32_t* pr = pairs + r * half;
     int64_t i = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(JAX_SPEC_BF16_DOT)
     for (; i + 32 <= d; i += 32) {   // the instruction's rounding for every full vector
       const __m512bh both =
           _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xr + i + 16), _mm512_loadu_ps(xr + i));
